@@ -1,0 +1,244 @@
+"""The `vlrl` command line. Thin: each command parses its flags and calls one library function.
+
+Heavy packages (torch, transformers, datasets) are imported inside commands, so `vlrl --help` is instant.
+Human output and progress go to stderr; `--json FILE` (or `-` for stdout) writes what machines read.
+Exit codes: 0 ok, 1 the data or run failed a check, 2 bad usage or an unreadable input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="vlrl",
+    help="Reinforcement learning for vision-language models: prepare, validate, train, eval, check-drift.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def write_json(target: str, payload: dict) -> None:
+    text = json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+
+
+def progress_bar(description: str, total: int | None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err, transient=False, disable=not err.is_terminal), description, total
+
+
+def _run_with_progress(description: str, total: int | None, fn):
+    bar, desc, total = progress_bar(description, total)
+    with bar:
+        task = bar.add_task(desc, total=total)
+        return fn(lambda n: bar.update(task, completed=n))
+
+
+# --- prepare --------------------------------------------------------------------------------------
+
+PREPARE_EPILOG = """[bold]Examples[/]
+
+  vlrl prepare colors --out data/colors --rows 2000 --num-colors 4
+  vlrl prepare geometry3k --path ../shared/data/geometry3k-sample --out data/geo
+  vlrl prepare geometry3k --path hiyouga/geometry3k --out data/geo3k        (online)
+  vlrl prepare maze2d --out data/maze --rows 5000 --val-rows 100 --maze-size 6
+  vlrl prepare ./my_dataset --image-column image --question-column question --answer-column answer \\
+      --env-class geometry3k --prompt-template "{question} Put the answer in \\\\boxed{}." --out data/mine
+"""
+
+
+@app.command(epilog=PREPARE_EPILOG)
+def prepare(
+    source: Annotated[str, typer.Argument(help="geometry3k, colors, maze2d, or a dataset (folder, file, hub id).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    path: Annotated[Optional[str], typer.Option(help="Where a named source reads from (geometry3k).")] = None,
+    split: Annotated[str, typer.Option(help="auto, source, or ratios like train=0.9,val=0.1.")] = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="At most N rows per source split.", min=1)] = None,
+    seed: Annotated[int, typer.Option(help="Seed for splits and synthetic data.")] = 0,
+    min_pixels: Annotated[int, typer.Option(help="Smallest image area after resizing.", rich_help_panel="Images")] = 56 * 56,
+    max_pixels: Annotated[int, typer.Option(help="Largest image area after resizing.", rich_help_panel="Images")] = 28 * 28 * 1280,
+    factor: Annotated[int, typer.Option(help="Sides become multiples of this (patch x merge: 28 Qwen2/2.5-VL, 32 Qwen3-VL).",
+                                        rich_help_panel="Images")] = 28,
+    image_format: Annotated[str, typer.Option(help="png (lossless) or jpeg.", rich_help_panel="Images")] = "png",
+    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, rich_help_panel="Images")] = 95,
+    workers: Annotated[int, typer.Option(help="Worker processes (0: cores, at most 4).", min=0)] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier prepare's outputs in --out.")] = False,
+    rows: Annotated[int, typer.Option(help="Rows to generate (colors, maze2d train).", rich_help_panel="colors / maze2d")] = 1000,
+    num_colors: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 4,
+    shapes: Annotated[str, typer.Option(help="Comma list of circle,square,triangle.", rich_help_panel="colors / maze2d")] = "circle,square,triangle",
+    image_size: Annotated[int, typer.Option(help="Side of generated images.", rich_help_panel="colors / maze2d")] = 56,
+    val_rows: Annotated[int, typer.Option(help="Fixed-seed validation episodes.", rich_help_panel="colors / maze2d")] = 50,
+    maze_size: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 5,
+    max_steps: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 20,
+    image_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
+    question_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
+    answer_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
+    env_class: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
+    prompt_template: Annotated[Optional[str], typer.Option(help="Text with a {question} placeholder.",
+                                                           rich_help_panel="Any dataset")] = None,
+    data_source: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the manifest here (- for stdout).")] = None,
+) -> None:
+    """Build parquet datasets whose prompts carry images as base64 data URIs.
+
+    Every input row ends up in an output split or in rejects.jsonl with its reason; manifest.json records
+    the options, counts, image statistics and a sha256 of every output. The same seed gives byte-identical files.
+    """
+    import os
+
+    from .images import CanonicalSpec
+    from .prepare import PrepareOptions
+    from .prepare import prepare as run_prepare
+
+    if image_format not in ("png", "jpeg"):
+        fail(f"--image-format must be png or jpeg, not {image_format!r}")
+    source_opts = {k: v for k, v in dict(
+        rows=rows, num_colors=num_colors, shapes=[s.strip() for s in shapes.split(",") if s.strip()],
+        image_size=image_size, val_rows=val_rows, maze_size=maze_size, max_steps=max_steps,
+        image_column=image_column, question_column=question_column, answer_column=answer_column,
+        env_class=env_class, prompt_template=prompt_template, data_source=data_source).items() if v is not None}
+    opts = PrepareOptions(
+        source=source, out=out, path=path, split=split, limit=limit, seed=seed, overwrite=overwrite,
+        workers=workers or min(4, os.cpu_count() or 1),
+        spec=CanonicalSpec(factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, image_format=image_format,
+                           jpeg_quality=jpeg_quality),
+        source_opts=source_opts)
+    try:
+        result = _run_with_progress(f"prepare {source}", None, lambda cb: run_prepare(opts, progress=cb))
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        fail(str(e))
+    err.print(f"[bold]prepare {source}[/] -> {out}")
+    table = Table()
+    table.add_column("split")
+    table.add_column("rows", justify="right")
+    for name, n in result.rows_out.items():
+        table.add_row(name, str(n))
+    table.add_row("[red]rejected[/]", str(result.rejected))
+    err.print(table)
+    img = result.manifest["images"]
+    if img.get("count"):
+        err.print(f"images: {img['count']} ({img['format']}), mean {img['width']['mean']}x{img['height']['mean']} px, "
+                  f"{img['bytes_total'] / 1e6:.1f} MB")
+    err.print(f"in = out + rejected: {result.rows_in} = {sum(result.rows_out.values())} + {result.rejected}")
+    if result.rejected:
+        err.print(f"[yellow]{result.rejected} rows rejected; reasons in {out / 'rejects.jsonl'}[/]")
+    if json_out:
+        write_json(json_out, result.manifest)
+
+
+# --- validate -------------------------------------------------------------------------------------
+
+VALIDATE_EPILOG = """[bold]Examples[/]
+
+  vlrl validate data/geo/train.parquet data/geo/val.parquet
+  vlrl validate data/geo/*.parquet --processor Qwen/Qwen2.5-VL-3B-Instruct --max-prompt-tokens 2048
+  vlrl validate my.jsonl --max-images 4 --json report.json --write-clean clean.jsonl
+
+Exit status: 0 no errors, 1 errors found, 2 a file cannot be read at all.
+"""
+
+
+@app.command(epilog=VALIDATE_EPILOG)
+def validate(
+    paths: Annotated[list[Path], typer.Argument(help="Record files: .parquet, .jsonl or .json.")],
+    processor: Annotated[Optional[str], typer.Option(help="Model dir or hub id: count prompt tokens exactly.")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Error above this many prompt tokens (needs --processor).")] = None,
+    max_images: Annotated[Optional[int], typer.Option(help="Error above this many images in a prompt.")] = None,
+    allow_remote: Annotated[bool, typer.Option(help="Remote image URLs are warnings, not errors (still never fetched).")] = False,
+    env_class: Annotated[Optional[list[str]], typer.Option(help="Extra accepted env_class names (repeatable).")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes (0: cores, at most 4).", min=0)] = 0,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report here (- for stdout).")] = None,
+    write_clean: Annotated[Optional[Path], typer.Option(help="Write the rows without errors here (folder for several inputs).")] = None,
+    show: Annotated[int, typer.Option(help="Problems listed one by one (the table groups them all).")] = 20,
+) -> None:
+    """Check records against the schema, decode every image, count prompt tokens exactly."""
+    import os
+
+    from .records import RecordFileError
+    from .validate import ValidateOptions, total_rows, validate_paths
+    from .validate import write_clean as do_write_clean
+
+    if max_prompt_tokens is not None and not processor:
+        fail("--max-prompt-tokens needs --processor (token counts depend on the model's chat template and image grid)")
+    opts = ValidateOptions(processor=processor, max_prompt_tokens=max_prompt_tokens, max_images=max_images,
+                           allow_remote=allow_remote, env_classes=tuple(env_class or ()),
+                           workers=workers or min(4, os.cpu_count() or 1))
+    try:
+        total = total_rows(paths)
+        report = _run_with_progress("validate", total, lambda cb: validate_paths(paths, opts, progress=cb))
+    except RecordFileError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot load the processor {processor!r}: {e}")
+
+    if report.problems:
+        err.print("[bold]problems by kind[/]")
+        table = Table()
+        for col in ("code", "severity", "count", "rows (file:row)", "example"):
+            table.add_column(col, overflow="fold")
+        for (code, severity), n in sorted(report.by_code().items()):
+            these = [p for p in report.problems if p.code == code and p.severity == severity]
+            rows = ", ".join(f"{Path(p.file).name}:{p.row}" for p in these[:8]) + (f" +{n - 8} more" if n > 8 else "")
+            color = "red" if severity == "error" else "yellow"
+            table.add_row(code, f"[{color}]{severity}[/]", str(n), rows, these[0].message[:120])
+        err.print(table)
+        for p in report.problems[:show]:
+            err.print(f"{p.file}:{p.row}: {p.severity} [{p.code}] {p.message}", highlight=False, markup=False)
+        if len(report.problems) > show:
+            err.print(f"... {len(report.problems) - show} more (--show N, or --json FILE for all)")
+    bad = sum(len(v) for v in report.bad_rows.values())
+    status = "[green]ok[/]" if not report.errors else "[red]errors[/]"
+    err.print(f"{status}: {report.rows} rows in {len(report.files)} file(s), {report.errors} errors "
+              f"({bad} rows), {report.warnings} warnings")
+    if json_out:
+        write_json(json_out, report.to_json())
+    if write_clean:
+        try:
+            for dest, n in do_write_clean(report, write_clean).items():
+                err.print(f"wrote {n} clean rows to {dest}")
+        except ValueError as e:
+            fail(str(e))
+    raise typer.Exit(1 if report.errors else 0)
+
+
+# --- tiny-model -----------------------------------------------------------------------------------
+
+
+@app.command("tiny-model", epilog="[bold]Example[/]\n\n  vlrl tiny-model models/tiny --family qwen2_5_vl")
+def tiny_model(
+    out: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
+    family: Annotated[str, typer.Option(help="qwen2_vl, qwen2_5_vl or qwen3_vl.")] = "qwen2_5_vl",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Build a random few-MB VLM of a real Qwen-VL architecture, offline (for tests, demos, smoke tests)."""
+    from .tiny import FAMILIES, build_tiny_model
+
+    if family not in FAMILIES:
+        fail(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    path = build_tiny_model(out, family=family, seed=seed)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    err.print(f"wrote a tiny {family} model to {path} ({size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,225 @@
+"""The one image canonicalisation, used by prepare, validate, rollouts and training.
+
+Why one function: Qwen-VL processors resize every image to a multiple of patch x merge size (28 for
+Qwen2/2.5-VL, 32 for Qwen3-VL) inside [min_pixels, max_pixels]. If the stored image already has such a
+size, every later consumer (vLLM's processor, the trainer's processor) leaves its pixels alone, so the
+rollout engine and the trainer see the very same pixels. Resizing once, here, removes a whole class of
+rollout/train mismatch.
+
+Decoding is defensive: images come from datasets and from model-facing environments, so we bound bytes
+and pixels before decoding (no decompression bombs) and check that a data URI's MIME type is what the
+bytes really are.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import math
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+# Qwen's own processor defaults (min 56*56, max 28*28*1280): stored images then need no further resize.
+DEFAULT_FACTOR = 28
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+
+
+class ImageError(ValueError):
+    """A bad image. `code` is a stable machine-readable kind (used in validate reports and rejects)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 32 * 1024 * 1024  # encoded size
+    max_pixels: int = 64 * 1024 * 1024  # decoded width * height, checked from the header before decoding
+
+
+@dataclass(frozen=True)
+class CanonicalImage:
+    data: bytes
+    mime: str
+    width: int
+    height: int
+    sha256: str
+
+    @property
+    def data_uri(self) -> str:
+        return to_data_uri(self.data, self.mime)
+
+
+# --- MIME sniffing -------------------------------------------------------------------------------
+
+_MAGIC = [
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+]
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The image type the bytes really are, from their magic number (None when not a known image)."""
+    for magic, mime in _MAGIC:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+# --- data URIs ------------------------------------------------------------------------------------
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+
+
+def to_data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def is_remote_url(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://", "file://", "ftp://", "s3://", "gs://"))
+
+
+def decode_data_uri(uri: str, limits: ImageLimits = ImageLimits()) -> tuple[str, bytes]:
+    """Return (declared MIME, bytes) of a base64 image data URI, checking size and that MIME matches bytes.
+
+    Never fetches anything: remote URLs are an error here (the caller decides whether that is fatal).
+    """
+    if is_remote_url(uri):
+        raise ImageError("image_remote", f"remote image URL is not allowed (nothing is fetched): {uri[:80]}")
+    m = _DATA_URI.match(uri)
+    if not m:
+        raise ImageError("image_bad_uri", f"not a data URI: {uri[:40]!r}")
+    if not m.group("b64"):
+        raise ImageError("image_bad_uri", "data URI is not base64-encoded")
+    mime = (m.group("mime") or "").lower()
+    if not mime.startswith("image/"):
+        raise ImageError("image_bad_uri", f"data URI MIME type is {mime or 'missing'}, not image/*")
+    payload = uri[m.end():]
+    # base64 is 4/3 the size of the bytes: refuse before allocating
+    if len(payload) * 3 // 4 > limits.max_bytes:
+        raise ImageError("image_too_large", f"image is {len(payload) * 3 // 4} bytes, limit {limits.max_bytes}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError("image_bad_base64", f"base64 payload does not decode: {e}") from None
+    real = sniff_mime(data)
+    if real is None:
+        raise ImageError("image_not_image", f"bytes are not a known image format (declared {mime})")
+    declared = "image/jpeg" if mime == "image/jpg" else mime
+    if real != declared:
+        raise ImageError("image_mime_mismatch", f"URI says {mime} but the bytes are {real}")
+    return mime, data
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Fully decode image bytes within limits; EXIF-transposed and RGB."""
+    if len(data) > limits.max_bytes:
+        raise ImageError("image_too_large", f"image is {len(data)} bytes, limit {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size  # from the header: no pixels decoded yet
+            if w * h > limits.max_pixels:
+                raise ImageError("image_too_large", f"image is {w}x{h} = {w * h} pixels, limit {limits.max_pixels}")
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("image_too_large", str(e)) from None
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ImageError("image_decode", f"image does not decode: {type(e).__name__}: {e}") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode != "RGB":
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # composite on white: transparent diagrams must not turn black
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGB", rgba.size, (255, 255, 255))
+            bg.paste(rgba, mask=rgba.getchannel("A"))
+            img = bg
+        else:
+            img = img.convert("RGB")
+    return img
+
+
+# --- canonicalisation -----------------------------------------------------------------------------
+
+
+def fit_size(width: int, height: int, factor: int = DEFAULT_FACTOR, min_pixels: int = DEFAULT_MIN_PIXELS,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) rounded to multiples of `factor` with the pixel count in [min_pixels, max_pixels].
+
+    Same rule as Qwen-VL's processors (round to the nearest multiple, then scale down/up keeping the aspect
+    ratio), so a processor given the result computes the identity.
+    """
+    if min(width, height) < 1:
+        raise ImageError("image_decode", f"image has no pixels ({width}x{height})")
+    if max(width, height) / min(width, height) > 200:
+        raise ImageError("image_aspect", f"aspect ratio {width}x{height} is over 200 (Qwen-VL refuses it)")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return w, h
+
+
+@dataclass(frozen=True)
+class CanonicalSpec:
+    """How images are stored: the model's resize factor, pixel bounds and the encoding."""
+
+    factor: int = DEFAULT_FACTOR
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_format: str = "png"  # png (lossless) or jpeg
+    jpeg_quality: int = 95
+    png_compress_level: int = 1  # fast; level 6+ shrinks diagrams a few % at ~4x the time
+
+
+def canonicalize(image: bytes | Image.Image, spec: CanonicalSpec = CanonicalSpec(),
+                 limits: ImageLimits = ImageLimits()) -> CanonicalImage:
+    """Decode, EXIF-transpose, RGB, resize to the model's grid, encode. The one place images change."""
+    img = image if isinstance(image, Image.Image) else open_image(image, limits)
+    if isinstance(image, Image.Image):
+        img = ImageOps.exif_transpose(img)
+        img = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = fit_size(img.width, img.height, spec.factor, spec.min_pixels, spec.max_pixels)
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    if spec.image_format == "png":
+        img.save(buf, format="PNG", compress_level=spec.png_compress_level)
+        mime = "image/png"
+    elif spec.image_format in ("jpeg", "jpg"):
+        img.save(buf, format="JPEG", quality=spec.jpeg_quality)
+        mime = "image/jpeg"
+    else:
+        raise ValueError(f"unknown image format {spec.image_format!r} (png or jpeg)")
+    data = buf.getvalue()
+    return CanonicalImage(data, mime, w, h, hashlib.sha256(data).hexdigest())
+
+
+def image_from_uri(uri: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Decode a data URI to an RGB PIL image (what rollouts and training feed the processor)."""
+    _, data = decode_data_uri(uri, limits)
+    return open_image(data, limits)

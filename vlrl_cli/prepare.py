@@ -1,0 +1,243 @@
+"""`vlrl prepare`: a source's rows -> train/val(/test).parquet + rejects.jsonl + manifest.json.
+
+Flow: the source yields cheap items in a fixed order; chunks of them go through a process pool (ordered
+map, so output order never depends on timing); each result is a record (written to its split) or a
+reject (written with its reason). Memory is bounded by one chunk. Every input row ends up in exactly one
+output or in rejects.jsonl, and the counts are checked before the manifest is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .images import CanonicalSpec, ImageError, ImageLimits
+from .records import SCHEMA_VERSION, RecordWriter
+from .sources import ConvertContext, Item, Reject, get_source
+
+CHUNK = 128  # items per pool.map call: bounds memory (raw bytes + encoded images of one chunk)
+
+
+@dataclass
+class PrepareOptions:
+    source: str  # geometry3k | colors | maze2d | a dataset path / hub id
+    out: Path
+    path: str | None = None  # where a named source reads from (geometry3k)
+    split: str = "auto"  # auto | source | "train=0.9,val=0.1"
+    limit: int | None = None  # at most this many rows per source split
+    seed: int = 0
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    spec: CanonicalSpec = field(default_factory=CanonicalSpec)
+    source_opts: dict = field(default_factory=dict)  # per-source options (colours, columns, template...)
+    overwrite: bool = False  # replace an earlier prepare's outputs in `out`
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    rows_in: int
+    rows_out: dict[str, int]
+    rejected: int
+    manifest: dict
+
+
+def parse_split(split: str) -> dict[str, float] | str:
+    """"auto" / "source", or ratios like "train=0.9,val=0.1" (normalised to sum to 1)."""
+    if split in ("auto", "source"):
+        return split
+    ratios = {}
+    for part in split.split(","):
+        name, _, value = part.partition("=")
+        try:
+            ratios[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--split {split!r}: expected auto, source or name=ratio pairs like train=0.9,val=0.1") from None
+    if any(v < 0 for v in ratios.values()) or sum(ratios.values()) <= 0:
+        raise ValueError(f"--split {split!r}: ratios must be >= 0 and not all zero")
+    total = sum(ratios.values())
+    return {k: v / total for k, v in ratios.items()}
+
+
+def assign_split(item: Item, split: dict | str, seed: int) -> str:
+    """A source split when there is one (auto/source), else a bucket by a hash of the row id.
+
+    Hashing the id (not shuffling) keeps a row in the same split when the dataset grows or is re-read.
+    """
+    if split == "source" and item.split is None:
+        raise ValueError(f"--split source: row {item.source_id} has no source split; give ratios instead")
+    if isinstance(split, str) and item.split is not None:
+        return item.split
+    ratios = split if isinstance(split, dict) else {"train": 0.9, "val": 0.1}
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{item.source_id}".encode()).digest()[:8], "big") / 2**64
+    acc = 0.0
+    for name, r in ratios.items():
+        acc += r
+        if u < acc:
+            return name
+    return list(ratios)[-1]
+
+
+# worker state: set once per process by the pool initializer (or directly when workers == 1)
+_CONVERT: Callable | None = None
+_CTX: ConvertContext | None = None
+
+
+def _init_worker(source_name: str, ctx: ConvertContext) -> None:
+    global _CONVERT, _CTX
+    _CONVERT, _CTX = get_source(source_name).convert, ctx
+
+
+def _convert_one(item: Item):
+    try:
+        record, images = _CONVERT(item, _CTX)
+        return "ok", record, [(im.width, im.height, len(im.data)) for im in images]
+    except Reject as e:
+        return "reject", e.code, str(e)
+    except ImageError as e:
+        return "reject", e.code, str(e)
+    except Exception as e:  # a bug or odd data: keep the row's reason, never take the run down
+        return "reject", "error", f"{type(e).__name__}: {e}"
+
+
+def _chunks(it, n):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _limited(items, limit):
+    seen: dict = {}
+    for item in items:
+        seen[item.split] = seen.get(item.split, 0) + 1
+        if limit is None or seen[item.split] <= limit:
+            yield item
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ImageStats:
+    def __init__(self):
+        self.n, self.bytes, self.w, self.h = 0, 0, [], []
+
+    def add(self, w, h, nbytes):
+        self.n += 1
+        self.bytes += nbytes
+        self.w.append(w)
+        self.h.append(h)
+
+    def summary(self, fmt: str) -> dict:
+        if not self.n:
+            return {"count": 0, "format": fmt}
+        return {
+            "count": self.n, "format": fmt, "bytes_total": self.bytes, "bytes_mean": round(self.bytes / self.n),
+            "width": {"min": min(self.w), "max": max(self.w), "mean": round(sum(self.w) / self.n, 1)},
+            "height": {"min": min(self.h), "max": max(self.h), "mean": round(sum(self.h) / self.n, 1)},
+        }
+
+
+def _clear_previous(out: Path, overwrite: bool) -> None:
+    old = out / "manifest.json"
+    if not old.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a prepared dataset (manifest.json); pass --overwrite to replace it")
+    try:
+        names = list(json.loads(old.read_text()).get("files", {}))
+    except (json.JSONDecodeError, OSError):
+        names = []
+    for name in names + ["manifest.json"]:
+        (out / Path(name).name).unlink(missing_ok=True)
+
+
+def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None) -> PrepareResult:
+    """Run the whole conversion. `progress(n)` is called after each chunk with the rows done so far."""
+    source = get_source(opts.source)
+    split = parse_split(opts.split)
+    path = opts.path if opts.path is not None else (None if source.name != "generic" else opts.source)
+    source_opts = {**opts.source_opts, "seed": opts.seed, "path": path}
+    ctx = ConvertContext(spec=opts.spec, limits=ImageLimits(), opts=source_opts)
+    items = _limited(source.items(path, source_opts), opts.limit)
+
+    out = Path(opts.out)
+    _clear_previous(out, opts.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    writers: dict[str, RecordWriter] = {}
+    stats = _ImageStats()
+    rows_in = rejected = 0
+    rejects_tmp = out / "rejects.jsonl.partial"
+
+    pool = None
+    if opts.workers > 1:
+        method = "fork" if sys.platform == "linux" else "spawn"
+        pool = mp.get_context(method).Pool(opts.workers, _init_worker, (source.name, ctx))
+    else:
+        _init_worker(source.name, ctx)
+    try:
+        with open(rejects_tmp, "w", encoding="utf-8") as rejects:
+            for chunk in _chunks(items, CHUNK):
+                # one split decision per item, in the main process: independent of workers
+                splits = [assign_split(it, split, opts.seed) for it in chunk]
+                results = pool.map(_convert_one, chunk, chunksize=8) if pool else map(_convert_one, chunk)
+                for item, split_name, res in zip(chunk, splits, results):
+                    rows_in += 1
+                    if res[0] == "reject":
+                        rejected += 1
+                        rejects.write(json.dumps({"source_id": item.source_id, "split": split_name,
+                                                  "code": res[1], "reason": res[2]}, ensure_ascii=False) + "\n")
+                        continue
+                    record, sizes = res[1], res[2]
+                    record = {"id": f"{record['data_source']}-{item.source_id}", "split": split_name, **record}
+                    if split_name not in writers:
+                        writers[split_name] = RecordWriter(out / f"{split_name}.parquet")
+                    writers[split_name].write(record)
+                    for w, h, nbytes in sizes:
+                        stats.add(w, h, nbytes)
+                if progress:
+                    progress(rows_in)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    # train and val always exist (an empty file is clearer to downstream tools than a missing one)
+    for name in ("train", "val"):
+        writers.setdefault(name, RecordWriter(out / f"{name}.parquet"))
+    for w in writers.values():
+        w.close()
+    rejects_tmp.replace(out / "rejects.jsonl")
+
+    rows_out = {name: w.rows for name, w in sorted(writers.items())}
+    if rows_in != sum(rows_out.values()) + rejected:  # the promise: no row disappears
+        raise RuntimeError(f"row accounting is off: {rows_in} in, {sum(rows_out.values())} out, {rejected} rejected")
+    manifest = {
+        "vlrl_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "source": opts.source if source.name == "generic" else source.name,
+        "path": path,
+        "options": {"split": opts.split, "limit": opts.limit, "seed": opts.seed, **asdict(opts.spec),
+                    **{k: v for k, v in opts.source_opts.items() if k in source.options}},
+        "counts": {"in": rows_in, "out": rows_out, "rejected": rejected},
+        "images": stats.summary(opts.spec.image_format),
+        "files": {p.name: _sha256_file(p) for p in sorted([w.path for w in writers.values()] + [out / "rejects.jsonl"])},
+    }
+    tmp = out / "manifest.json.partial"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(out / "manifest.json")
+    return PrepareResult(out, rows_in, rows_out, rejected, manifest)

@@ -1,0 +1,81 @@
+"""Reading any tabular image dataset with `datasets`, without decoding (or fetching) its images.
+
+Accepts a dataset saved with `save_to_disk`, a folder of parquet/jsonl files or an imagefolder, a single
+parquet/jsonl file, or a hub id (only when the machine is online). Image columns are cast to
+`Image(decode=False)` so rows carry raw {bytes, path}: decoding happens once, in canonicalisation.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import SPLIT_DIRS, Reject
+from ..images import is_remote_url
+
+
+def load_dataset_dict(path: str):
+    import datasets
+
+    p = Path(path)
+    if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+        return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
+    if p.is_file():
+        kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(p.suffix)
+        if kind is None:
+            raise ValueError(f"{p}: unsupported file type {p.suffix!r} (parquet, jsonl, json, csv)")
+        return datasets.load_dataset(kind, data_files={"train": str(p)})
+    if p.is_dir():
+        return datasets.load_dataset(str(p))  # parquet/jsonl folders and imagefolder, by datasets' rules
+    if p.exists() or path.startswith((".", "/")):
+        raise ValueError(f"{path}: not a dataset file or folder")
+    return datasets.load_dataset(path)  # a hub id: works only online
+
+
+def iter_dataset_rows(path: str, image_columns: list[str]) -> Iterator[tuple[str, int, dict]]:
+    """(split, row index, row) for every row of every split, image columns left undecoded."""
+    import datasets
+
+    dd = load_dataset_dict(path)
+    for split_name in dd:
+        ds = dd[split_name]
+        for col in image_columns:
+            if col in ds.features:
+                feat = ds.features[col]
+                if isinstance(feat, datasets.Image):
+                    ds = ds.cast_column(col, datasets.Image(decode=False))
+                elif isinstance(getattr(feat, "feature", None), datasets.Image):
+                    ds = ds.cast_column(col, datasets.List(datasets.Image(decode=False)))
+        split = SPLIT_DIRS.get(split_name, split_name)
+        base = Path(path).parent if Path(path).is_file() else Path(path)
+        for i, row in enumerate(ds):
+            row["_base_dir"] = str(base)
+            yield split, i, row
+
+
+def image_bytes(value: Any, base_dir: str | None = None) -> bytes:
+    """Raw bytes of one image cell: {bytes, path}, raw bytes, a data URI, or a local path. Never fetches."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        if is_remote_url(value):
+            raise Reject("image_remote", f"remote image URL {value[:80]} (nothing is fetched)")
+        if value.startswith("data:"):
+            try:
+                return base64.b64decode(value.split(",", 1)[1], validate=True)
+            except Exception:
+                raise Reject("image_bad_base64", "image data URI does not decode") from None
+        p = Path(value)
+        if not p.is_absolute() and base_dir:
+            p = Path(base_dir) / p
+        try:
+            return p.read_bytes()
+        except OSError as e:
+            raise Reject("missing_file", f"image file {value} cannot be read: {e.strerror}") from None
+    raise Reject("missing_field", f"image cell of type {type(value).__name__} holds no image")

@@ -1,0 +1,266 @@
+"""`vlrl validate`: check every row of record files and report every problem (never stop at the first).
+
+Checks: the JSON schema; every image decodes within limits and is what its MIME type says; no remote
+image URLs (nothing is ever fetched); a known env_class; rule rewards have a ground truth; at most K
+images; and, with a processor, the exact prompt length after the chat template with image placeholders
+expanded, and placeholder counts that agree with the image grids.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .envs import known_env_classes
+from .images import ImageError, ImageLimits, decode_data_uri, is_remote_url, open_image
+from .records import BadLine, count_rows, image_urls, iter_rows, schema_errors
+
+CHUNK = 64
+
+
+@dataclass
+class Problem:
+    file: str
+    row: int  # 0-based index of the record in its file
+    severity: str  # error | warning
+    code: str
+    message: str
+
+
+@dataclass
+class ValidateOptions:
+    processor: str | None = None  # local model dir or hub id: enables exact token counts
+    max_prompt_tokens: int | None = None
+    max_images: int | None = None
+    allow_remote: bool = False  # remote URLs become warnings (still never fetched)
+    env_classes: tuple[str, ...] = ()  # accepted besides the built-in environments
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+
+@dataclass
+class ValidationReport:
+    files: list[str]
+    rows: int
+    problems: list[Problem]
+    bad_rows: dict[str, set[int]]  # rows with at least one error, per file
+
+    @property
+    def errors(self) -> int:
+        return sum(p.severity == "error" for p in self.problems)
+
+    @property
+    def warnings(self) -> int:
+        return sum(p.severity == "warning" for p in self.problems)
+
+    def by_code(self) -> Counter:
+        return Counter((p.code, p.severity) for p in self.problems)
+
+    def to_json(self) -> dict:
+        return {"files": self.files, "rows": self.rows, "errors": self.errors, "warnings": self.warnings,
+                "problems": [asdict(p) for p in self.problems]}
+
+
+# --- checking one row -----------------------------------------------------------------------------
+
+def _schema_code(field_path: str, message: str) -> str:
+    if field_path == "prompt" and ("should be non-empty" in message or "is too short" in message):
+        return "empty_prompt"
+    if "is a required property" in message:
+        return "missing_field"
+    if "is not of type" in message:
+        return "wrong_type"
+    if "is not one of" in message or "was expected" in message:
+        return "bad_value"
+    return "schema"
+
+
+_PROCESSOR = None  # per worker process
+
+
+def _get_processor(name: str | None):
+    global _PROCESSOR
+    if name and _PROCESSOR is None:
+        from .render import load_processor
+
+        _PROCESSOR = load_processor(name)
+    return _PROCESSOR
+
+
+def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
+    """Problems of one row as (severity, code, message)."""
+    if isinstance(row, BadLine):
+        return [("error", "bad_json", row.error)]
+    if not isinstance(row, dict):
+        return [("error", "wrong_type", f"record is a {type(row).__name__}, not an object")]
+    found = [("error", _schema_code(f, m), f"{f}: {m}") for f, m in schema_errors(row)]
+
+    env = row.get("env_class")
+    if isinstance(env, str) and env and env not in known_env_classes(opts.env_classes):
+        found.append(("error", "unknown_env_class", f"env_class: {env!r} is not a known environment "
+                      f"({', '.join(sorted(known_env_classes(opts.env_classes)))})"))
+    spec = row.get("reward_spec")
+    if isinstance(spec, dict) and spec.get("method") == "rule" and spec.get("ground_truth") in (None, "", []):
+        found.append(("error", "missing_ground_truth", "reward_spec.ground_truth: a rule reward needs a ground truth"))
+
+    urls = image_urls(row)
+    if opts.max_images is not None and len(urls) > opts.max_images:
+        found.append(("error", "too_many_images", f"prompt: {len(urls)} images, limit {opts.max_images}"))
+    images_ok = True
+    for i, url in enumerate(urls):
+        if is_remote_url(url):
+            sev = "warning" if opts.allow_remote else "error"
+            found.append((sev, "image_remote", f"image {i}: remote URL {url[:80]} (never fetched)"))
+            images_ok = False
+            continue
+        try:
+            _, data = decode_data_uri(url, opts.limits)
+            open_image(data, opts.limits)
+        except ImageError as e:
+            found.append(("error", e.code, f"image {i}: {e}"))
+            images_ok = False
+
+    processor = _get_processor(opts.processor)
+    schema_ok = not any(code in ("missing_field", "wrong_type", "empty_prompt", "schema", "bad_value")
+                        for _, code, _ in found)
+    if processor is not None and images_ok and schema_ok:
+        found += _check_with_processor(row, processor, opts)
+    return found
+
+
+def _check_with_processor(row: dict, processor, opts: ValidateOptions) -> list[tuple[str, str, str]]:
+    from .render import image_factor, pixel_bounds, render_prompt
+
+    try:
+        rendered = render_prompt(processor, row["prompt"], limits=opts.limits)
+    except Exception as e:  # the processor refuses the prompt: that is this row's problem
+        return [("error", "processor_error", f"prompt: the processor failed: {type(e).__name__}: {e}")]
+    found = []
+    if opts.max_prompt_tokens is not None and rendered.length > opts.max_prompt_tokens:
+        found.append(("error", "prompt_too_long",
+                      f"prompt: {rendered.length} tokens after the chat template, limit {opts.max_prompt_tokens}"))
+    if rendered.num_image_tokens != rendered.expected_image_tokens:
+        found.append(("error", "image_token_mismatch",
+                      f"prompt: {rendered.num_image_tokens} image placeholder tokens, the image grids imply "
+                      f"{rendered.expected_image_tokens}"))
+    factor = image_factor(processor)
+    lo, hi = pixel_bounds(processor)
+    for i, img in enumerate(rendered.images):
+        w, h = img.size
+        if w % factor or h % factor or not lo <= w * h <= hi:
+            found.append(("warning", "image_not_canonical",
+                          f"image {i}: {w}x{h} is not a multiple of {factor} within [{lo}, {hi}] pixels; the "
+                          "processor will resize it (run it through `vlrl prepare` to store the model's pixels)"))
+    return found
+
+
+# --- whole files ----------------------------------------------------------------------------------
+
+_OPTS: ValidateOptions | None = None
+
+
+def _init_worker(opts: ValidateOptions) -> None:
+    global _OPTS
+    _OPTS = opts
+    _get_processor(opts.processor)
+
+
+def _check(row):
+    try:
+        return check_row(row, _OPTS)
+    except Exception as e:  # never let one row take the run down
+        return [("error", "internal_error", f"{type(e).__name__}: {e}")]
+
+
+def _chunks(it, n):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def total_rows(paths: list[str | Path]) -> int:
+    return sum(count_rows(Path(p)) for p in paths)
+
+
+def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOptions(),
+                   progress: Callable[[int], None] | None = None) -> ValidationReport:
+    """Validate every row of every file. Raises RecordFileError when a file cannot be read at all."""
+    # open every file first: an unreadable file fails fast, before minutes of work on the others
+    for p in paths:
+        next(iter_rows(p), None)
+    problems: list[Problem] = []
+    bad_rows: dict[str, set[int]] = {str(p): set() for p in paths}
+    rows = 0
+    pool = None
+    if opts.workers > 1:
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(opts.workers, _init_worker, (opts,))
+    else:
+        _init_worker(opts)
+    try:
+        for p in paths:
+            index = 0
+            for chunk in _chunks(iter_rows(p), CHUNK):
+                results = pool.map(_check, chunk) if pool else map(_check, chunk)
+                for found in results:
+                    for severity, code, message in found:
+                        problems.append(Problem(str(p), index, severity, code, message))
+                        if severity == "error":
+                            bad_rows[str(p)].add(index)
+                    index += 1
+                rows += len(chunk)
+                if progress:
+                    progress(rows)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return ValidationReport([str(p) for p in paths], rows, problems, bad_rows)
+
+
+def write_clean(report: ValidationReport, out: str | Path) -> dict[str, int]:
+    """Write each file's error-free rows, keeping its format and columns exactly.
+
+    One input: `out` is the output file. Several: `out` is a folder that gets a file of the same name each.
+    """
+    import json
+
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    multi = len(report.files) > 1
+    written = {}
+    for f in report.files:
+        src = Path(f)
+        dest = out / src.name if multi else out
+        if dest.resolve() == src.resolve():
+            raise ValueError(f"--write-clean {dest} would overwrite its input")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        bad = report.bad_rows[f]
+        if src.suffix == ".parquet":
+            table = pq.read_table(src)
+            keep = [i for i in range(table.num_rows) if i not in bad]
+            pq.write_table(table.take(keep), tmp, compression="zstd")
+            n = len(keep)
+        else:
+            rows = list(iter_rows(src))
+            good = [r for i, r in enumerate(rows) if i not in bad]
+            with open(tmp, "w", encoding="utf-8") as fh:
+                if src.suffix == ".jsonl":
+                    fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in good)
+                else:
+                    json.dump(good, fh, ensure_ascii=False)
+            n = len(good)
+        tmp.replace(dest)
+        written[str(dest)] = n
+    return written
