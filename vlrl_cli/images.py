@@ -171,8 +171,8 @@ def fit_size(width: int, height: int, factor: int = DEFAULT_FACTOR, min_pixels: 
         raise ImageError("image_decode", f"image has no pixels ({width}x{height})")
     if max(width, height) / min(width, height) > 200:
         raise ImageError("image_aspect", f"aspect ratio {width}x{height} is over 200 (Qwen-VL refuses it)")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)

@@ -116,10 +116,28 @@ class BadLine:
     error: str
 
 
-def count_rows(path: Path) -> int:
-    path = Path(path)
+def _open(path: Path) -> pq.ParquetFile | None:
+    """Check that a records file can be read at all; the ParquetFile for parquet, else None."""
+    if not path.is_file():
+        raise RecordFileError(f"{path}: no such file")
+    if path.suffix not in KNOWN_SUFFIXES:
+        raise RecordFileError(f"{path}: unknown file type (expected {', '.join(KNOWN_SUFFIXES)})")
     if path.suffix == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        try:
+            return pq.ParquetFile(path)
+        except Exception as e:
+            raise RecordFileError(f"{path}: not a readable parquet file ({e})") from None
+    return None
+
+
+def count_rows(path: str | Path) -> int | None:
+    """Rows in a file (None for .json, known only once parsed). Raises RecordFileError."""
+    path = Path(path)
+    pf = _open(path)
+    if pf is not None:
+        return pf.metadata.num_rows
+    if path.suffix == ".json":
+        return None
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
 
@@ -127,15 +145,8 @@ def count_rows(path: Path) -> int:
 def iter_rows(path: str | Path, batch_size: int = 256) -> Iterator[dict | BadLine]:
     """Yield every row of a parquet / JSONL / JSON file as a plain dict (or BadLine), in file order."""
     path = Path(path)
-    if not path.exists():
-        raise RecordFileError(f"{path}: no such file")
-    if path.suffix not in KNOWN_SUFFIXES:
-        raise RecordFileError(f"{path}: unknown file type (expected {', '.join(KNOWN_SUFFIXES)})")
-    if path.suffix == ".parquet":
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:
-            raise RecordFileError(f"{path}: not a readable parquet file ({e})") from None
+    pf = _open(path)
+    if pf is not None:
         for batch in pf.iter_batches(batch_size=batch_size):
             for row in batch.to_pylist():
                 yield strip_nulls(row)

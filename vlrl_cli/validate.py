@@ -188,8 +188,9 @@ def _chunks(it, n):
         yield chunk
 
 
-def total_rows(paths: list[str | Path]) -> int:
-    return sum(count_rows(Path(p)) for p in paths)
+def total_rows(paths: list[str | Path]) -> int | None:
+    counts = [count_rows(p) for p in paths]
+    return None if None in counts else sum(counts)
 
 
 def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOptions(),

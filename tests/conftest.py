@@ -1,0 +1,48 @@
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+# tests never reach a hub, and keep datasets' caches out of the user's home
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "hf"))
+
+ROOT = Path(__file__).resolve().parent.parent
+GEOMETRY_SAMPLE = ROOT.parent / "shared" / "data" / "geometry3k-sample"
+
+
+@pytest.fixture(scope="session")
+def geometry_sample() -> Path:
+    # The sample ships in ../shared beside every checkout and CI clone; its absence is a broken setup.
+    assert GEOMETRY_SAMPLE.is_dir(), f"missing {GEOMETRY_SAMPLE}: ../shared must sit beside the repo"
+    return GEOMETRY_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from vlrl_cli.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2_5_vl", "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def colors_data(tmp_path_factory) -> Path:
+    from vlrl_cli.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("colors")
+    prepare(PrepareOptions(source="colors", out=out, workers=1, source_opts={"rows": 60}))
+    return out
+
+
+@pytest.fixture
+def cli():
+    from vlrl_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke

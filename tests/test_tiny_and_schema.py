@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from vlrl_cli.images import to_data_uri
+from vlrl_cli.records import RecordWriter, iter_rows, load_schema, schema_errors, write_rows
+from vlrl_cli.render import render_prompt
+from vlrl_cli.tiny import FAMILIES, build_tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_loads_and_runs_with_an_image(family, tmp_path, cli):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from PIL import Image
+
+    r = cli("tiny-model", tmp_path / family, "--family", family)
+    assert r.exit_code == 0, r.output
+    size = sum(f.stat().st_size for f in (tmp_path / family).iterdir())
+    assert size < 20e6
+    proc = AutoProcessor.from_pretrained(tmp_path / family)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / family)
+    assert model.config.model_type == family
+    tok = proc.tokenizer
+    for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+        token = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
+                 "vision_end_token_id": "<|vision_end|>"}[name]
+        assert getattr(model.config, name) == tok.convert_tokens_to_ids(token)
+    factor = proc.image_processor.patch_size * proc.image_processor.merge_size
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (factor * 3, factor * 2), (10, 200, 10)).save(buf, format="PNG")
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": to_data_uri(buf.getvalue(), "image/png")}},
+                                             {"type": "text", "text": "What colour is it?"}]}]
+    rendered = render_prompt(proc, messages)
+    assert rendered.num_image_tokens == rendered.expected_image_tokens == 6  # a 3x2 grid of merged patches
+    assert messages[0]["content"][0]["type"] == "image_url"  # the caller's messages are left alone
+    ids = torch.tensor([rendered.input_ids])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **rendered.tensors)
+    assert out.logits.shape == (1, len(rendered.input_ids), model.config.text_config.vocab_size)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_same_seed_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    a = load_file(build_tiny_model(tmp_path / "a", seed=3) / "model.safetensors")
+    b = load_file(build_tiny_model(tmp_path / "b", seed=3) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_schema_is_valid_2020_12_and_round_trips(colors_data, tmp_path):
+    import jsonschema
+
+    schema = load_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"].endswith("2020-12/schema")
+    rows = list(iter_rows(colors_data / "train.parquet"))
+    for fmt in ("parquet", "jsonl"):
+        path = tmp_path / f"rt.{fmt}"
+        write_rows(path, rows)
+        back = list(iter_rows(path))
+        assert back == rows
+        assert all(schema_errors(r) == [] for r in back)
+
+
+def test_string_content_is_accepted_and_nested_parquet_columns(tmp_path):
+    import pyarrow.parquet as pq
+
+    row = {"prompt": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+           "env_class": "colors", "reward_spec": {"method": "rule", "ground_truth": 3}, "extra_info": {"k": 1}}
+    assert schema_errors(row) == []
+    write_rows(tmp_path / "s.parquet", [row])
+    t = pq.read_table(tmp_path / "s.parquet")
+    assert str(t.schema.field("prompt").type).startswith("list<element: struct<role: string, content: list")
+    back = next(iter_rows(tmp_path / "s.parquet"))
+    assert back["prompt"][0]["content"] == [{"type": "text", "text": "Be brief."}]
+    assert back["reward_spec"]["ground_truth"] == "3"
+
+
+def test_schema_errors_name_the_field():
+    bad = {"prompt": [{"role": "wizard", "content": [{"type": "image_url"}]}], "env_class": "colors",
+           "reward_spec": {"method": "rule"}}
+    fields = [f for f, _ in schema_errors(bad)]
+    assert "prompt[0].role" in fields and any(f.startswith("prompt[0].content") for f in fields)
+
+
+def test_writer_refuses_fields_its_first_rows_lacked(tmp_path):
+    w = RecordWriter(tmp_path / "w.parquet", row_group_size=1)
+    base = {"prompt": [{"role": "user", "content": "x"}], "env_class": "colors",
+            "reward_spec": {"method": "rule", "ground_truth": "a"}}
+    w.write({**base, "extra_info": {"a": 1}})
+    with pytest.raises(RuntimeError, match="fields"):
+        w.write({**base, "extra_info": {"a": 1, "b": 2}})

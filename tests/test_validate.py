@@ -1,0 +1,158 @@
+import base64
+import io
+import json
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from vlrl_cli.images import to_data_uri
+from vlrl_cli.records import RecordFileError, iter_rows, write_rows
+from vlrl_cli.validate import ValidateOptions, validate_paths, write_clean
+
+
+def png(w=56, h=56, color=(0, 0, 255)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def huge_png_header(w=9000, h=9000):
+    small = png(8, 8)
+    ihdr = b"IHDR" + struct.pack(">II", w, h) + small[24:29]
+    return small[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + small[33:]
+
+
+def record(*urls, text="What colour is the shape?", env="colors", gt="blue"):
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+    return {"prompt": [{"role": "user", "content": parts}], "env_class": env,
+            "reward_spec": {"method": "rule", "ground_truth": gt}, "extra_info": {}}
+
+
+GOOD = to_data_uri(png(), "image/png")
+TRUNC_B64 = GOOD[: len(GOOD) - 3]
+TRUNC_IMG = to_data_uri(png(200, 200)[:150], "image/png")
+
+
+def bad_corpus():
+    """(row, expected code) pairs: one row per kind of problem, plus good rows between them."""
+    missing_env = record(GOOD)
+    del missing_env["env_class"]
+    mistyped = record(GOOD)
+    mistyped["env_class"] = 5
+    empty = record(GOOD)
+    empty["prompt"] = []
+    return [
+        (record(GOOD), None),
+        (record(TRUNC_B64), "image_bad_base64"),
+        (record(TRUNC_IMG), "image_decode"),
+        (record(to_data_uri(b"%PDF-1.4 not an image at all", "image/png")), "image_not_image"),
+        (record(to_data_uri(png(), "image/jpeg")), "image_mime_mismatch"),
+        (record(to_data_uri(huge_png_header(), "image/png")), "image_too_large"),
+        (record("https://example.com/cat.png"), "image_remote"),
+        (missing_env, "missing_field"),
+        (mistyped, "wrong_type"),
+        (empty, "empty_prompt"),
+        (record(GOOD, GOOD, GOOD), "too_many_images"),
+        (record(GOOD, text="word " * 300), "prompt_too_long"),
+        (record(GOOD, env="no_such_env"), "unknown_env_class"),
+        (record(GOOD, gt=""), "missing_ground_truth"),
+        (record(GOOD, text="a literal <|image_pad|> in the text"), "processor_error"),
+        (record(GOOD), None),
+    ]
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    lines = [json.dumps(r) for r, _ in bad_corpus()]
+    lines.insert(7, "{this is not json")  # row 7: a broken line, reported, not fatal
+    path.write_text("\n".join(lines) + "\n")
+    expected = [code for _, code in bad_corpus()]
+    expected.insert(7, "bad_json")
+    return path, expected
+
+
+def test_every_bad_record_is_reported_at_its_row_with_its_code(corpus_file, tiny_model):
+    path, expected = corpus_file
+    opts = ValidateOptions(processor=str(tiny_model), max_prompt_tokens=200, max_images=2, workers=2)
+    report = validate_paths([path], opts)
+    assert report.rows == len(expected)
+    errors = {}
+    for p in report.problems:
+        if p.severity == "error":
+            errors.setdefault(p.row, set()).add(p.code)
+    for row, code in enumerate(expected):
+        if code is None:
+            assert row not in errors, (row, errors.get(row))
+        else:
+            assert code in errors.get(row, set()), (row, code, errors.get(row))
+    assert report.bad_rows[str(path)] == {i for i, c in enumerate(expected) if c}
+    messages = {p.row: p.message for p in report.problems}
+    assert "env_class" in messages[expected.index("missing_field")]  # names the field
+
+
+def test_without_processor_no_token_checks_but_images_still_decoded(corpus_file):
+    path, expected = corpus_file
+    report = validate_paths([path], ValidateOptions(workers=1))
+    codes = {p.code for p in report.problems}
+    assert "prompt_too_long" not in codes and "processor_error" not in codes
+    assert {"image_decode", "image_bad_base64", "image_mime_mismatch", "image_too_large"} <= codes
+
+
+def test_allow_remote_turns_remote_urls_into_warnings(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(record("http://example.com/a.png")) + "\n")
+    strict = validate_paths([path], ValidateOptions(workers=1))
+    lenient = validate_paths([path], ValidateOptions(workers=1, allow_remote=True))
+    assert [(p.severity, p.code) for p in strict.problems] == [("error", "image_remote")]
+    assert [(p.severity, p.code) for p in lenient.problems] == [("warning", "image_remote")]
+
+
+def test_non_canonical_images_are_flagged_with_a_processor(tmp_path, tiny_model):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(record(to_data_uri(png(101, 77), "image/png"))) + "\n")
+    report = validate_paths([path], ValidateOptions(processor=str(tiny_model), workers=1))
+    assert [(p.severity, p.code) for p in report.problems] == [("warning", "image_not_canonical")]
+
+
+def test_parquet_rows_are_numbered_like_the_file(tmp_path, colors_data):
+    rows = list(iter_rows(colors_data / "train.parquet"))[:5]
+    rows[3]["reward_spec"]["ground_truth"] = ""
+    rows[1]["prompt"][0]["content"][0]["image_url"]["url"] = TRUNC_IMG
+    path = tmp_path / "x.parquet"
+    write_rows(path, rows)
+    report = validate_paths([path], ValidateOptions(workers=1))
+    assert sorted((p.row, p.code) for p in report.problems) == [(1, "image_decode"), (3, "missing_ground_truth")]
+    clean = tmp_path / "clean.parquet"
+    assert write_clean(report, clean) == {str(clean): 3}
+    assert [r["id"] for r in iter_rows(clean)] == [rows[i]["id"] for i in (0, 2, 4)]
+
+
+def test_cli_exit_codes_json_and_write_clean(cli, corpus_file, tiny_model, tmp_path, colors_data):
+    path, expected = corpus_file
+    ok = cli("validate", colors_data / "train.parquet", colors_data / "val.parquet")
+    assert ok.exit_code == 0 and "0 errors" in ok.output
+    report_file, clean = tmp_path / "report.json", tmp_path / "clean.jsonl"
+    r = cli("validate", path, "--processor", tiny_model, "--max-prompt-tokens", 200, "--max-images", 2,
+            "--json", report_file, "--write-clean", clean, "--workers", 1)
+    assert r.exit_code == 1
+    rep = json.loads(report_file.read_text())
+    assert rep["files"] == [str(path)] and rep["rows"] == len(expected)
+    assert {"file", "row", "severity", "code", "message"} <= set(rep["problems"][0])
+    assert len(clean.read_text().splitlines()) == expected.count(None)
+    assert "too_many_images" in r.output and "bad.jsonl:10" in r.output
+
+
+def test_cli_unreadable_file_exits_2_without_traceback(cli, tmp_path):
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"this is not parquet")
+    for target in (junk, tmp_path / "missing.parquet", tmp_path / "x.csv"):
+        r = cli("validate", target)
+        assert r.exit_code == 2, r.output
+        assert "Traceback" not in r.output and target.name in r.output
+    with pytest.raises(RecordFileError):
+        validate_paths([junk])
+    r = cli("validate", junk, "--max-prompt-tokens", 10)
+    assert r.exit_code == 2 and "--processor" in r.output
