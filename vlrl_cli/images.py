@@ -193,29 +193,50 @@ class CanonicalSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     image_format: str = "png"  # png (lossless) or jpeg
     jpeg_quality: int = 95
-    png_compress_level: int = 1  # fast; level 6+ shrinks diagrams a few % at ~4x the time
+    png_compress_level: int = 1  # fast; higher levels shrink diagrams a few % at several times the time
+
+
+def _cv2():
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from worker processes; a thread pool per process only contends
+    return cv2
 
 
 def canonicalize(image: bytes | Image.Image, spec: CanonicalSpec = CanonicalSpec(),
                  limits: ImageLimits = ImageLimits()) -> CanonicalImage:
-    """Decode, EXIF-transpose, RGB, resize to the model's grid, encode. The one place images change."""
+    """Decode, EXIF-transpose, RGB, resize to the model's grid, encode. The one place images change.
+
+    PIL decodes (it knows every format, EXIF, palettes and transparency); OpenCV resizes and encodes PNG,
+    about 2.5x faster than PIL here. PNG rows are written unfiltered with zlib's RLE strategy: on
+    diagrams that is both the fastest and the smallest of the settings measured (bench/).
+    """
+    import numpy as np
+
+    cv2 = _cv2()
     img = image if isinstance(image, Image.Image) else open_image(image, limits)
     if isinstance(image, Image.Image):
         img = ImageOps.exif_transpose(img)
         img = img if img.mode == "RGB" else img.convert("RGB")
     w, h = fit_size(img.width, img.height, spec.factor, spec.min_pixels, spec.max_pixels)
+    bgr = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR)
     if (w, h) != img.size:
-        img = img.resize((w, h), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
+        # area averaging when shrinking a lot (no aliasing), bicubic otherwise (as Qwen's processors do)
+        shrink = w * h < 0.5 * img.width * img.height
+        bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
     if spec.image_format == "png":
-        img.save(buf, format="PNG", compress_level=spec.png_compress_level)
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, spec.png_compress_level,
+                                             cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+                                             cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
         mime = "image/png"
     elif spec.image_format in ("jpeg", "jpg"):
-        img.save(buf, format="JPEG", quality=spec.jpeg_quality)
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality])
         mime = "image/jpeg"
     else:
         raise ValueError(f"unknown image format {spec.image_format!r} (png or jpeg)")
-    data = buf.getvalue()
+    if not ok:
+        raise ImageError("image_encode", f"could not encode a {w}x{h} image as {spec.image_format}")
+    data = buf.tobytes()
     return CanonicalImage(data, mime, w, h, hashlib.sha256(data).hexdigest())
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
 from .images import CanonicalSpec, ImageError, ImageLimits
+from .parallel import ordered_map, worker_pool
 from .records import SCHEMA_VERSION, RecordWriter
 from .sources import ConvertContext, Item, Reject, get_source
 
@@ -106,17 +105,6 @@ def _convert_one(item: Item):
         return "reject", "error", f"{type(e).__name__}: {e}"
 
 
-def _chunks(it, n):
-    chunk = []
-    for x in it:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _limited(items, limit):
     seen: dict = {}
     for item in items:
@@ -186,17 +174,14 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
 
     pool = None
     if opts.workers > 1:
-        method = "fork" if sys.platform == "linux" else "spawn"
-        pool = mp.get_context(method).Pool(opts.workers, _init_worker, (source.name, ctx))
+        pool = worker_pool(opts.workers, _init_worker, (source.name, ctx))
     else:
         _init_worker(source.name, ctx)
     try:
         with open(rejects_tmp, "w", encoding="utf-8") as rejects:
-            for chunk in _chunks(items, CHUNK):
-                # one split decision per item, in the main process: independent of workers
-                splits = [assign_split(it, split, opts.seed) for it in chunk]
-                results = pool.map(_convert_one, chunk, chunksize=8) if pool else map(_convert_one, chunk)
-                for item, split_name, res in zip(chunk, splits, results):
+            for chunk, results in ordered_map(pool, _convert_one, items, CHUNK):
+                for item, res in zip(chunk, results):
+                    split_name = assign_split(item, split, opts.seed)
                     rows_in += 1
                     if res[0] == "reject":
                         rejected += 1

@@ -46,9 +46,11 @@ def pixel_bounds(processor) -> tuple[int, int]:
     return int(get("shortest_edge") or get("min_pixels")), int(get("longest_edge") or get("max_pixels"))
 
 
-def split_messages(messages: list[dict], limits: ImageLimits = ImageLimits()) -> tuple[list[dict], list]:
+def split_messages(messages: list[dict], limits: ImageLimits = ImageLimits(),
+                   decoded: list | None = None) -> tuple[list[dict], list]:
     """Template messages (image parts as {"type": "image"}) and the decoded images, in order.
 
+    `decoded`: the prompt's images already decoded by the caller, in order (not decoded twice).
     Works on a deep copy: chat templating rewrites the messages it is given, and the caller's
     messages (which may go to vLLM as OpenAI-style image_url parts) must stay as they were.
     """
@@ -57,7 +59,8 @@ def split_messages(messages: list[dict], limits: ImageLimits = ImageLimits()) ->
         parts = []
         for part in content_parts(msg["content"]):
             if part.get("type") == "image_url":
-                images.append(image_from_uri(part["image_url"]["url"], limits))
+                url = part["image_url"]["url"]
+                images.append(decoded[len(images)] if decoded is not None else image_from_uri(url, limits))
                 parts.append({"type": "image"})
             elif part.get("type") == "image" and "image" in part:
                 images.append(part["image"])
@@ -69,8 +72,8 @@ def split_messages(messages: list[dict], limits: ImageLimits = ImageLimits()) ->
 
 
 def render_prompt(processor, messages: list[dict], add_generation_prompt: bool = True,
-                  limits: ImageLimits = ImageLimits()) -> RenderedPrompt:
-    template_messages, images = split_messages(messages, limits)
+                  limits: ImageLimits = ImageLimits(), decoded: list | None = None) -> RenderedPrompt:
+    template_messages, images = split_messages(messages, limits, decoded)
     text = processor.apply_chat_template(template_messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     batch = processor(text=[text], images=images or None, return_tensors="pt")
     ids = batch["input_ids"][0].tolist()

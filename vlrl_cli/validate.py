@@ -8,9 +8,7 @@ expanded, and placeholder counts that agree with the image grids.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Callable
 
 from .envs import known_env_classes
 from .images import ImageError, ImageLimits, decode_data_uri, is_remote_url, open_image
+from .parallel import ordered_map, worker_pool
 from .records import BadLine, count_rows, image_urls, iter_rows, schema_errors
 
 CHUNK = 64
@@ -80,16 +79,15 @@ def _schema_code(field_path: str, message: str) -> str:
     return "schema"
 
 
-_PROCESSOR = None  # per worker process
+_PROCESSORS: dict = {}  # loaded once per process, by name
 
 
 def _get_processor(name: str | None):
-    global _PROCESSOR
-    if name and _PROCESSOR is None:
+    if name and name not in _PROCESSORS:
         from .render import load_processor
 
-        _PROCESSOR = load_processor(name)
-    return _PROCESSOR
+        _PROCESSORS[name] = load_processor(name)
+    return _PROCESSORS.get(name) if name else None
 
 
 def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
@@ -111,7 +109,7 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
     urls = image_urls(row)
     if opts.max_images is not None and len(urls) > opts.max_images:
         found.append(("error", "too_many_images", f"prompt: {len(urls)} images, limit {opts.max_images}"))
-    images_ok = True
+    images_ok, decoded = True, []
     for i, url in enumerate(urls):
         if is_remote_url(url):
             sev = "warning" if opts.allow_remote else "error"
@@ -120,7 +118,7 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
             continue
         try:
             _, data = decode_data_uri(url, opts.limits)
-            open_image(data, opts.limits)
+            decoded.append(open_image(data, opts.limits))
         except ImageError as e:
             found.append(("error", e.code, f"image {i}: {e}"))
             images_ok = False
@@ -129,15 +127,15 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
     schema_ok = not any(code in ("missing_field", "wrong_type", "empty_prompt", "schema", "bad_value")
                         for _, code, _ in found)
     if processor is not None and images_ok and schema_ok:
-        found += _check_with_processor(row, processor, opts)
+        found += _check_with_processor(row, processor, opts, decoded)
     return found
 
 
-def _check_with_processor(row: dict, processor, opts: ValidateOptions) -> list[tuple[str, str, str]]:
+def _check_with_processor(row: dict, processor, opts: ValidateOptions, decoded: list) -> list[tuple[str, str, str]]:
     from .render import image_factor, pixel_bounds, render_prompt
 
     try:
-        rendered = render_prompt(processor, row["prompt"], limits=opts.limits)
+        rendered = render_prompt(processor, row["prompt"], limits=opts.limits, decoded=decoded)
     except Exception as e:  # the processor refuses the prompt: that is this row's problem
         return [("error", "processor_error", f"prompt: the processor failed: {type(e).__name__}: {e}")]
     found = []
@@ -167,6 +165,10 @@ _OPTS: ValidateOptions | None = None
 def _init_worker(opts: ValidateOptions) -> None:
     global _OPTS
     _OPTS = opts
+    if opts.processor:
+        import torch
+
+        torch.set_num_threads(1)  # parallelism comes from the worker processes
     _get_processor(opts.processor)
 
 
@@ -175,17 +177,6 @@ def _check(row):
         return check_row(row, _OPTS)
     except Exception as e:  # never let one row take the run down
         return [("error", "internal_error", f"{type(e).__name__}: {e}")]
-
-
-def _chunks(it, n):
-    chunk = []
-    for x in it:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def total_rows(paths: list[str | Path]) -> int | None:
@@ -204,14 +195,13 @@ def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOpti
     rows = 0
     pool = None
     if opts.workers > 1:
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(opts.workers, _init_worker, (opts,))
+        pool = worker_pool(opts.workers, _init_worker, (opts,))
     else:
         _init_worker(opts)
     try:
         for p in paths:
             index = 0
-            for chunk in _chunks(iter_rows(p), CHUNK):
-                results = pool.map(_check, chunk) if pool else map(_check, chunk)
+            for chunk, results in ordered_map(pool, _check, iter_rows(p), CHUNK):
                 for found in results:
                     for severity, code, message in found:
                         problems.append(Problem(str(p), index, severity, code, message))
