@@ -116,6 +116,9 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_5_vl", seed: int = 0,
     """Write a tiny random VLM (weights, config, processor, tokenizer, chat template) to `out`."""
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
