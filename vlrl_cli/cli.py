@@ -240,5 +240,88 @@ def tiny_model(
     err.print(f"wrote a tiny {family} model to {path} ({size / 1e6:.1f} MB)")
 
 
+# --- train ----------------------------------------------------------------------------------------
+
+TRAIN_EPILOG = """[bold]Examples[/]
+
+  vlrl train recipes/colors-tiny.yaml
+  vlrl train recipes/geometry3k.yaml --set trainer.lr=1e-6 --set rollout.n=8 --gpus 8
+  vlrl train recipes/colors-tiny.yaml --resume          (continue from the last checkpoint)
+
+Writes runs/<run.name>/: recipe.yaml, metrics.jsonl, checkpoints/step_N/{hf,ds}.
+"""
+
+
+@app.command(epilog=TRAIN_EPILOG)
+def train(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML (see recipes/).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint, same data order and RNG.")] = False,
+    gpus: Annotated[int, typer.Option(help="GPUs on this machine; > 1 relaunches through the DeepSpeed launcher.")] = 1,
+    nprocs: Annotated[int, typer.Option(help="Ranks on the CPU (gloo), through the DeepSpeed launcher; for tests.")] = 1,
+    hostfile: Annotated[Optional[Path], typer.Option(help="DeepSpeed hostfile for several machines.")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the final metrics here (- for stdout).")] = None,
+) -> None:
+    """SFT and GRPO-family RL with DeepSpeed ZeRO and a colocated rollout engine."""
+    from .config import RecipeError, load_recipe
+
+    overrides = list(set_ or [])
+    try:
+        rec = load_recipe(recipe, overrides)
+    except RecipeError as e:
+        fail(str(e))
+    if gpus > 1 or nprocs > 1 or hostfile:
+        from .launch import relaunch
+
+        raise typer.Exit(relaunch(recipe, overrides, resume, gpus=gpus, nprocs=nprocs, hostfile=hostfile))
+    from .train import run_training
+
+    try:
+        final = run_training(rec, resume=resume, console=err)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if json_out:
+        write_json(json_out, final)
+
+
+# --- eval -----------------------------------------------------------------------------------------
+
+
+@app.command("eval", epilog="[bold]Examples[/]\n\n  vlrl eval runs/colors-grpo/checkpoints/step_60/hf demo-out/colors/val.parquet --out evals/colors\n"
+                            "  vlrl eval Qwen/Qwen2.5-VL-3B-Instruct data/geo3k/test.parquet --engine vllm --n 8 --temperature 1.0 --out evals/geo")
+def eval_(
+    model: Annotated[str, typer.Argument(help="Hub id, local model dir or a run checkpoint's hf/ folder.")],
+    data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
+    n: Annotated[int, typer.Option(help="Samples per record (pass@k for every k <= n).", min=1)] = 1,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.", min=0)] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    max_turns: Annotated[int, typer.Option(min=1)] = 1,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N records.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
+) -> None:
+    """Evaluation rollouts in the training environments: accuracy, pass@k, rollouts.jsonl."""
+    from .evaluate import EvalOptions, run_eval
+
+    opts = EvalOptions(engine=engine, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                       max_turns=max_turns, limit=limit, seed=seed)
+    try:
+        metrics = _run_with_progress("eval", None, lambda cb: run_eval(model, str(data), out, opts, progress=cb))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    table = Table()
+    for col in ("records", "samples", "accuracy", "reward_mean", "format_rate", f"pass@{n}"):
+        table.add_column(col, justify="right")
+    table.add_row(str(metrics["records"]), str(metrics["samples"]), f"{metrics['accuracy']:.3f}",
+                  f"{metrics['reward_mean']:.3f}", f"{metrics['format_rate']:.3f}", f"{metrics['pass_at_k'][str(n)]:.3f}")
+    err.print(table)
+    err.print(f"wrote {out / 'metrics.json'} and {out / 'rollouts.jsonl'}")
+    if json_out:
+        write_json(json_out, metrics)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,122 @@
+import time
+
+import pytest
+
+from vlrl_cli.envs import resolve_env
+from vlrl_cli.envs.maze2d import Maze2dEnv, make_maze
+from vlrl_cli.images import image_from_uri
+from vlrl_cli.rewards import grade_boxed, last_boxed, numeric_equal, to_number
+
+
+@pytest.mark.parametrize("text,truth", [
+    ("so x = \\boxed{12}", "12"),
+    ("\\boxed{12.0}", "12"),
+    ("\\boxed{\\frac{2\\sqrt{2}}{5}}", "\\frac { 2 \\sqrt { 2 } } { 5 }"),
+    ("\\boxed{\\dfrac{\\sqrt{2}}{10}}", "\\frac { \\sqrt { 2 } } { 10 }"),
+    ("\\boxed{5\\sqrt{3}}", "5 \\sqrt { 3 }"),
+    ("\\boxed{60^\\circ}", "60"),
+    ("\\boxed{ 0.28284 }", "\\frac{2\\sqrt{2}}{10}"),
+    ("\\boxed{2\\pi}", "6.28319"),
+    ("first \\boxed{3} then \\boxed{13.5}", "13.5"),
+])
+def test_equivalent_forms_are_correct(text, truth):
+    g = grade_boxed(text, truth)
+    assert g.correct and g.format_ok, g
+
+
+@pytest.mark.parametrize("text,truth,reason", [
+    ("the answer is 12", "12", "no_boxed"),
+    ("\\boxed{13}", "12", "mismatch"),
+    ("\\boxed{x + }", "12", "unparsed"),
+    ("\\boxed{__import__('os').system('echo hi')}", "12", "unparsed"),
+    ("\\boxed{12", "12", "no_boxed"),
+])
+def test_wrong_or_malformed_answers(text, truth, reason):
+    g = grade_boxed(text, truth)
+    assert not g.correct and g.reason == reason, g
+
+
+def test_model_text_is_never_evaluated():
+    with pytest.raises(ValueError):
+        to_number("open('x')")
+    assert to_number("\\frac{1}{2}") == 0.5
+
+
+def test_pathological_inputs_return_in_bounded_time():
+    t = time.time()
+    for text in ("\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}", "\\boxed{9^{9^{9^{9^{9}}}}}",
+                 "\\boxed{" + "1" * 150 + "^" + "9" * 40 + "}", "x" * 1_000_000):
+        assert not grade_boxed(text, "12", timeout_s=2.0).correct
+    assert time.time() - t < 10
+
+
+def test_the_time_limit_kills_a_stuck_grade_and_recovers():
+    # a limit shorter than any grade can take: the helper is killed, "timeout" is reported ...
+    assert numeric_equal("\\frac{1}{2}", "0.5", timeout_s=1e-6) == "timeout"
+    # ... and the next grade gets a fresh helper
+    assert numeric_equal("\\frac{1}{2}", "0.5", timeout_s=10) == "numeric"
+
+
+def test_geometry_multi_turn_tries():
+    env = resolve_env("geometry3k")(tries=2)
+    env.reset({"prompt": [], "env_class": "geometry3k", "reward_spec": {"method": "rule", "ground_truth": "5"}})
+    r1 = env.step("\\boxed{4}")
+    assert not r1.done and r1.reward == 0 and "incorrect" in r1.observation[0]["content"][0]["text"]
+    r2 = env.step("\\boxed{5}")
+    assert r2.done and r2.reward == 1 and not r2.info["first_try_correct"]
+
+
+def test_colors_env_needs_exactly_one_colour():
+    env = resolve_env("colors")()
+    rec = {"prompt": [], "env_class": "colors", "reward_spec": {"method": "rule", "ground_truth": "red"},
+           "extra_info": {"colors": ["red", "green", "blue", "yellow"]}}
+    for text, reward in (("red", 1), ("Red.", 1), ("red or blue", 0), ("blue", 0), ("", 0)):
+        env.reset(rec)
+        assert env.step(text).reward == reward, text
+
+
+def solve(maze, size):
+    """Breadth-first path of moves from (0,0) to the goal."""
+    from collections import deque
+
+    from vlrl_cli.envs.maze2d import MOVES
+
+    prev, q = {(0, 0): None}, deque([(0, 0)])
+    while q:
+        c = q.popleft()
+        for d in maze[c]:
+            n = (c[0] + MOVES[d][0], c[1] + MOVES[d][1])
+            if n not in prev:
+                prev[n] = (c, d)
+                q.append(n)
+    path, c = [], (size - 1, size - 1)
+    while prev[c]:
+        c, d = prev[c]
+        path.append(d)
+    return path[::-1]
+
+
+def test_maze_rules():
+    rec = {"prompt": [], "env_class": "maze2d", "reward_spec": {"method": "env"},
+           "extra_info": {"seed": 3, "maze_size": 4, "max_steps": 30}}
+    env = Maze2dEnv()
+    first = env.reset(rec)
+    img = image_from_uri(first[0]["content"][0]["image_url"]["url"])
+    assert img.size[0] % 28 == 0
+    assert make_maze(3, 4) == env.maze  # seeded: the same maze every time
+    walls = [d for d in ("up", "left") if d not in env.maze[(0, 0)]]
+    r = env.step(f"Move: {walls[0]}")  # the outer wall: no move, an observation with a new image
+    assert env.agent == (0, 0) and not r.done and "wall" in r.observation[0]["content"][1]["text"]
+    r = env.step("I think I will go somewhere")
+    assert not r.info["format_ok"] and env.agent == (0, 0)
+    for move in solve(env.maze, 4):
+        r = env.step(f"thinking...\nMove: {move}")
+    assert r.done and r.reward == 1.0 and r.info["done_reason"] == "goal"
+
+
+def test_maze_runs_out_of_steps():
+    env = Maze2dEnv()
+    env.reset({"prompt": [], "env_class": "maze2d", "reward_spec": {"method": "env"},
+               "extra_info": {"seed": 1, "maze_size": 5, "max_steps": 3}})
+    results = [env.step("Move: up") for _ in range(3)]
+    assert results[-1].done and results[-1].reward == 0 and results[-1].info["done_reason"] == "max_steps"

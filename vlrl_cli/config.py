@@ -1,0 +1,191 @@
+"""Recipes: YAML files validated by schemas/recipe.schema.json, overridden with `--set key=value`.
+
+A recipe becomes nested dataclasses (`Recipe`), so code reads `recipe.rollout.n`, not dict lookups.
+The schema (additionalProperties: false everywhere) is what rejects unknown keys and wrong types, with
+the key named; the dataclass defaults are the values a key takes when the recipe leaves it out.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelCfg:
+    path: str = ""  # hub id or local dir (a tiny model: `vlrl tiny-model`)
+    dtype: str = "float32"  # training weights: float32 | bfloat16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataCfg:
+    train: str = ""
+    val: str | None = None
+    max_prompt_tokens: int = 2048  # longer prompts are skipped (counted in metrics)
+    val_limit: int = 64  # validation prompts evaluated at each eval
+
+
+@dataclass
+class RolloutCfg:
+    engine: str = "hf"  # hf | vllm
+    n: int = 8  # samples per prompt (the GRPO group)
+    prompts_per_step: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_turns: int = 1
+    max_context_tokens: int = 4096  # multi-turn: an episode stops (done_reason=context_full) past this
+    gpu_memory_utilization: float = 0.3  # vllm
+    eval_temperature: float = 0.0  # greedy
+
+
+@dataclass
+class AlgorithmCfg:
+    name: str = "grpo"  # grpo | sft
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # DAPO clip-higher
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    adv_std_norm: bool = True  # divide by the group std (off: Dr. GRPO)
+    kl_coef: float = 0.0  # k3 KL to a frozen reference; 0 = no reference model
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    mismatch: str = "tis"  # none | tis (truncated importance weights) | mask (drop sequences)
+    mismatch_cap: float = 2.0  # tis: weight cap; mask: drop a sequence whose ratio leaves [1/cap, cap]
+    ppo_epochs: int = 1
+    sft_target: str = "reference"  # sft: reference | ground_truth | random_choice (see sft.py)
+
+
+@dataclass
+class TrainerCfg:
+    steps: int = 100
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    micro_batch: int = 8  # sequences per forward/backward
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    offload: bool = False  # ZeRO CPU offload of optimizer state
+    seed: int = 0
+    save_every: int = 0  # steps; 0 = only at the end
+    eval_every: int = 0  # steps; 0 = never during training
+    sft_epochs: int = 1  # sft: passes over the data
+
+
+@dataclass
+class RunCfg:
+    name: str = "run"
+    dir: str = "runs"
+    tensorboard: bool = False
+    wandb: bool = False
+
+
+@dataclass
+class Recipe:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    rollout: RolloutCfg = field(default_factory=RolloutCfg)
+    algorithm: AlgorithmCfg = field(default_factory=AlgorithmCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+    envs: dict[str, str] = field(default_factory=dict)  # extra env_class -> "module:Class"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: YAML scalars (1e-6, true, null, [1, 2]); anything else stays a string."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string; a user means the number
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected key=value, e.g. trainer.lr=1e-6")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+def _build(cls, data: dict):
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+            kwargs[f.name] = _build(type(default), data[f.name]) if is_dataclass(default) else data[f.name]
+    return cls(**kwargs)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None) -> Recipe:
+    """Read, override, validate and type a recipe. Raises RecipeError naming the bad key."""
+    import jsonschema
+    import yaml
+
+    from .records import load_schema
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections (model, data, rollout, ...)")
+    data = apply_overrides(data, list(overrides))
+    validator = jsonschema.Draft202012Validator(load_schema("recipe"))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            msg = e.message
+            if e.validator == "additionalProperties":
+                msg = msg.replace("Additional properties are not allowed", "unknown key")
+            lines.append(f"{where}: {msg}")
+        raise RecipeError(f"{path or 'recipe'}: " + "; ".join(lines))
+    recipe = _build(Recipe, data)
+    where = path or "recipe"
+    if not recipe.model.path:
+        raise RecipeError(f"{where}: model.path is required")
+    if not recipe.data.train:
+        raise RecipeError(f"{where}: data.train is required")
+    m = recipe.model.path
+    if not Path(m).exists() and (m.startswith((".", "/", "~")) or m.count("/") != 1 or Path(m.split("/")[0]).is_dir()):
+        raise RecipeError(f"{where}: model.path {m} is neither a local folder nor a hub id (org/name)")
+    for key in ("train", "val"):
+        p = getattr(recipe.data, key)
+        if p and not Path(p).is_file():
+            raise RecipeError(f"{where}: data.{key} {p} does not exist")
+    return recipe

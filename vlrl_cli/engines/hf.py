@@ -1,0 +1,79 @@
+"""The `hf` rollout engine: transformers' generate on its own copy of the weights.
+
+Its own copy (not the trainer's module) because that is how the vLLM engine works too: after every
+optimizer step the trainer pushes its weights in (`update_weights`), through the same gather path.
+Log-probs are computed from the raw logits exactly as the trainer does (logits / T, placeholder tokens
+masked), so with identical weights the two agree up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import GenRequest, Generation, Sampling, placeholder_token_ids
+
+
+class HFEngine:
+    def __init__(self, model_path: str, processor, dtype: str = "float32", device: str | None = None, **_):
+        from transformers import AutoModelForImageTextToText
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = getattr(torch, dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
+        self.processor = processor
+        self.banned = placeholder_token_ids(processor)
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else processor.tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.pad = processor.tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]:
+        torch.manual_seed(sampling.seed)
+        return [self._one(r, sampling) for r in requests]
+
+    def _one(self, req: GenRequest, s: Sampling) -> list[Generation]:
+        ids = torch.tensor([req.input_ids], device=self.device)
+        tensors = {k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
+                   for k, v in req.tensors.items() if k != "mm_token_type_ids"}
+        greedy = s.temperature == 0
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), **tensors,
+            do_sample=not greedy, temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p,
+            top_k=None, max_new_tokens=s.max_new_tokens, num_return_sequences=req.n,
+            suppress_tokens=self.banned, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=self.pad)
+        new = out.sequences[:, ids.shape[1]:]  # [n, T]
+        logits = torch.stack(out.logits, dim=1).float()  # [n, T, V] raw, before any processor
+        logp = token_logprobs(logits, new, 1.0 if greedy else s.temperature, self.banned)
+        gens = []
+        for i in range(new.shape[0]):
+            toks = new[i].tolist()
+            end = next((j + 1 for j, t in enumerate(toks) if t in self.eos), None)
+            n_keep = end if end is not None else len(toks)
+            gens.append(Generation(toks[:n_keep], logp[i, :n_keep].tolist(), "stop" if end else "length"))
+        return gens
+
+    def update_weights(self, named_tensors) -> None:
+        """Copy (name, tensor) pairs in, in place; names as in the HF state dict."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in named_tensors:
+                params[name].copy_(t.to(params[name].device, params[name].dtype))
+
+    def sleep(self) -> None:  # nothing to free on the CPU; the vllm engine frees its KV cache here
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, banned: list[int]) -> torch.Tensor:
+    """log softmax(logits / T) at `tokens`, with never-sampled tokens removed from the distribution.
+
+    The one formula for both sides: engine log-probs (here) and trainer log-probs (training.py).
+    """
+    logits = logits / temperature
+    if banned:
+        logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

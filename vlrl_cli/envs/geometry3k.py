@@ -1,0 +1,27 @@
+"""geometry3k: grade the last \\boxed{} answer; optionally a multi-turn "check answer" tool with k tries.
+
+With `tries > 1`, a wrong boxed answer gets the observation "incorrect, try again" and the episode goes
+on; the reward is 1 for a correct answer at any try, and `first_try_correct` is reported apart.
+"""
+
+from __future__ import annotations
+
+from ..rewards import grade_boxed
+from .base import Env, StepResult
+
+
+class Geometry3kEnv(Env):
+    def __init__(self, tries: int = 1, timeout_s: float = 2.0):
+        self.max_turns = tries
+        self.timeout_s = timeout_s
+
+    def step(self, text: str) -> StepResult:
+        self.turn += 1
+        g = grade_boxed(text, str(self.record["reward_spec"]["ground_truth"]), timeout_s=self.timeout_s)
+        info = {"correct": g.correct, "format_ok": g.format_ok, "grade": g.reason,
+                "first_try_correct": g.correct and self.turn == 1}
+        if g.correct or self.turn >= self.max_turns:
+            return StepResult([], float(g.correct), True, {**info, "done_reason": "answered" if g.correct else "out_of_tries"})
+        hint = "Your answer is incorrect. Try again; put the final answer in \\boxed{}." if g.format_ok else \
+            "No \\boxed{} answer found. Put the final answer in \\boxed{}."
+        return StepResult([{"role": "user", "content": [{"type": "text", "text": hint}]}], 0.0, False, info)

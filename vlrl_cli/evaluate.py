@@ -1,0 +1,96 @@
+"""`vlrl eval`: rollouts in the training environments (same engines, same rollout path), scored.
+
+Writes metrics.json (accuracy, reward_mean, pass@k, format_rate, turns_mean, each also by data_source
+and env_class, plus the decoding settings) and rollouts.jsonl (every trajectory, turn by turn).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from math import comb
+from pathlib import Path
+from typing import Callable
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+@dataclass
+class EvalOptions:
+    engine: str = "hf"
+    n: int = 1
+    temperature: float = 0.0  # greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_turns: int = 1
+    max_context_tokens: int = 4096
+    limit: int | None = None
+    seed: int = 0
+    dtype: str = "float32"
+
+
+def summarize(trajs, n: int) -> dict:
+    """Metrics over trajectories grouped per record (n samples each)."""
+    by_record = defaultdict(list)
+    for t in trajs:
+        by_record[(t.group, t.record_id)].append(t)
+    out = {
+        "records": len(by_record),
+        "samples": len(trajs),
+        "accuracy": sum(bool(t.info.get("correct")) for t in trajs) / len(trajs),
+        "reward_mean": sum(t.reward for t in trajs) / len(trajs),
+        "format_rate": sum(bool(t.info.get("format_ok")) for t in trajs) / len(trajs),
+        "turns_mean": sum(t.turns for t in trajs) / len(trajs),
+        "pass_at_k": {},
+    }
+    for k in range(1, n + 1):
+        vals = [pass_at_k(len(ts), sum(bool(t.info.get("correct")) for t in ts), k) for ts in by_record.values()]
+        out["pass_at_k"][str(k)] = sum(vals) / len(vals)
+    if any("first_try_correct" in t.info for t in trajs):
+        out["first_try_accuracy"] = sum(bool(t.info.get("first_try_correct")) for t in trajs) / len(trajs)
+    return out
+
+
+def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions(),
+             env_registry: dict | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    from .engines import Sampling, make_engine
+    from .grpo import load_records
+    from .render import load_processor
+    from .rollout import collect
+
+    records = load_records(data, opts.limit)
+    processor = load_processor(model)
+    engine = make_engine(opts.engine, model, processor, dtype=opts.dtype, seed=opts.seed)
+    sampling = Sampling(opts.temperature, opts.top_p, opts.max_new_tokens, opts.seed)
+    trajs = []
+    for i in range(0, len(records), 16):  # chunks: progress, and bounded memory
+        chunk = collect(engine, records[i:i + 16], processor, opts.n, sampling, opts.max_turns,
+                        opts.max_context_tokens, env_registry)
+        for t in chunk:
+            t.group += i
+        trajs += chunk
+        if progress:
+            progress(min(i + 16, len(records)))
+    metrics = summarize(trajs, opts.n)
+    for key in ("data_source", "env_class"):
+        groups = defaultdict(list)
+        for t in trajs:
+            groups[getattr(t, key)].append(t)
+        metrics[f"by_{key}"] = {name: summarize(ts, opts.n) for name, ts in sorted(groups.items())}
+    metrics["settings"] = {"model": model, "data": data, **asdict(opts)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(out / "rollouts.jsonl", "w") as f:
+        for t in trajs:
+            f.write(json.dumps({"record_id": t.record_id, "sample": t.group, "env_class": t.env_class,
+                                "data_source": t.data_source, "reward": t.reward, "correct": bool(t.info.get("correct")),
+                                "turns": t.turns, "done_reason": t.done_reason, "prompt_tokens": t.prompt_len,
+                                "response_tokens": t.response_len, "steps": t.texts}) + "\n")
+    return metrics

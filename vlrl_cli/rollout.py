@@ -1,0 +1,151 @@
+"""Rollouts: records -> environment episodes -> trajectories of token ids, masks and engine log-probs.
+
+One trajectory is one token sequence: the rendered prompt, then for every turn the engine's generated
+tokens (trained on; their engine log-probs kept) and the observation's tokens (masked out of the loss).
+Images accumulate in the context: every observation image is rendered once and its tensors appended,
+so the trainer scores exactly the ids and pixels the engine generated from. An episode whose context
+would exceed `max_context_tokens` ends with done_reason "context_full".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engines import GenRequest, Generation, Sampling
+from .envs import resolve_env
+from .render import render_prompt, split_messages
+
+
+@dataclass
+class Trajectory:
+    record_id: str
+    group: int  # index of the prompt within the step: samples of one prompt share a group
+    env_class: str
+    data_source: str
+    token_ids: list[int]
+    loss_mask: list[int]  # 1 on generated tokens
+    old_logp: list[float]  # engine log-probs on generated tokens, 0 elsewhere
+    tensors: dict[str, Any]  # image tensors of every image in the sequence, in order
+    prompt_len: int
+    reward: float = 0.0
+    turns: int = 0
+    done_reason: str = ""
+    info: dict = field(default_factory=dict)
+    texts: list[dict] = field(default_factory=list)  # per turn: response text, tokens, observation text
+
+    @property
+    def response_len(self) -> int:
+        return sum(self.loss_mask)
+
+
+def _cat_tensors(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            continue
+        out[k] = torch.cat([out[k], v], dim=0) if k in out else v
+    return out
+
+
+def _text_of(messages: list[dict]) -> str:
+    parts = []
+    for m in messages:
+        c = m["content"]
+        parts += [c] if isinstance(c, str) else [p.get("text", "[image]") for p in c]
+    return " ".join(parts)
+
+
+class Episode:
+    """One environment episode and its growing token sequence."""
+
+    def __init__(self, record: dict, group: int, processor, env_registry: dict | None, max_context: int):
+        self.env = resolve_env(record["env_class"], env_registry)()
+        self.record, self.processor, self.max_context = record, processor, max_context
+        self.messages = [dict(m) for m in self.env.reset(record)]
+        rendered = render_prompt(processor, self.messages)
+        self.traj = Trajectory(record.get("id", ""), group, record["env_class"], record.get("data_source", ""),
+                               list(rendered.input_ids), [0] * rendered.length, [0.0] * rendered.length,
+                               rendered.tensors, rendered.length)
+        self.done = False
+        self.eos_text = processor.tokenizer.eos_token
+
+    def request(self, n: int = 1) -> GenRequest:
+        return GenRequest(self.traj.token_ids, self.traj.tensors, n, self.messages)
+
+    def observe(self, gen: Generation) -> None:
+        """Append the generated turn, step the environment, append its observation tokens."""
+        t = self.traj
+        t.token_ids += gen.token_ids
+        t.loss_mask += [1] * len(gen.token_ids)
+        t.old_logp += gen.logprobs
+        text = self.processor.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        result = self.env.step(text)
+        t.turns += 1
+        t.reward = result.reward
+        t.info = result.info
+        t.texts.append({"response": text, "tokens": len(gen.token_ids), "finish": gen.finish_reason,
+                        "reward": result.reward, "observation": _text_of(result.observation)})
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        if result.done:
+            self.done, t.done_reason = True, result.info.get("done_reason", "done")
+            return
+        ids, tensors = self._render_delta(result.observation, ended_with_eos=gen.finish_reason == "stop")
+        if len(t.token_ids) + len(ids) >= self.max_context:
+            self.done, t.done_reason = True, "context_full"
+            return
+        self.messages += result.observation
+        t.token_ids += ids
+        t.loss_mask += [0] * len(ids)
+        t.old_logp += [0.0] * len(ids)
+        t.tensors = _cat_tensors(t.tensors, tensors)
+
+    def _render_delta(self, observation: list[dict], ended_with_eos: bool) -> tuple[list[int], dict]:
+        """Token ids of what the chat template puts between the generated turn and the next generation.
+
+        The template text of the conversation with the new observation must extend the text without it
+        (true of Qwen-format templates); the delta after the assistant's end-of-turn token is rendered
+        with the observation's images, so placeholders expand to the right counts.
+        """
+        before_msgs, _ = split_messages(self.messages)
+        after_msgs, obs_images = split_messages(observation)
+        before = self.processor.apply_chat_template(before_msgs, add_generation_prompt=False, tokenize=False)
+        after = self.processor.apply_chat_template(before_msgs + after_msgs, add_generation_prompt=True, tokenize=False)
+        if not after.startswith(before) or self.eos_text not in before:
+            raise RuntimeError("the chat template does not render multi-turn conversations as a prefix-extension; "
+                               "multi-turn environments need a Qwen-format template")
+        tail = before[before.rfind(self.eos_text) + len(self.eos_text):]  # e.g. the "\n" after <|im_end|>
+        delta = ("" if ended_with_eos else self.eos_text) + tail + after[len(before):]
+        batch = self.processor(text=[delta], images=obs_images or None, return_tensors="pt")
+        return batch["input_ids"][0].tolist(), {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+
+
+def collect(engine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int,
+            max_context: int, env_registry: dict | None = None) -> list[Trajectory]:
+    """n episodes per record, run to the end; returns trajectories grouped by record, in order."""
+    groups = []
+    for g, record in enumerate(records):
+        eps = [Episode(record, g, processor, env_registry, max_context) for _ in range(n)]
+        groups.append(eps)
+    # first turn: the n samples of a prompt share it, so one request with n samples per record
+    firsts = engine.generate([eps[0].request(n) for eps in groups], sampling)
+    for eps, gens in zip(groups, firsts):
+        for ep, gen in zip(eps, gens):
+            ep.observe(gen)
+    # later turns: episodes have diverged; one request each, until every episode is done
+    for turn in range(1, max_turns):
+        active = [ep for eps in groups for ep in eps if not ep.done and ep.env.max_turns > turn]
+        if not active:
+            break
+        s = Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed + 7919 * turn)
+        for ep, gens in zip(active, engine.generate([ep.request(1) for ep in active], s)):
+            ep.observe(gens[0])
+    out = []
+    for eps in groups:
+        for ep in eps:
+            if not ep.done:
+                ep.traj.done_reason = "max_turns"
+            out.append(ep.traj)
+    return out

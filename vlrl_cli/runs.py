@@ -1,0 +1,109 @@
+"""Run directories: the resolved recipe, metrics.jsonl, checkpoints (HF format + DeepSpeed state).
+
+runs/<name>/
+  recipe.yaml            the resolved recipe (after --set)
+  metrics.jsonl          one JSON line per step
+  checkpoints/step_N/    hf/ (loadable by transformers and vLLM) + ds/ (optimizer, RNG, data cursor)
+  checkpoints/latest     the name of the newest complete checkpoint
+A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a
+half checkpoint that `--resume` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, resume_from_step: int | None, tensorboard: bool = False, wandb: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_from_step is not None and self.path.exists():
+            # drop lines past the checkpoint: they will be recomputed identically
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_from_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        elif resume_from_step is None:
+            self.path.write_text("")
+        self.tb = self.wb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+        if wandb:
+            try:
+                import wandb as wb
+
+                self.wb = wb.init(project="vlrl", name=run_dir.name, dir=str(run_dir))
+            except ImportError:
+                pass
+
+    def write(self, metrics: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        nums = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb:
+            for k, v in nums.items():
+                self.tb.add_scalar(k, v, metrics["step"])
+        if self.wb:
+            self.wb.log(nums, step=metrics["step"])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(engine, processor, run_dir: Path, step: int, client_state: dict, rank: int) -> Path:
+    """Both formats of step `step`, atomically. All ranks call this (ZeRO shards are saved per rank)."""
+    import torch.distributed as dist
+
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step}"
+    tmp = root / f"step_{step}.partial"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state=client_state)
+    state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+    if rank == 0:
+        module = engine.module
+        module.save_pretrained(str(tmp / "hf"), state_dict=state)
+        processor.save_pretrained(str(tmp / "hf"))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (root / "latest.partial").write_text(final.name)
+        (root / "latest.partial").replace(root / "latest")
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    marker = Path(run_dir) / "checkpoints" / "latest"
+    if not marker.exists():
+        return None
+    path = marker.parent / marker.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(engine, ckpt: Path) -> dict:
+    _, client_state = engine.load_checkpoint(str(ckpt / "ds"), tag="state")
+    return client_state or {}

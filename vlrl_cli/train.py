@@ -1,0 +1,32 @@
+"""`vlrl train`: pick the algorithm, show progress, return the last metrics."""
+
+from __future__ import annotations
+
+from .config import Recipe
+
+KEY_METRICS = ("reward_mean", "accuracy", "val_accuracy", "loss", "drift_abs_mean", "grad_norm")
+
+
+def run_training(recipe: Recipe, resume: bool = False, console=None) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .grpo import train_grpo
+    from .sft import train_sft
+
+    fn = train_sft if recipe.algorithm.name == "sft" else train_grpo
+    last: dict = {}
+    live = console is not None and console.is_terminal
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console, disable=not live) as bar:
+        task = bar.add_task(f"{recipe.algorithm.name} {recipe.run.name}", total=recipe.trainer.steps, info="")
+
+        def on_step(m: dict) -> None:
+            last.clear()
+            last.update(m)
+            info = "  ".join(f"{k}={m[k]:.3g}" for k in KEY_METRICS if isinstance(m.get(k), (int, float)))
+            bar.update(task, completed=m["step"], info=info)
+            if console is not None and not live:
+                console.print(f"step {m['step']}/{recipe.trainer.steps}  {info}", highlight=False)
+
+        run_dir = fn(recipe, resume=resume, on_step=on_step)
+    return {"run_dir": str(run_dir), **last}

@@ -1,0 +1,185 @@
+"""The trainer side: distributed set-up, the DeepSpeed engine, batched log-prob forwards, weight export.
+
+Used by the GRPO loop (grpo.py), SFT (sft.py) and check-drift. One process per GPU (or one on the CPU);
+DeepSpeed's launcher starts the ranks for multi-GPU runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .engines.hf import token_logprobs
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Single process: fake a one-rank world so DeepSpeed runs unchanged."""
+    import deepspeed
+
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a free port: two runs on one machine must not collide
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str) -> dict:
+    zero: dict = {"stage": stage}
+    if offload and stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        # we feed our own micro-batches and mark the accumulation boundary ourselves (see backward_step)
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
+                 grad_clip: float, dtype: str, gradient_checkpointing: bool = False):
+    """The policy under DeepSpeed: (engine, model config)."""
+    import deepspeed
+    from transformers import AutoModelForImageTextToText
+
+    cfg = deepspeed_config(stage, offload, grad_clip, dtype)
+    if stage == 3:
+        # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full
+        # copy per rank); it must stay referenced while the model is built
+        from transformers.integrations import HfDeepSpeedConfig
+
+        global _HF_DS_CONFIG
+        _HF_DS_CONFIG = HfDeepSpeedConfig(cfg)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if offload and stage > 0:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
+    return engine
+
+
+_HF_DS_CONFIG = None
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences with their image tensors, ready for one forward."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    tensors: dict  # pixel_values (all images of all rows, in order), image_grid_thw, ...
+    loss_mask: torch.Tensor  # [B, T] 1 where the token at t is trained
+    engine_logp: torch.Tensor  # [B, T]
+
+
+def make_batch(seqs, pad_id: int, dev: torch.device) -> Batch:
+    """seqs: objects with token_ids, loss_mask, old_logp (engine), tensors (see rollout.Trajectory)."""
+    T = max(len(s.token_ids) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T))
+    elp = torch.zeros((B, T))
+    for i, s in enumerate(seqs):
+        n = len(s.token_ids)
+        ids[i, :n] = torch.tensor(s.token_ids)
+        att[i, :n] = 1
+        mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.float)
+        elp[i, :n] = torch.tensor(s.old_logp, dtype=torch.float)
+    tensors: dict = {}
+    for s in seqs:
+        for k, v in s.tensors.items():
+            if k == "mm_token_type_ids":
+                continue
+            tensors.setdefault(k, []).append(v)
+    tensors = {k: torch.cat(v, dim=0).to(dev) for k, v in tensors.items()}
+    return Batch(ids.to(dev), att.to(dev), tensors, mask.to(dev), elp.to(dev))
+
+
+def sequence_logprobs(model, batch: Batch, temperature: float, banned: list[int]) -> torch.Tensor:
+    """[B, T] log-prob of token t given tokens < t (0 at t = 0), the same formula as the engines use."""
+    tensors = dict(batch.tensors)
+    if "pixel_values" in tensors:
+        tensors["pixel_values"] = tensors["pixel_values"].to(next(model.parameters()).dtype)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **tensors)
+    logits = out.logits[:, :-1].float()
+    lp = token_logprobs(logits, batch.input_ids[:, 1:], temperature, banned)
+    # prompt positions holding image placeholders have log-prob -inf (never sampleable); they are never
+    # trained, and a finite 0 there keeps `logp * mask` free of inf * 0 = nan
+    lp = lp.masked_fill(torch.isinf(lp), 0.0)
+    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+
+
+def entropy_of(model_logits: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(model_logits.float(), -1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def backward_step(engine, loss: torch.Tensor, last: bool) -> None:
+    """Accumulate gradients over a variable number of micro-batches; the optimizer steps on the last."""
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+def export_weights(engine, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The trainer's full weights as buckets of (HF name, tensor), never the whole model at once.
+
+    Under ZeRO-3 each bucket's shards are gathered (all ranks take part), copied out, and released.
+    """
+    import deepspeed
+
+    module = engine.module
+    params = list(module.named_parameters())
+    zero3 = any(hasattr(p, "ds_id") for _, p in params)
+    bucket, size = [], 0
+    for name, p in params:
+        numel = p.ds_numel if zero3 else p.numel()
+        bucket.append((name, p))
+        size += numel * p.element_size()
+        if size >= bucket_bytes:
+            yield _gather(bucket, zero3, deepspeed)
+            bucket, size = [], 0
+    if bucket:
+        yield _gather(bucket, zero3, deepspeed)
+
+
+def _gather(bucket, zero3: bool, deepspeed) -> list[tuple[str, torch.Tensor]]:
+    if not zero3:
+        return [(n, p.detach()) for n, p in bucket]
+    with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+        return [(n, p.detach().clone()) for n, p in bucket]
