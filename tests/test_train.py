@@ -56,9 +56,24 @@ def test_zero_stages_reproduce_zero0_sft_losses(tmp_path, tiny_model, colors_dat
         assert out[stage] == pytest.approx(out[0], rel=1e-4, abs=1e-5), (stage, out)
 
 
+USER_ENV = """
+from vlrl_cli.envs.base import Env
+
+class ParityEnv(Env):
+    # a user environment (loaded by import path from the recipe): reward 1 for an even-length answer,
+    # so a random model gets mixed rewards and non-zero advantages
+    def score(self, text):
+        ok = len(text) % 2 == 0
+        return float(ok), {"correct": ok, "format_ok": True}
+"""
+
+
 def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model, colors_data):
+    (tmp_path / "userenvs.py").write_text(USER_ENV)
     rec = write_recipe(tmp_path, tiny_model, colors_data, "grpo", trainer={"steps": 2, "eval_every": 2})
-    r = run_cli(["train", rec, "--json", tmp_path / "final.json"])
+    with open(rec, "a") as f:
+        f.write("envs: {colors: 'userenvs:ParityEnv'}\n")
+    r = run_cli(["train", rec, "--json", tmp_path / "final.json"], env_extra={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "grpo"
     metrics = read_metrics(run)
@@ -66,6 +81,7 @@ def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model,
                 "drift_abs_mean", "drift_abs_max", "is_ratio_mean", "time_generate_s", "time_score_s",
                 "time_train_s", "time_sync_s", "tokens_per_s"}
     assert [m["step"] for m in metrics] == [1, 2] and required <= set(metrics[0])
+    assert 0 < metrics[0]["reward_mean"] < 1  # the user environment was used
     assert "val_accuracy" in metrics[1]
     # same weights on both sides (fp32, hf engine): rollout and trainer log-probs agree
     assert metrics[0]["drift_abs_max"] < 1e-4

@@ -174,8 +174,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
                     stats["ent"] += float((-train_logp.detach() * b.loss_mask).sum())  # sampled-token entropy estimate
                     stats["clip"] += float(clip_flags.sum())
                     stats["tok"] += float(b.loss_mask.sum())
-            policy.step()
-            grad_norm = policy.get_global_grad_norm()
+            grad_norm = training.optimizer_step(policy)
         t_train = time.perf_counter() - t2
 
         # 4. push the new weights into the engine (every step: the next rollout must be on-policy)
@@ -193,7 +192,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "entropy": stats["ent"] / tok,
             "kl": stats["kl"] / tok if ref is not None else None,
             "clip_frac": stats["clip"] / tok,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": grad_norm,
             "drift_abs_mean": stats["drift_sum"] / tok,
             "drift_abs_max": stats["drift_max"],
             "is_ratio_mean": stats["ratio_sum"] / tok,

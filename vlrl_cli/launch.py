@@ -16,7 +16,7 @@ def launcher_command(recipe: Path, overrides: list[str], resume: bool, gpus: int
         cmd += ["--hostfile", str(hostfile)]
     else:
         cmd += ["--num_gpus", str(max(gpus, nprocs))]
-    cmd += ["--module", "vlrl_cli", "train", str(recipe)]
+    cmd += ["--no_local_rank", "--module", "vlrl_cli", "train", str(recipe)]  # ranks read LOCAL_RANK
     for o in overrides:
         cmd += ["--set", o]
     if resume:

@@ -102,8 +102,8 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
             loss = -(logp * b.loss_mask).sum() / n_tok
             training.backward_step(policy, loss, last=m == len(micro) - 1)
             total += float(loss)
-        policy.step()
-        metrics = {"step": step + 1, "loss": total, "grad_norm": float(policy.get_global_grad_norm() or 0.0),
+        grad_norm = training.optimizer_step(policy)
+        metrics = {"step": step + 1, "loss": total, "grad_norm": grad_norm,
                    "tokens": n_tok, "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
         if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.steps:
             runs.save_checkpoint(policy, processor, run_dir, step + 1, {"step": step + 1, "rng": runs.rng_state()}, rank)

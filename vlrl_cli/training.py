@@ -156,6 +156,21 @@ def backward_step(engine, loss: torch.Tensor, last: bool) -> None:
     engine.backward(loss, scale_wrt_gas=False)
 
 
+def optimizer_step(engine) -> float | None:
+    """Step the optimizer; returns the global gradient norm (before clipping).
+
+    DeepSpeed reports the norm for ZeRO 1-3 and bf16; for plain fp32 ZeRO-0 it does not, so we take it
+    from the gradients first.
+    """
+    norm = None
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.stack(grads).norm()) if grads else 0.0
+    engine.step()
+    reported = engine.get_global_grad_norm()
+    return float(reported) if reported is not None else norm
+
+
 def export_weights(engine, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The trainer's full weights as buckets of (HF name, tensor), never the whole model at once.
 
