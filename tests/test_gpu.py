@@ -1,0 +1,113 @@
+"""GPU tests (marked `gpu`): run on the device with the kit (vLLM + DeepSpeed), never in CI.
+
+    . /tmp/kit/env.sh && python3 -m pytest -m gpu -q tests/test_gpu.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def colour_records(n, seed=0):
+    from vlrl_cli.images import canonicalize
+    from vlrl_cli.sources import ConvertContext, Item
+    from vlrl_cli.sources.colors import convert
+
+    ctx = ConvertContext(opts={"seed": seed})
+    return [convert(Item(str(i), None, {"index": i, "colors": ["red", "green", "blue", "yellow"],
+                                        "shapes": ["circle", "square"]}), ctx)[0] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def gpu_tiny(tmp_path_factory):
+    from vlrl_cli.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("gpu") / "tiny", "qwen2_5_vl")
+
+
+def trainer_logprobs(model, trajs, processor):
+    from vlrl_cli.engines import placeholder_token_ids
+    from vlrl_cli.training import make_batch, sequence_logprobs
+
+    b = make_batch(trajs, processor.tokenizer.pad_token_id, torch.device("cuda"))
+    with torch.no_grad():
+        lp = sequence_logprobs(model, b, 1.0, placeholder_token_ids(processor))
+    m = b.loss_mask
+    d = ((lp - b.engine_logp).abs() * m)
+    return float(d.sum() / m.sum()), float(d.max())
+
+
+@needs_gpu
+def test_vllm_engine_end_to_end(gpu_tiny, tmp_path):
+    """Generation, prompt-id agreement, log-probs vs the trainer, weight sync (seen image), sleep/wake."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlrl_cli.engines import Sampling
+    from vlrl_cli.engines.vllm import VLLMEngine
+    from vlrl_cli.render import load_processor
+    from vlrl_cli.rollout import collect
+
+    proc = load_processor(str(gpu_tiny))
+    engine = VLLMEngine(str(gpu_tiny), proc, dtype="bfloat16", gpu_memory_utilization=0.2)
+    model = AutoModelForImageTextToText.from_pretrained(gpu_tiny, dtype=torch.bfloat16).cuda().eval()
+    seen, unseen = colour_records(8, seed=1), colour_records(8, seed=2)
+    s = Sampling(1.0, 1.0, 16, 0)
+    trajs = collect(engine, seen, proc, 4, s, 1, 4096)  # raises PromptMismatch if ids differ
+    before = trainer_logprobs(model, trajs, proc)
+    report = {"before_update": before}
+    assert before[0] < 0.02 and before[1] < 0.3, before
+
+    # a known weight change pushed through the training sync path; then the SEEN images again
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    engine.sleep()
+    free_asleep = torch.cuda.mem_get_info()[0]
+    engine.update_weights((n, p.detach()) for n, p in model.named_parameters())
+    engine.wake()
+    seen_after = trainer_logprobs(model, collect(engine, seen, proc, 4, s, 1, 4096), proc)
+    unseen_after = trainer_logprobs(model, collect(engine, unseen, proc, 4, s, 1, 4096), proc)
+    report.update(seen_after_update=seen_after, unseen_after_update=unseen_after,
+                  free_gib_asleep=free_asleep / 2**30, free_gib_awake=torch.cuda.mem_get_info()[0] / 2**30)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_engine.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps(report))
+    assert seen_after[0] < 0.03 and seen_after[0] < 3 * unseen_after[0] + 0.01, report
+    assert report["free_gib_asleep"] > report["free_gib_awake"]
+
+
+@needs_gpu
+def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny):
+    """SFT (format), then GRPO with the vllm engine: the reward must rise."""
+    from vlrl_cli.runs import read_metrics
+
+    data = tmp_path / "colors"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, a)], capture_output=True, text=True)
+    assert run("prepare", "colors", "--out", data, "--rows", "600").returncode == 0
+    common = ["--set", f"data.train={data / 'train.parquet'}", "--set", f"run.dir={tmp_path / 'runs'}",
+              "--set", "model.dtype=bfloat16"]
+    r = run("train", "recipes/colors-tiny-sft.yaml", "--set", f"model.path={gpu_tiny}", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sft = tmp_path / "runs" / "colors-sft" / "checkpoints" / "step_40" / "hf"
+    r = run("train", "recipes/colors-tiny.yaml", "--set", f"model.path={sft}", "--set", "rollout.engine=vllm",
+            "--set", f"data.val={data / 'val.parquet'}", "--set", "trainer.steps=120", *common)
+    assert r.returncode == 0, r.stderr[-5000:]
+    m = read_metrics(tmp_path / "runs" / "colors-grpo")
+    first = sum(x["reward_mean"] for x in m[:10]) / 10
+    last = sum(x["reward_mean"] for x in m[-10:]) / 10
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_grpo_metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in m)
+    assert last > first + 0.2, (first, last)
+    assert max(x["drift_abs_mean"] for x in m) < 0.05

@@ -1,0 +1,110 @@
+"""The `vllm` rollout engine: an in-process vLLM engine on this rank's GPU, colocated with the trainer.
+
+Facts this relies on (measured with vLLM 0.26, see shared/device/README.md):
+* in-process engine core only with VLLM_ENABLE_V1_MULTIPROCESSING=0 (set here before vLLM loads);
+* `apply_model(fn)` gives the model; `load_weights(iter of (HF name, tensor))` updates it in place;
+* after a weight load, the prefix cache, the multimodal cache AND the vision-encoder cache must all be
+  cleared, or an image seen before the update keeps encoder outputs of the old weights.
+Prompts go in as token ids with one placeholder per image (vLLM expands it with its own processor
+from the same canonical images); the expanded ids vLLM reports are checked against the trainer's.
+Log-probs: `processed_logprobs` (after temperature and the placeholder ban, as the trainer computes).
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import GenRequest, Generation, Sampling, placeholder_token_ids
+
+
+class PromptMismatch(RuntimeError):
+    pass
+
+
+def collapse_placeholders(ids: list[int], pad_id: int) -> list[int]:
+    """One placeholder per image: runs of `pad_id` become a single token."""
+    out = []
+    for t in ids:
+        if t == pad_id and out and out[-1] == pad_id:
+            continue
+        out.append(t)
+    return out
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, processor, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
+                 seed: int = 0, max_model_len: int = 8192, external_launcher: bool = False, **_):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        kwargs = dict(model=model_path, dtype="bfloat16" if dtype == "bfloat16" else dtype,
+                      gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=max_model_len,
+                      enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                      limit_mm_per_prompt={"image": 16, "video": 0})
+        import torch.distributed as dist
+
+        if dist.is_initialized() or external_launcher:  # inside a (DeepSpeed) trainer: one engine per rank,
+            # reusing the process group the trainer made
+            kwargs.update(tensor_parallel_size=1, distributed_executor_backend="external_launcher")
+        self.llm = LLM(**kwargs)
+        self.processor = processor
+        self.pad_id = processor.image_token_id
+        self.banned = placeholder_token_ids(processor)
+        self.asleep = False  # KV cache released
+        self.weights_asleep = False
+        self.last_prompt_ids: list[list[int]] = []  # vLLM's expanded prompt ids of the last generate
+
+    def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]:
+        from vllm import SamplingParams
+
+        from ..render import split_messages
+
+        greedy = sampling.temperature == 0
+        prompts, params = [], []
+        for i, r in enumerate(requests):
+            _, images = split_messages(r.messages or [])
+            prompt = {"prompt_token_ids": collapse_placeholders(r.input_ids, self.pad_id)}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
+            params.append(SamplingParams(
+                n=r.n, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+                max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed + i,
+                logit_bias={t: -1e4 for t in self.banned}))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.last_prompt_ids = [list(o.prompt_token_ids) for o in outputs]
+        result = []
+        for req, out in zip(requests, outputs):
+            if list(out.prompt_token_ids) != list(req.input_ids):
+                raise PromptMismatch(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} ids, the trainer has "
+                                     f"{len(req.input_ids)}: placeholder expansion differs")
+            gens = []
+            for c in out.outputs:
+                lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]  # logprobs=0: the sampled token's
+                gens.append(Generation(list(c.token_ids), lps, "stop" if c.finish_reason == "stop" else "length"))
+            result.append(gens)
+        return result
+
+    def update_weights(self, named_tensors) -> None:
+        """Load (HF name, tensor) pairs and drop every cache that could serve old-weight results."""
+        batch = [(n, t) for n, t in named_tensors]
+        if self.weights_asleep:  # the weights must be back on the GPU before they are overwritten
+            self.llm.wake_up(tags=["weights"])
+            self.weights_asleep = False
+        self.llm.apply_model(lambda model: model.load_weights(iter(batch)))
+        self.reset_caches()
+
+    def reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()  # not on LLM in 0.26; see the stale vision cache fact
+
+    def sleep(self) -> None:
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = self.weights_asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=None if self.weights_asleep else ["kv_cache"])
+            self.asleep = self.weights_asleep = False
