@@ -92,16 +92,21 @@ def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny):
     from vlrl_cli.runs import read_metrics
 
     data = tmp_path / "colors"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, a)], capture_output=True, text=True)
-    assert run("prepare", "colors", "--out", data, "--rows", "600").returncode == 0
+    logs = os.environ.get("OUT") or str(tmp_path)
+
+    def run(name, *args, timeout=300):
+        with open(os.path.join(logs, f"{name}.log"), "w") as f:  # streamed, so a hang still leaves a log
+            return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+
+    assert run("prepare", "prepare", "colors", "--out", data, "--rows", "600") == 0
     common = ["--set", f"data.train={data / 'train.parquet'}", "--set", f"run.dir={tmp_path / 'runs'}",
               "--set", "model.dtype=bfloat16"]
-    r = run("train", "recipes/colors-tiny-sft.yaml", "--set", f"model.path={gpu_tiny}", *common)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert run("sft", "train", "recipes/colors-tiny-sft.yaml", "--set", f"model.path={gpu_tiny}", *common) == 0
     sft = tmp_path / "runs" / "colors-sft" / "checkpoints" / "step_40" / "hf"
-    r = run("train", "recipes/colors-tiny.yaml", "--set", f"model.path={sft}", "--set", "rollout.engine=vllm",
-            "--set", f"data.val={data / 'val.parquet'}", "--set", "trainer.steps=120", *common)
-    assert r.returncode == 0, r.stderr[-5000:]
+    assert run("grpo", "train", "recipes/colors-tiny.yaml", "--set", f"model.path={sft}", "--set", "rollout.engine=vllm",
+               "--set", f"data.val={data / 'val.parquet'}", "--set", "trainer.steps=80", "--set", "trainer.eval_every=40",
+               *common, timeout=420) == 0
     m = read_metrics(tmp_path / "runs" / "colors-grpo")
     first = sum(x["reward_mean"] for x in m[:10]) / 10
     last = sum(x["reward_mean"] for x in m[-10:]) / 10

@@ -35,6 +35,8 @@ class VLLMEngine:
     def __init__(self, model_path: str, processor, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
                  seed: int = 0, max_model_len: int = 8192, external_launcher: bool = False, **_):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # FlashInfer's sampler returns no processed log-probs (and is not always installed)
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         from vllm import LLM
 
         kwargs = dict(model=model_path, dtype="bfloat16" if dtype == "bfloat16" else dtype,
