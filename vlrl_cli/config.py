@@ -63,6 +63,7 @@ class TrainerCfg:
     lr: float = 1e-6
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | linear (decays to 10% of lr at the last step)
     micro_batch: int = 8  # sequences per forward/backward
     grad_clip: float = 1.0
     zero_stage: int = 0

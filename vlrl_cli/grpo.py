@@ -59,8 +59,10 @@ def prompts_for_step(n_records: int, step: int, per_step: int, seed: int, rank: 
 def evaluate(engine, records: list[dict], processor, recipe: Recipe, seed: int) -> dict:
     """Greedy (by default) rollouts on validation records: accuracy and mean reward."""
     r = recipe.rollout
+    engine.wake()  # between steps the engine sleeps (vllm: no KV cache); generating then would hang
     trajs = collect(engine, records, processor, 1, Sampling(r.eval_temperature, 1.0, r.max_new_tokens, seed),
                     r.max_turns, r.max_context_tokens, recipe.envs)
+    engine.sleep()
     return {"val_accuracy": sum(bool(t.info.get("correct")) for t in trajs) / len(trajs),
             "val_reward_mean": sum(t.reward for t in trajs) / len(trajs)}
 
@@ -85,7 +87,8 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     banned = placeholder_token_ids(processor)
     pad = processor.tokenizer.pad_token_id
     policy = training.build_engine(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage,
-                                   tr.offload, tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing)
+                                   tr.offload, tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing,
+                                   tr.steps * a.ppo_epochs if a.name == "grpo" else tr.steps, tr.lr_schedule)
     dev = training.device()
     ref = None
     if a.kl_coef > 0:

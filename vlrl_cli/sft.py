@@ -72,7 +72,8 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
     processor = load_processor(recipe.model.path)
     banned = placeholder_token_ids(processor)
     policy = training.build_engine(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage,
-                                   tr.offload, tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing)
+                                   tr.offload, tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing,
+                                   tr.steps * a.ppo_epochs if a.name == "grpo" else tr.steps, tr.lr_schedule)
     dev = training.device()
     records = load_records(recipe.data.train)
     start = 0

@@ -65,8 +65,18 @@ def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str) ->
     }
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then constant or linear decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "linear" and total > warmup:
+        return 1.0 - 0.9 * (step - warmup) / max(1, total - warmup - 1)
+    return 1.0
+
+
 def build_engine(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
-                 grad_clip: float, dtype: str, gradient_checkpointing: bool = False):
+                 grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
+                 schedule: str = "constant"):
     """The policy under DeepSpeed: (engine, model config)."""
     import deepspeed
     from transformers import AutoModelForImageTextToText
@@ -88,7 +98,7 @@ def build_engine(model_path: str, lr: float, weight_decay: float, warmup: int, s
         opt = DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
     return engine
 
