@@ -5,7 +5,7 @@ import pytest
 from vlrl_cli.envs import resolve_env
 from vlrl_cli.envs.maze2d import Maze2dEnv, make_maze
 from vlrl_cli.images import image_from_uri
-from vlrl_cli.rewards import grade_boxed, last_boxed, numeric_equal, to_number
+from vlrl_cli.rewards import grade_boxed, numeric_equal, to_number
 
 
 @pytest.mark.parametrize("text,truth", [

@@ -17,7 +17,6 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def colour_records(n, seed=0):
-    from vlrl_cli.images import canonicalize
     from vlrl_cli.sources import ConvertContext, Item
     from vlrl_cli.sources.colors import convert
 

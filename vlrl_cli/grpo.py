@@ -14,21 +14,19 @@ Launch: `vlrl train recipes/colors-tiny.yaml` (one process; CPU or one GPU), `vl
 
 from __future__ import annotations
 
-import math
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .config import Recipe
-from .engines import Sampling, make_engine, placeholder_token_ids
+from .engines import Sampling, make_engine
 from .losses import aggregate, group_advantages, k3_kl, keep_informative_groups, mismatch_weights, policy_loss
 from .records import iter_rows
 from .rollout import collect
-from . import runs, training
+from . import training
 
 
 def load_records(path: str, limit: int | None = None) -> list[dict]:
@@ -76,20 +74,9 @@ def sync_weights(policy, engine) -> float:
 
 def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
     a, r, tr = recipe.algorithm, recipe.rollout, recipe.trainer
-    rank, world = training.init_distributed()
-    training.seed_everything(tr.seed + rank)
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    from .render import load_processor
-
-    processor = load_processor(recipe.model.path)
-    banned = placeholder_token_ids(processor)
+    run = training.setup_run(recipe, resume)
+    rank, world, processor, banned, policy, dev = run.rank, run.world, run.processor, run.banned, run.policy, run.dev
     pad = processor.tokenizer.pad_token_id
-    policy = training.build_engine(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage,
-                                   tr.offload, tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing,
-                                   tr.steps * a.ppo_epochs if a.name == "grpo" else tr.steps, tr.lr_schedule)
-    dev = training.device()
     ref = None
     if a.kl_coef > 0:
         from transformers import AutoModelForImageTextToText
@@ -98,27 +85,13 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         ref = ref.to(dev).eval().requires_grad_(False)
     engine = make_engine(r.engine, recipe.model.path, processor, dtype=recipe.model.dtype,
                          gpu_memory_utilization=r.gpu_memory_utilization, seed=tr.seed + rank)
-
+    if run.start:
+        sync_weights(policy, engine)  # resumed: the engine starts from the checkpoint's weights
     train_records = load_records(recipe.data.train)
     val_records = load_records(recipe.data.val, recipe.data.val_limit) if recipe.data.val else []
 
-    start = 0
-    ckpt = runs.latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}/checkpoints")
-    if ckpt is not None:
-        state = runs.load_checkpoint(policy, ckpt)
-        start = state["step"]
-        runs.set_rng_state(state["rng"])
-        sync_weights(policy, engine)  # the engine starts from the checkpoint's weights
-    if rank == 0:
-        import yaml
-
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    log = runs.MetricsLog(run_dir, start if ckpt else None, recipe.run.tensorboard, recipe.run.wandb) if rank == 0 else None
-
     max_len = r.max_new_tokens * r.max_turns
-    for step in range(start, tr.steps):
+    for step in range(run.start, tr.steps):
         t0 = time.perf_counter()
         idx = prompts_for_step(len(train_records), step, r.prompts_per_step, tr.seed, rank, world)
         records = [train_records[i] for i in idx]
@@ -209,10 +182,5 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         }
         if val_records and tr.eval_every and (step + 1) % tr.eval_every == 0:
             metrics.update(evaluate(engine, val_records, processor, recipe, tr.seed))
-        if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.steps:
-            runs.save_checkpoint(policy, processor, run_dir, step + 1, {"step": step + 1, "rng": runs.rng_state()}, rank)
-        if log:
-            log.write(metrics)
-        if on_step and rank == 0:
-            on_step(metrics)
-    return run_dir
+        run.end_step(recipe, metrics, on_step)
+    return recipe.run_dir

@@ -17,12 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from . import runs, training
+from . import training
 from .config import Recipe
-from .engines import placeholder_token_ids
-from .render import load_processor, render_prompt
+from .render import render_prompt
 
 
 @dataclass
@@ -65,30 +62,11 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
     from .grpo import load_records, prompts_for_step
 
     tr, a = recipe.trainer, recipe.algorithm
-    rank, world = training.init_distributed()
-    training.seed_everything(tr.seed + rank)
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    processor = load_processor(recipe.model.path)
-    banned = placeholder_token_ids(processor)
-    policy = training.build_engine(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage,
-                                   tr.offload, tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing,
-                                   tr.steps * a.ppo_epochs if a.name == "grpo" else tr.steps, tr.lr_schedule)
-    dev = training.device()
+    run = training.setup_run(recipe, resume)
+    rank, world, processor, banned, policy, dev = run.rank, run.world, run.processor, run.banned, run.policy, run.dev
     records = load_records(recipe.data.train)
-    start = 0
-    ckpt = runs.latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}/checkpoints")
-    if ckpt is not None:
-        start = runs.load_checkpoint(policy, ckpt)["step"]
-    if rank == 0:
-        import yaml
-
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    log = runs.MetricsLog(run_dir, start if ckpt else None, recipe.run.tensorboard, recipe.run.wandb) if rank == 0 else None
     per_step = recipe.rollout.prompts_per_step
-    for step in range(start, tr.steps):
+    for step in range(run.start, tr.steps):
         t0 = time.perf_counter()
         idx = prompts_for_step(len(records), step, per_step, tr.seed, rank, world)
         rng = random.Random(tr.seed * 1_000_003 + step)  # random_choice targets: reproducible per step
@@ -106,10 +84,5 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
         grad_norm = training.optimizer_step(policy)
         metrics = {"step": step + 1, "loss": total, "grad_norm": grad_norm,
                    "tokens": n_tok, "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
-        if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.steps:
-            runs.save_checkpoint(policy, processor, run_dir, step + 1, {"step": step + 1, "rng": runs.rng_state()}, rank)
-        if log:
-            log.write(metrics)
-        if on_step and rank == 0:
-            on_step(metrics)
-    return run_dir
+        run.end_step(recipe, metrics, on_step)
+    return recipe.run_dir

@@ -208,3 +208,61 @@ def _gather(bucket, zero3: bool, deepspeed) -> list[tuple[str, torch.Tensor]]:
         return [(n, p.detach()) for n, p in bucket]
     with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
         return [(n, p.detach().clone()) for n, p in bucket]
+
+
+@dataclass
+class RunSetup:
+    """What every training loop starts from (grpo.py, sft.py)."""
+
+    rank: int
+    world: int
+    processor: object
+    banned: list[int]  # token ids never sampled (image placeholders)
+    policy: object  # the DeepSpeed engine
+    dev: torch.device
+    start: int  # first step to run (after --resume: the checkpoint's step)
+    state: dict  # the checkpoint's client state ({} on a fresh run)
+    log: object  # runs.MetricsLog on rank 0, else None
+
+    def end_step(self, recipe, metrics: dict, on_step=None) -> None:
+        """Checkpoint when due (all ranks), log the step's metrics (rank 0), report progress."""
+        from . import runs
+
+        step, tr = metrics["step"], recipe.trainer
+        if (tr.save_every and step % tr.save_every == 0) or step == tr.steps:
+            runs.save_checkpoint(self.policy, self.processor, recipe.run_dir, step,
+                                 {"step": step, "rng": runs.rng_state()}, self.rank)
+        if self.log:
+            self.log.write(metrics)
+        if on_step and self.rank == 0:
+            on_step(metrics)
+
+
+def setup_run(recipe, resume: bool) -> RunSetup:
+    """Distributed init, seeds, processor, the DeepSpeed policy, --resume, the run directory and its log."""
+    import yaml
+
+    from . import runs
+    from .engines import placeholder_token_ids
+    from .render import load_processor
+
+    tr, a = recipe.trainer, recipe.algorithm
+    rank, world = init_distributed()
+    seed_everything(tr.seed + rank)
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    processor = load_processor(recipe.model.path)
+    total = tr.steps * (a.ppo_epochs if a.name == "grpo" else 1)  # optimizer steps, for the lr schedule
+    policy = build_engine(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage, tr.offload,
+                          tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing, total, tr.lr_schedule)
+    ckpt = runs.latest_checkpoint(recipe.run_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {recipe.run_dir}/checkpoints")
+    state = runs.load_checkpoint(policy, ckpt) if ckpt else {}
+    if state.get("rng"):
+        runs.set_rng_state(state["rng"])
+    start = state.get("step", 0)
+    log = None
+    if rank == 0:
+        (recipe.run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        log = runs.MetricsLog(recipe.run_dir, start if ckpt else None, recipe.run.tensorboard, recipe.run.wandb)
+    return RunSetup(rank, world, processor, placeholder_token_ids(processor), policy, device(), start, state, log)
