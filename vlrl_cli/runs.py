@@ -85,6 +85,9 @@ def save_checkpoint(engine, processor, run_dir: Path, step: int, client_state: d
     engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state=client_state)
     state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
     if rank == 0:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         module = engine.module
         module.save_pretrained(str(tmp / "hf"), state_dict=state)
         processor.save_pretrained(str(tmp / "hf"))

@@ -26,7 +26,7 @@ def run_training(recipe: Recipe, resume: bool = False, console=None) -> dict:
             info = "  ".join(f"{k}={m[k]:.3g}" for k in KEY_METRICS if isinstance(m.get(k), (int, float)))
             bar.update(task, completed=m["step"], info=info)
             if console is not None and not live:
-                console.print(f"step {m['step']}/{recipe.trainer.steps}  {info}", highlight=False)
+                console.print(f"step {m['step']}/{recipe.trainer.steps}  {info}", highlight=False, soft_wrap=True)
 
         run_dir = fn(recipe, resume=resume, on_step=on_step)
     return {"run_dir": str(run_dir), **last}
