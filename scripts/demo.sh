@@ -15,7 +15,7 @@ step "1. build a tiny random Qwen2.5-VL (real architecture, local tokenizer)"
 $VLRL tiny-model "$OUT/tiny-qwen2_5_vl" --family qwen2_5_vl
 
 step "2. prepare the synthetic colours task"
-$VLRL prepare colors --out "$OUT/colors" --rows 1200 --num-colors 4
+$VLRL prepare colors --out "$OUT/colors" --rows 1200 --num-colors 4 --image-size 84
 
 step "3. validate it, counting prompt tokens with the model's processor"
 $VLRL validate "$OUT/colors/train.parquet" "$OUT/colors/val.parquet" --processor "$OUT/tiny-qwen2_5_vl" --max-prompt-tokens 128
