@@ -98,7 +98,8 @@ def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny):
             return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
                                   timeout=timeout).returncode
 
-    assert run("prepare", "prepare", "colors", "--out", data, "--rows", "600") == 0
+    # 84-px images as in the CPU demo: at 56 px the tiny vision tower confuses blue and red
+    assert run("prepare", "prepare", "colors", "--out", data, "--rows", "1200", "--image-size", "84") == 0
     common = ["--set", f"data.train={data / 'train.parquet'}", "--set", f"run.dir={tmp_path / 'runs'}",
               "--set", "model.dtype=bfloat16"]
     assert run("sft", "train", "recipes/colors-tiny-sft.yaml", "--set", f"model.path={gpu_tiny}", *common) == 0
