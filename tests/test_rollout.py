@@ -50,3 +50,15 @@ def test_context_full_ends_an_episode(tiny_model):
     engine = HFEngine(str(tiny_model), proc)
     [t] = collect(engine, [maze_record(3, steps=10)], proc, 1, Sampling(1.0, 1.0, 6, 0), max_turns=10, max_context=120)
     assert t.done_reason == "context_full" and len(t.token_ids) < 120
+
+
+def test_prompts_over_the_limit_are_not_rolled_out(tiny_model, colors_data):
+    from vlrl_cli.grpo import load_records
+
+    proc = load_processor(str(tiny_model))
+    engine = HFEngine(str(tiny_model), proc)
+    records = load_records(str(colors_data / "val.parquet"), 2)
+    long = dict(records[1], prompt=[{"role": "user", "content": "word " * 400}])
+    trajs = collect(engine, [records[0], long], proc, 2, Sampling(1.0, 1.0, 4, 0), 1, 4096, max_prompt=200)
+    assert [t.done_reason for t in trajs[2:]] == ["prompt_too_long"] * 2
+    assert all(t.response_len == 0 for t in trajs[2:]) and all(t.response_len > 0 for t in trajs[:2])

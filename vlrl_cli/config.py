@@ -24,7 +24,7 @@ class ModelCfg:
 class DataCfg:
     train: str = ""
     val: str | None = None
-    max_prompt_tokens: int = 2048  # longer prompts are skipped (counted in metrics)
+    max_prompt_tokens: int = 2048  # longer prompts are not rolled out (metrics: prompts_too_long)
     val_limit: int = 64  # validation prompts evaluated at each eval
 
 
@@ -71,7 +71,6 @@ class TrainerCfg:
     seed: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     eval_every: int = 0  # steps; 0 = never during training
-    sft_epochs: int = 1  # sft: passes over the data
 
 
 @dataclass

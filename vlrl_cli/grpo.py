@@ -99,7 +99,8 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         # 1. rollouts with the engine (awake only now)
         engine.wake()
         sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, seed=tr.seed * 1_000_003 + step * 7919 + rank)
-        trajs = collect(engine, records, processor, r.n, sampling, r.max_turns, r.max_context_tokens, recipe.envs)
+        trajs = collect(engine, records, processor, r.n, sampling, r.max_turns, r.max_context_tokens, recipe.envs,
+                        recipe.data.max_prompt_tokens)
         engine.sleep()
         t_gen = time.perf_counter() - t0
 
@@ -173,6 +174,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "drift_abs_max": stats["drift_max"],
             "is_ratio_mean": stats["ratio_sum"] / tok,
             "groups_kept": int(keep.sum()) // r.n,
+            "prompts_too_long": sum(t.done_reason == "prompt_too_long" for t in trajs) // r.n,
             "time_generate_s": round(t_gen, 4),
             "time_score_s": round(t_score, 4),
             "time_train_s": round(t_train, 4),

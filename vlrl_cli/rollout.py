@@ -123,15 +123,23 @@ class Episode:
 
 
 def collect(engine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int,
-            max_context: int, env_registry: dict | None = None) -> list[Trajectory]:
-    """n episodes per record, run to the end; returns trajectories grouped by record, in order."""
+            max_context: int, env_registry: dict | None = None, max_prompt: int | None = None) -> list[Trajectory]:
+    """n episodes per record, run to the end; returns trajectories grouped by record, in order.
+
+    A prompt longer than `max_prompt` tokens is not generated from: its episodes end at once with
+    done_reason "prompt_too_long" and no response (the trainer skips them; metrics count them).
+    """
     groups = []
     for g, record in enumerate(records):
         eps = [Episode(record, g, processor, env_registry, max_context) for _ in range(n)]
+        if max_prompt is not None and eps[0].traj.prompt_len > max_prompt:
+            for ep in eps:
+                ep.done, ep.traj.done_reason = True, "prompt_too_long"
         groups.append(eps)
+    live = [eps for eps in groups if not eps[0].done]
     # first turn: the n samples of a prompt share it, so one request with n samples per record
-    firsts = engine.generate([eps[0].request(n) for eps in groups], sampling)
-    for eps, gens in zip(groups, firsts):
+    firsts = engine.generate([eps[0].request(n) for eps in live], sampling) if live else []
+    for eps, gens in zip(live, firsts):
         for ep, gen in zip(eps, gens):
             ep.observe(gen)
     # later turns: episodes have diverged; one request each, until every episode is done

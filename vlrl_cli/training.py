@@ -155,11 +155,6 @@ def sequence_logprobs(model, batch: Batch, temperature: float, banned: list[int]
     return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
 
 
-def entropy_of(model_logits: torch.Tensor) -> torch.Tensor:
-    lp = torch.log_softmax(model_logits.float(), -1)
-    return -(lp.exp() * lp).sum(-1)
-
-
 def backward_step(engine, loss: torch.Tensor, last: bool) -> None:
     """Accumulate gradients over a variable number of micro-batches; the optimizer steps on the last."""
     engine.set_gradient_accumulation_boundary(last)
