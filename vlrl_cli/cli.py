@@ -40,17 +40,14 @@ def write_json(target: str, payload: dict) -> None:
         Path(target).write_text(text)
 
 
-def progress_bar(description: str, total: int | None):
+def _run_with_progress(description: str, total: int | None, fn):
+    """Run fn(progress_callback) under a progress bar on stderr (only when stderr is a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err, transient=False, disable=not err.is_terminal), description, total
-
-
-def _run_with_progress(description: str, total: int | None, fn):
-    bar, desc, total = progress_bar(description, total)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err, disable=not err.is_terminal)
     with bar:
-        task = bar.add_task(desc, total=total)
+        task = bar.add_task(description, total=total)
         return fn(lambda n: bar.update(task, completed=n))
 
 

@@ -118,18 +118,17 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         n_tok = sum(t.response_len for t, _ in batch)
         n_seq = len(batch)
         micro = [batch[i:i + tr.micro_batch] for i in range(0, len(batch), tr.micro_batch)]
+        batches = [training.make_batch([t for t, _ in mb], pad, dev) for mb in micro]  # once, reused per epoch
         policy.train()
         old = {}
-        if a.ppo_epochs > 1 or not batch:
+        if a.ppo_epochs > 1:  # the PPO anchor must be the weights before this step's first update
             with torch.no_grad():
-                for m, mb in enumerate(micro):
-                    b = training.make_batch([t for t, _ in mb], pad, dev)
+                for m, b in enumerate(batches):
                     old[m] = training.sequence_logprobs(policy, b, r.temperature, banned).detach()
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
         for epoch in range(a.ppo_epochs if batch else 0):
-            for m, mb in enumerate(micro):
-                b = training.make_batch([t for t, _ in mb], pad, dev)
+            for m, (mb, b) in enumerate(zip(micro, batches)):
                 mb_adv = torch.tensor([x for _, x in mb], device=dev)
                 train_logp = training.sequence_logprobs(policy, b, r.temperature, banned)
                 old_logp = old.get(m, train_logp.detach())

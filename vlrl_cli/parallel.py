@@ -11,9 +11,13 @@ import multiprocessing as mp
 from typing import Iterable, Iterator
 
 
+def mp_context():
+    """forkserver where the platform has it, else spawn (never fork: see the module docstring)."""
+    return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+
+
 def worker_pool(workers: int, initializer, initargs: tuple):
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(workers, initializer, initargs)
+    return mp_context().Pool(workers, initializer, initargs)
 
 
 def chunks(items: Iterable, size: int) -> Iterator[list]:

@@ -133,10 +133,9 @@ _POOL: ProcessPoolExecutor | None = None
 def _pool() -> ProcessPoolExecutor:
     global _POOL
     if _POOL is None:
-        import multiprocessing as mp
+        from .parallel import mp_context
 
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        _POOL = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context(method))
+        _POOL = ProcessPoolExecutor(max_workers=1, mp_context=mp_context())
     return _POOL
 
 
