@@ -24,6 +24,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+if not err.is_terminal:  # logs and pipes: rich would assume 80 columns and truncate tables
+    err.width = 150
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -318,6 +320,105 @@ def eval_(
     err.print(f"wrote {out / 'metrics.json'} and {out / 'rollouts.jsonl'}")
     if json_out:
         write_json(json_out, metrics)
+
+
+# --- check-drift ----------------------------------------------------------------------------------
+
+DRIFT_EPILOG = """[bold]Examples[/]
+
+  vlrl check-drift runs/colors-grpo/checkpoints/step_100/hf data/colors/val.parquet --engine hf --samples 16
+  vlrl check-drift Qwen/Qwen2.5-VL-3B-Instruct data/geo3k/test.parquet --engine vllm --train-dtype bf16 \\
+      --zero-stage 3 --after-update --max-mean 0.02 --max-abs 0.5 --json drift.json --plot drift.png
+
+Exit code: 1 when --max-mean / --max-abs are exceeded or an agreement check (prompt ids, image tensors,
+image-token counts, seen images after an update) fails; 0 otherwise. Sampling-setting flags are warnings.
+"""
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+@app.command("check-drift", epilog=DRIFT_EPILOG)
+def check_drift_cmd(
+    model: Annotated[str, typer.Argument(help="Hub id, local model dir or a run checkpoint's hf/ folder.")],
+    data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
+    engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
+    train_dtype: Annotated[str, typer.Option(help="Trainer precision: bf16 or fp32.")] = "fp32",
+    engine_dtype: Annotated[Optional[str], typer.Option(help="Engine precision (default: the trainer's).")] = None,
+    zero_stage: Annotated[Optional[int], typer.Option(help="Wrap the trainer in DeepSpeed ZeRO-S (0-3).", min=0, max=3)] = None,
+    samples: Annotated[int, typer.Option(help="Records to roll out (one sample each).", min=1)] = 16,
+    temperature: Annotated[float, typer.Option(min=0)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 = off.", min=0)] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    max_turns: Annotated[int, typer.Option(min=1)] = 1,
+    after_update: Annotated[bool, typer.Option(help="Apply a known weight change through the sync path; re-check seen and unseen images.")] = False,
+    update_from: Annotated[Optional[str], typer.Option(help="With --after-update: load this checkpoint instead of perturbing.")] = None,
+    perturb: Annotated[float, typer.Option(help="With --after-update: relative noise per tensor.", min=0)] = 0.1,
+    max_mean: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when mean |delta logprob| exceeds this.")] = None,
+    max_abs: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when max |delta logprob| exceeds this.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the whole report here (- for stdout).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: histogram of deltas, delta vs token position.")] = None,
+) -> None:
+    """Diff the inference engine's log-probs against the training forward, and say why they differ."""
+    from .drift import DriftOptions, check_drift, finite, write_plot
+
+    dtypes = [DTYPES.get(x) for x in (train_dtype, engine_dtype or train_dtype)]
+    if None in dtypes:
+        fail(f"--train-dtype / --engine-dtype: use one of {', '.join(DTYPES)}")
+    opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage,
+                        samples=samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                        max_new_tokens=max_new_tokens, max_turns=max_turns, after_update=after_update,
+                        update_from=update_from, perturb=perturb, max_mean=max_mean, max_abs=max_abs, seed=seed)
+    try:
+        with err.status("check-drift") as status:
+            report = check_drift(model, str(data), opts, progress=lambda msg: status.update(f"check-drift: {msg}"))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    print_drift(report)
+    if json_out:
+        write_json(json_out, finite(report))
+    if plot:
+        write_plot(report, plot)
+        err.print(f"wrote {plot}")
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+def print_drift(report: dict) -> None:
+    def fmt(x):
+        return "-" if x is None else f"{x:.3g}"
+
+    table = Table(title="|trainer - engine| log-prob of sampled tokens (all figures: --json)")
+    for col in ("split", "tokens", "mean", "p90", "p99", "max", "k3 KL", "IS ratio"):
+        table.add_column(col, justify="right" if col != "split" else "left", no_wrap=True)
+    phases = [("", report["stats"])] + [(f"updated, {k}: ", v) for k, v in report.get("after_update", {}).items()
+                                       if k in ("seen", "unseen")]
+    for prefix, stats in phases:
+        rows = [("overall", stats["overall"])] + [(name, s) for key in ("by_prompt_kind", "by_turn", "by_position")
+                                                  for name, s in stats[key].items()]
+        for name, s in rows:
+            if not s.get("tokens"):
+                continue
+            a, r = s["abs_diff"], s["is_ratio"]
+            table.add_row(prefix + name.replace("_", " "), str(s["tokens"]), fmt(a["mean"]), fmt(a["p90"]),
+                          fmt(a["p99"]), fmt(a["max"]), fmt(s["k3_kl"]), f"{fmt(r['min'])}-{fmt(r['max'])}")
+    err.print(table)
+    checks = Table(title="agreement checks")
+    for col in ("check", "result", "detail"):
+        checks.add_column(col, overflow="fold")
+    for c in report["checks"]:
+        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]" if c["severity"] == "error" else "[yellow]warn[/]",
+                None: "[dim]n/a[/]"}[c["passed"]]
+        checks.add_row(c["name"], mark, c["detail"] + (f"\n[bold]fix:[/] {c['fix']}" if c["fix"] and not c["passed"] else ""))
+    err.print(checks)
+    worst = report["worst_tokens"][:5]
+    if worst:
+        err.print("[bold]worst tokens[/]")
+        for w in worst:
+            err.print(f"  {w['record_id']} turn {w['turn']} pos {w['position']}: {w['token']!r} engine {w['engine_logprob']:.4f} "
+                      f"trainer {w['trainer_logprob']:.4f} (|d| {w['abs_diff']:.3g}) after ...{w['context'][-60:]!r}",
+                      highlight=False, markup=False)
+    err.print("[green]passed[/]" if report["passed"] else "[red]failed[/]")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ would exceed `max_context_tokens` ends with done_reason "context_full".
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,7 +148,7 @@ def collect(engine, records: list[dict], processor, n: int, sampling: Sampling, 
         active = [ep for eps in groups for ep in eps if not ep.done and ep.env.max_turns > turn]
         if not active:
             break
-        s = Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed + 7919 * turn)
+        s = dataclasses.replace(sampling, seed=sampling.seed + 7919 * turn)
         for ep, gens in zip(active, engine.generate([ep.request(1) for ep in active], s)):
             ep.observe(gens[0])
     out = []

@@ -180,10 +180,11 @@ def export_weights(engine, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple
     """The trainer's full weights as buckets of (HF name, tensor), never the whole model at once.
 
     Under ZeRO-3 each bucket's shards are gathered (all ranks take part), copied out, and released.
+    `engine`: a DeepSpeed engine, or a plain module (check-drift without DeepSpeed).
     """
     import deepspeed
 
-    module = engine.module
+    module = getattr(engine, "module", engine)
     params = list(module.named_parameters())
     zero3 = any(hasattr(p, "ds_id") for _, p in params)
     bucket, size = [], 0

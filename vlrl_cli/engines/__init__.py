@@ -18,6 +18,7 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+    top_k: int = 0  # 0 = off
 
 
 @dataclass
@@ -53,3 +54,51 @@ def placeholder_token_ids(processor) -> list[int]:
     names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
     ids = {tok.convert_tokens_to_ids(n) for n in names}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+
+
+def collapse_placeholders(ids: list[int], pad_id: int) -> list[int]:
+    """One placeholder per image: runs of `pad_id` become a single token (how vLLM takes prompts)."""
+    out = []
+    for t in ids:
+        if t == pad_id and out and out[-1] == pad_id:
+            continue
+        out.append(t)
+    return out
+
+
+def expand_placeholders(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
+    """The inverse: the i-th placeholder becomes counts[i] copies (what an engine's own processor does)."""
+    out, k = [], 0
+    for t in ids:
+        if t == pad_id:
+            out += [pad_id] * (counts[k] if k < len(counts) else 1)
+            k += 1
+        else:
+            out.append(t)
+    return out
+
+
+class VisionInputProbe:
+    """Records the pixel tensors an engine's vision encoder actually receives, one entry per image.
+
+    A forward pre-hook on the model's `visual` module (same name in transformers and vLLM); the
+    concatenated patches are split per image by the grid (t*h*w rows each). check-drift compares these
+    with the tensors the trainer scores, so a preprocessing difference on either side is named, not guessed.
+    """
+
+    def __init__(self):
+        self.images: list[tuple[tuple[int, int, int], Any]] = []  # (grid, pixel rows)
+
+    def __call__(self, module, args, kwargs):
+        import torch
+
+        pixels = args[0] if args else kwargs.get("hidden_states", kwargs.get("x", kwargs.get("pixel_values")))
+        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        if pixels is None or grid is None:
+            return
+        grid = [tuple(int(v) for v in g) for g in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
+        start = 0
+        for g in grid:
+            rows = g[0] * g[1] * g[2]
+            self.images.append((g, pixels[start:start + rows].detach().to("cpu")))
+            start += rows

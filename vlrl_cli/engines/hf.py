@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from . import GenRequest, Generation, Sampling, placeholder_token_ids
+from . import GenRequest, Generation, Sampling, collapse_placeholders, expand_placeholders, placeholder_token_ids
 
 
 class HFEngine:
-    def __init__(self, model_path: str, processor, dtype: str = "float32", device: str | None = None, **_):
+    """own_preprocessing=True makes the engine process images itself, as vLLM does: its own image
+    processor on the request's images, placeholders re-expanded to its own grid (check-drift uses this to
+    test the agreement checks; training uses the trainer's tensors directly)."""
+
+    def __init__(self, model_path: str, processor, dtype: str = "float32", device: str | None = None,
+                 own_preprocessing: bool = False, **_):
         from transformers import AutoModelForImageTextToText
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,21 +31,45 @@ class HFEngine:
         eos = gen.eos_token_id if gen.eos_token_id is not None else processor.tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.pad = processor.tokenizer.pad_token_id
+        self.own_preprocessing = own_preprocessing
+        self.last_prompt_ids: list[list[int]] = []  # the prompt ids generation started from, per request
+
+    def attach_vision_probe(self, probe) -> None:
+        """Record what the vision encoder receives (see engines.VisionInputProbe)."""
+        self.model.model.visual.register_forward_pre_hook(probe, with_kwargs=True)
 
     @torch.no_grad()
     def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]:
         torch.manual_seed(sampling.seed)
+        self.last_prompt_ids = []
         return [self._one(r, sampling) for r in requests]
 
+    def _inputs(self, req: GenRequest) -> tuple[list[int], dict]:
+        if not self.own_preprocessing or not req.messages:
+            return req.input_ids, req.tensors
+        from ..render import split_messages
+
+        _, images = split_messages(req.messages)
+        if not images:
+            return req.input_ids, req.tensors
+        tensors = dict(self.processor.image_processor(images=images, return_tensors="pt"))
+        merge = int(getattr(self.processor.image_processor, "merge_size", 1))
+        counts = (tensors["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+        pad = self.processor.image_token_id
+        return expand_placeholders(collapse_placeholders(req.input_ids, pad), pad, counts), tensors
+
     def _one(self, req: GenRequest, s: Sampling) -> list[Generation]:
-        ids = torch.tensor([req.input_ids], device=self.device)
+        prompt_ids, req_tensors = self._inputs(req)
+        self.last_prompt_ids.append(list(prompt_ids))
+        ids = torch.tensor([prompt_ids], device=self.device)
         tensors = {k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
-                   for k, v in req.tensors.items() if k != "mm_token_type_ids"}
+                   for k, v in req_tensors.items() if k != "mm_token_type_ids"}
         greedy = s.temperature == 0
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), **tensors,
             do_sample=not greedy, temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p,
-            top_k=None, max_new_tokens=s.max_new_tokens, num_return_sequences=req.n,
+            top_k=None if greedy else s.top_k,  # 0 = off; None would mean the model's default (often 50)
+            max_new_tokens=s.max_new_tokens, num_return_sequences=req.n,
             suppress_tokens=self.banned, output_logits=True, return_dict_in_generate=True,
             pad_token_id=self.pad)
         new = out.sequences[:, ids.shape[1]:]  # [n, T]

@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import os
 
-from . import GenRequest, Generation, Sampling, placeholder_token_ids
+from . import GenRequest, Generation, Sampling, collapse_placeholders, placeholder_token_ids
 
 
 class PromptMismatch(RuntimeError):
     pass
-
-
-def collapse_placeholders(ids: list[int], pad_id: int) -> list[int]:
-    """One placeholder per image: runs of `pad_id` become a single token."""
-    out = []
-    for t in ids:
-        if t == pad_id and out and out[-1] == pad_id:
-            continue
-        out.append(t)
-    return out
 
 
 class VLLMEngine:
@@ -55,6 +45,7 @@ class VLLMEngine:
         self.asleep = False  # KV cache released
         self.weights_asleep = False
         self.last_prompt_ids: list[list[int]] = []  # vLLM's expanded prompt ids of the last generate
+        self.strict_prompts = True  # raise PromptMismatch; check-drift turns it off and reports instead
 
     def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]:
         from vllm import SamplingParams
@@ -71,13 +62,14 @@ class VLLMEngine:
             prompts.append(prompt)
             params.append(SamplingParams(
                 n=r.n, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+                top_k=0 if greedy else sampling.top_k,
                 max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed + i,
                 logit_bias={t: -1e4 for t in self.banned}))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.last_prompt_ids = [list(o.prompt_token_ids) for o in outputs]
         result = []
         for req, out in zip(requests, outputs):
-            if list(out.prompt_token_ids) != list(req.input_ids):
+            if self.strict_prompts and list(out.prompt_token_ids) != list(req.input_ids):
                 raise PromptMismatch(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} ids, the trainer has "
                                      f"{len(req.input_ids)}: placeholder expansion differs")
             gens = []
@@ -86,6 +78,10 @@ class VLLMEngine:
                 gens.append(Generation(list(c.token_ids), lps, "stop" if c.finish_reason == "stop" else "length"))
             result.append(gens)
         return result
+
+    def attach_vision_probe(self, probe) -> None:
+        """Record what vLLM's vision encoder receives (see engines.VisionInputProbe); in-process engine only."""
+        self.llm.apply_model(lambda model: model.visual.register_forward_pre_hook(probe, with_kwargs=True) and None)
 
     def update_weights(self, named_tensors) -> None:
         """Load (HF name, tensor) pairs and drop every cache that could serve old-weight results."""
