@@ -95,6 +95,21 @@ def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model,
     assert json.loads((tmp_path / "final.json").read_text())["step"] == 2
 
 
+def test_grpo_under_zero3_with_a_kl_reference_and_the_hf_engine(tmp_path, tiny_model, colors_data):
+    # ZeRO-3 partitions the policy at load time; the engine's copy and the KL reference must still load whole
+    rec = write_recipe(tmp_path, tiny_model, colors_data, "z3grpo", trainer={"steps": 2, "zero_stage": 3},
+                       algorithm={"name": "grpo", "kl_coef": 0.01})
+    (tmp_path / "userenvs.py").write_text(USER_ENV)
+    with open(rec, "a") as f:
+        f.write("envs: {colors: 'userenvs:ParityEnv'}\n")  # mixed rewards, so step 1 changes the policy
+    r = run_cli(["train", rec], env_extra={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "runs" / "z3grpo")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[1]["drift_abs_max"] < 1e-4  # the engine holds the gathered step-1 weights
+    assert metrics[1]["kl"] is not None and metrics[1]["kl"] > 0  # the policy moved away from the reference
+
+
 def test_kill_and_resume_reaches_the_same_metrics(tmp_path, tiny_model, colors_data):
     kw = dict(trainer={"steps": 4, "save_every": 2})
     full = write_recipe(tmp_path, tiny_model, colors_data, "full", **kw)

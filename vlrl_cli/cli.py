@@ -302,13 +302,17 @@ def eval_(
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
 ) -> None:
-    """Evaluation rollouts in the training environments: accuracy, pass@k, rollouts.jsonl."""
+    """Evaluation rollouts in the training environments: metrics.json (accuracy, pass@k), rollouts.jsonl, report.html."""
     from .evaluate import EvalOptions, run_eval
 
     opts = EvalOptions(engine=engine, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                        max_turns=max_turns, limit=limit, seed=seed)
     try:
-        metrics = _run_with_progress("eval", None, lambda cb: run_eval(model, str(data), out, opts, progress=cb))
+        from .records import count_rows
+
+        total = count_rows(data)
+        total = min(total, limit) if total and limit else total
+        metrics = _run_with_progress("eval", total, lambda cb: run_eval(model, str(data), out, opts, progress=cb))
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     table = Table()
@@ -317,7 +321,7 @@ def eval_(
     table.add_row(str(metrics["records"]), str(metrics["samples"]), f"{metrics['accuracy']:.3f}",
                   f"{metrics['reward_mean']:.3f}", f"{metrics['format_rate']:.3f}", f"{metrics['pass_at_k'][str(n)]:.3f}")
     err.print(table)
-    err.print(f"wrote {out / 'metrics.json'} and {out / 'rollouts.jsonl'}")
+    err.print(f"wrote {out / 'metrics.json'}, {out / 'rollouts.jsonl'} and {out / 'report.html'}")
     if json_out:
         write_json(json_out, metrics)
 

@@ -387,9 +387,13 @@ def _rollouts(engine, records, processor, o: DriftOptions, seed: int):
     return [t for t in trajs if t.response_len > 0], rec.prompts
 
 
-def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_processor=None,
+def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_processor=None, engine=None,
                 progress: Callable[[str], None] | None = None) -> dict:
-    """The whole diagnosis; returns the report (also what --json writes). report["passed"] drives the exit code."""
+    """The whole diagnosis; returns the report (also what --json writes). report["passed"] drives the exit code.
+
+    engine_processor: the engine side's processor (default: loaded from `model`, as an engine would).
+    engine: a ready engine instead of `o.engine` (tests inject faulty ones).
+    """
     from .engines import VisionInputProbe, make_engine, placeholder_token_ids
     from .grpo import load_records, sync_weights
     from .render import load_processor
@@ -401,8 +405,9 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     banned = placeholder_token_ids(processor)
     engine_dtype = o.engine_dtype or o.train_dtype
     say(f"loading the {o.engine} engine ({engine_dtype})")
-    engine = make_engine(o.engine, model, engine_processor or load_processor(model), dtype=engine_dtype, seed=o.seed,
-                         own_preprocessing=True, gpu_memory_utilization=o.gpu_memory_utilization)
+    if engine is None:
+        engine = make_engine(o.engine, model, engine_processor or load_processor(model), dtype=engine_dtype,
+                             seed=o.seed, own_preprocessing=True, gpu_memory_utilization=o.gpu_memory_utilization)
     if hasattr(engine, "strict_prompts"):
         engine.strict_prompts = False  # report a prompt mismatch instead of raising
     probe = VisionInputProbe()

@@ -1,7 +1,8 @@
 """`vlrl eval`: rollouts in the training environments (same engines, same rollout path), scored.
 
 Writes metrics.json (accuracy, reward_mean, pass@k, format_rate, turns_mean, each also by data_source
-and env_class, plus the decoding settings) and rollouts.jsonl (every trajectory, turn by turn).
+and env_class, plus the decoding settings and seed), rollouts.jsonl (every trajectory, turn by turn) and
+report.html (report.py: images, turns, rewards, a correct/incorrect filter).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import asdict, dataclass
 from math import comb
 from pathlib import Path
 from typing import Callable
+
+from .report import write_report
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -58,7 +61,8 @@ def summarize(trajs, n: int) -> dict:
 
 
 def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions(),
-             env_registry: dict | None = None, progress: Callable[[int], None] | None = None) -> dict:
+             env_registry: dict | None = None, progress: Callable[[int], None] | None = None, engine=None) -> dict:
+    """engine: a ready engine instead of `opts.engine` (tests script one)."""
     from .engines import Sampling, make_engine
     from .grpo import load_records
     from .render import load_processor
@@ -66,7 +70,7 @@ def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions()
 
     records = load_records(data, opts.limit)
     processor = load_processor(model)
-    engine = make_engine(opts.engine, model, processor, dtype=opts.dtype, seed=opts.seed)
+    engine = engine or make_engine(opts.engine, model, processor, dtype=opts.dtype, seed=opts.seed)
     sampling = Sampling(opts.temperature, opts.top_p, opts.max_new_tokens, opts.seed)
     trajs = []
     for i in range(0, len(records), 16):  # chunks: progress, and bounded memory
@@ -93,4 +97,5 @@ def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions()
                                 "data_source": t.data_source, "reward": t.reward, "correct": bool(t.info.get("correct")),
                                 "turns": t.turns, "done_reason": t.done_reason, "prompt_tokens": t.prompt_len,
                                 "response_tokens": t.response_len, "steps": t.texts}) + "\n")
+    write_report(out / "report.html", metrics, trajs, {r.get("id", ""): r for r in records})
     return metrics

@@ -36,6 +36,7 @@ class Trajectory:
     done_reason: str = ""
     info: dict = field(default_factory=dict)
     texts: list[dict] = field(default_factory=list)  # per turn: response text, tokens, observation text
+    images: list[str] = field(default_factory=list)  # data URIs of the sequence's images, in order (for reports)
 
     @property
     def response_len(self) -> int:
@@ -49,6 +50,11 @@ def _cat_tensors(a: dict, b: dict) -> dict:
             continue
         out[k] = torch.cat([out[k], v], dim=0) if k in out else v
     return out
+
+
+def _image_urls(messages: list[dict]) -> list[str]:
+    return [p["image_url"]["url"] for m in messages if not isinstance(m["content"], str)
+            for p in m["content"] if p.get("type") == "image_url"]
 
 
 def _text_of(messages: list[dict]) -> str:
@@ -69,7 +75,7 @@ class Episode:
         rendered = render_prompt(processor, self.messages)
         self.traj = Trajectory(record.get("id", ""), group, record["env_class"], record.get("data_source", ""),
                                list(rendered.input_ids), [0] * rendered.length, [0.0] * rendered.length,
-                               rendered.tensors, rendered.length)
+                               rendered.tensors, rendered.length, images=_image_urls(self.messages))
         self.done = False
         self.eos_text = processor.tokenizer.eos_token
 
@@ -88,7 +94,8 @@ class Episode:
         t.reward = result.reward
         t.info = result.info
         t.texts.append({"response": text, "tokens": len(gen.token_ids), "finish": gen.finish_reason,
-                        "reward": result.reward, "observation": _text_of(result.observation)})
+                        "reward": result.reward, "observation": _text_of(result.observation),
+                        "observation_images": len(_image_urls(result.observation))})
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
         if result.done:
             self.done, t.done_reason = True, result.info.get("done_reason", "done")
@@ -96,8 +103,10 @@ class Episode:
         ids, tensors = self._render_delta(result.observation, ended_with_eos=gen.finish_reason == "stop")
         if len(t.token_ids) + len(ids) >= self.max_context:
             self.done, t.done_reason = True, "context_full"
+            t.texts[-1].update(observation_images=0, observation_dropped=True)  # the model never saw it
             return
         self.messages += result.observation
+        t.images += _image_urls(result.observation)
         t.token_ids += ids
         t.loss_mask += [0] * len(ids)
         t.old_logp += [0.0] * len(ids)

@@ -81,14 +81,13 @@ def build_engine(model_path: str, lr: float, weight_decay: float, warmup: int, s
     import deepspeed
     from transformers import AutoModelForImageTextToText
 
-    cfg = deepspeed_config(stage, offload, grad_clip, dtype)
-    if stage == 3:
-        # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full
-        # copy per rank); it must stay referenced while the model is built
-        from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-        global _HF_DS_CONFIG
-        _HF_DS_CONFIG = HfDeepSpeedConfig(cfg)
+    cfg = deepspeed_config(stage, offload, grad_clip, dtype)
+    # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full copy per
+    # rank) while this object lives. It is process-global, so it is switched off again below: models
+    # loaded later (the hf engine's copy, a KL reference) must load whole.
+    hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 else None
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=getattr(torch, dtype))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -100,10 +99,9 @@ def build_engine(model_path: str, lr: float, weight_decay: float, warmup: int, s
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
+    if hf_ds is not None:
+        unset_hf_deepspeed_config()
     return engine
-
-
-_HF_DS_CONFIG = None
 
 
 @dataclass

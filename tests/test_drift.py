@@ -1,0 +1,136 @@
+"""check-drift on the CPU with the hf engine and the tiny model: every check can fail, and does when it should."""
+
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+
+from vlrl_cli.drift import DriftOptions, check_drift, drift_stats
+from vlrl_cli.render import load_processor
+
+import numpy as np
+
+
+def checks(report):
+    return {c["name"]: c for c in report["checks"]}
+
+
+def test_identical_settings_give_no_drift_and_exit_0(cli, tiny_model, colors_data, tmp_path):
+    out = tmp_path / "drift.json"
+    r = cli("check-drift", tiny_model, colors_data / "train.parquet", "--samples", 6, "--max-new-tokens", 12,
+            "--zero-stage", 2, "--max-mean", 1e-4, "--max-abs", 1e-3, "--json", out, "--plot", tmp_path / "d.png")
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["token_abs_diff"]["mean"] < 1e-5 and report["token_abs_diff"]["max"] < 1e-4
+    assert report["stats"]["overall"]["tokens"] > 6
+    c = checks(report)
+    for name in ("prompt_ids", "image_tensors", "image_token_counts", "sampling_truncation", "max_mean", "max_abs"):
+        assert c[name]["passed"] is True, c[name]
+    assert abs(report["stats"]["overall"]["is_ratio"]["mean"] - 1) < 1e-4
+    from PIL import Image
+
+    assert Image.open(tmp_path / "d.png").size[0] > 500
+
+
+def test_bf16_engine_against_fp32_trainer_drifts_and_thresholds_drive_the_exit_code(cli, tiny_model, colors_data, tmp_path):
+    base = ["check-drift", tiny_model, colors_data / "train.parquet", "--samples", 6, "--max-new-tokens", 12,
+            "--engine-dtype", "bf16", "--train-dtype", "fp32"]
+    out = tmp_path / "d.json"
+    assert cli(*base, "--max-mean", 1e-5, "--json", out).exit_code == 1
+    report = json.loads(out.read_text())
+    mean = report["token_abs_diff"]["mean"]
+    assert 1e-4 < mean < 0.1, mean  # bf16 rounding: measurable, not broken
+    assert checks(report)["max_mean"]["passed"] is False
+    assert checks(report)["image_tensors"]["passed"] is True  # the pixels agree: the drift is numerics
+    assert cli(*base, "--max-mean", 0.1, "--max-abs", 1.0).exit_code == 0
+
+
+def test_different_normalisation_on_the_engine_side_is_caught(tiny_model, colors_data):
+    engine_proc = load_processor(str(tiny_model))
+    engine_proc.image_processor.image_mean = [0.5, 0.5, 0.5]
+    report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
+                         DriftOptions(samples=4, max_new_tokens=8), engine_processor=engine_proc)
+    c = checks(report)
+    assert c["image_tensors"]["passed"] is False and "max |pixel difference|" in c["image_tensors"]["detail"]
+    assert c["prompt_ids"]["passed"] is True  # same grid, so the ids agree: only the pixel check can see it
+    assert report["passed"] is False
+
+
+def test_a_different_resize_on_the_engine_side_is_caught_and_named(cli, tiny_model, colors_data):
+    engine_proc = load_processor(str(tiny_model))
+    engine_proc.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
+    report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
+                         DriftOptions(samples=4, max_new_tokens=8), engine_processor=engine_proc)
+    c = checks(report)
+    assert c["image_tensors"]["passed"] is False and "different resize" in c["image_tensors"]["detail"]
+    assert c["prompt_ids"]["passed"] is False and c["image_token_counts"]["passed"] is False
+
+
+def test_top_p_below_one_is_flagged_with_the_fix(tiny_model, colors_data):
+    report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
+                         DriftOptions(samples=3, max_new_tokens=8, top_p=0.9))
+    c = checks(report)["sampling_truncation"]
+    assert c["passed"] is False and c["severity"] == "warning" and "top_p=1.0" in c["fix"]
+    assert report["passed"] is True  # a warning, not a failure
+    greedy = check_drift(str(tiny_model), str(colors_data / "train.parquet"), DriftOptions(samples=2, max_new_tokens=4,
+                                                                                          temperature=0.0))
+    assert checks(greedy)["sampling_temperature"]["passed"] is False
+
+
+class StaleEncoderCacheEngine:
+    """An hf engine with a vision-encoder output cache keyed by the pixels, which a weight update does NOT
+    clear (the vLLM bug class the after-update check exists for)."""
+
+    def __new__(cls, model, processor):
+        from vlrl_cli.engines.hf import HFEngine
+
+        engine = HFEngine(model, processor, own_preprocessing=True)
+        cache = {}
+
+        def pre(module, args, kwargs):
+            module._key = hashlib.sha256(args[0].detach().float().numpy().tobytes()).hexdigest()
+
+        def post(module, args, kwargs, output):
+            # copies: the caller rewrites fields of the output object it gets
+            return copy.copy(cache.setdefault(module._key, copy.copy(output)))
+
+        engine.model.model.visual.register_forward_pre_hook(pre, with_kwargs=True)
+        engine.model.model.visual.register_forward_hook(post, with_kwargs=True)
+        return engine
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_after_update_rechecks_seen_images(tiny_model, colors_data, stale):
+    proc = load_processor(str(tiny_model))
+    engine = StaleEncoderCacheEngine(str(tiny_model), proc) if stale else None
+    report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
+                         DriftOptions(samples=4, max_new_tokens=8, after_update=True, perturb=0.3, zero_stage=3),
+                         engine=engine)
+    c = checks(report)
+    after = report["after_update"]
+    assert c["update_visible"]["passed"] is True, c["update_visible"]
+    seen, unseen = after["seen"]["overall"]["abs_diff"]["mean"], after["unseen"]["overall"]["abs_diff"]["mean"]
+    if stale:
+        assert c["after_update_seen_images"]["passed"] is False and seen > 10 * unseen, (seen, unseen)
+        assert "vision-encoder" in c["after_update_seen_images"]["fix"]
+    else:
+        assert c["after_update_seen_images"]["passed"] is True and seen < 1e-4, (seen, unseen)
+
+
+def test_statistics_against_hand_values():
+    eng = np.log(np.array([0.5, 0.25, 0.5, 0.1]))
+    tr = np.log(np.array([0.5, 0.5, 0.25, 0.1]))
+    seq = np.array([0, 0, 1, 1])
+    s = drift_stats(eng, tr, seq)
+    ln2 = np.log(2)
+    assert s["abs_diff"]["mean"] == pytest.approx(ln2 / 2) and s["abs_diff"]["max"] == pytest.approx(ln2)
+    assert s["signed_mean"] == pytest.approx(0.0)
+    # ratios p_train / p_engine: 1, 2, 0.5, 1
+    assert s["is_ratio"]["mean"] == pytest.approx(1.125) and s["is_ratio"]["min"] == pytest.approx(0.5)
+    assert s["k3_kl"] == pytest.approx(((2 - 1 - ln2) + (0.5 - 1 + ln2)) / 4)
+    assert s["chi2_token"] == pytest.approx((1 + 0.25) / 4)
+    assert s["chi2_sequence"] == pytest.approx(((2 - 1) ** 2 + (0.5 - 1) ** 2) / 2)  # sequence ratios 2 and 0.5
+    assert s["is_ratio"]["ess_token"] == pytest.approx(4.5 ** 2 / (4 * 6.25))
+    assert s["prob_abs_diff"]["max"] == pytest.approx(0.25)
