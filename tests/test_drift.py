@@ -5,7 +5,6 @@ import hashlib
 import json
 
 import pytest
-import torch
 
 from vlrl_cli.drift import DriftOptions, check_drift, drift_stats
 from vlrl_cli.render import load_processor

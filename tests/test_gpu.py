@@ -145,3 +145,37 @@ def test_two_gpu_zero3_grpo_with_one_vllm_engine_per_rank(tmp_path, gpu_tiny):
     assert (tmp_path / "runs" / "colors-grpo" / "checkpoints" / "step_6" / "hf" / "model.safetensors").exists()
     with open(os.path.join(logs, "grpo_2gpu_metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in m)
+
+
+def _check_drift_cli(tmp_path, gpu_tiny, name, *extra):
+    data = tmp_path / "colors"
+    if not data.exists():
+        assert subprocess.run([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(data), "--rows", "200",
+                               "--image-size", "84"], capture_output=True).returncode == 0
+    logs = os.environ.get("OUT") or str(tmp_path)
+    report = os.path.join(logs, f"{name}.json")
+    with open(os.path.join(logs, f"{name}.log"), "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "check-drift", str(gpu_tiny), str(data / "train.parquet"),
+                             "--engine", "vllm", "--train-dtype", "bf16", "--samples", "32", "--max-new-tokens", "32",
+                             "--after-update", "--max-mean", "0.02", "--json", report,
+                             "--plot", os.path.join(logs, f"{name}.png"), *extra],
+                            stdout=f, stderr=subprocess.STDOUT, timeout=400).returncode
+    with open(report) as f:
+        return rc, json.load(f)
+
+
+@needs_gpu
+def test_check_drift_with_vllm_including_after_update(tmp_path, gpu_tiny):
+    rc, report = _check_drift_cli(tmp_path, gpu_tiny, "drift_vllm")
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in ("prompt_ids", "image_tensors", "image_token_counts", "after_update_seen_images", "update_visible"):
+        assert checks[name]["passed"] is True, checks[name]
+    assert rc == 0 and report["token_abs_diff"]["mean"] < 0.02
+
+
+@needs_gpu
+def test_check_drift_with_vllm_against_a_zero3_trainer(tmp_path, gpu_tiny):
+    rc, report = _check_drift_cli(tmp_path, gpu_tiny, "drift_vllm_zero3", "--zero-stage", "3")
+    checks = {c["name"]: c for c in report["checks"]}
+    assert rc == 0, checks
+    assert checks["after_update_seen_images"]["passed"] is True

@@ -40,6 +40,7 @@ class RolloutCfg:
     max_context_tokens: int = 4096  # multi-turn: an episode stops (done_reason=context_full) past this
     gpu_memory_utilization: float = 0.3  # vllm
     eval_temperature: float = 0.0  # greedy
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks: fixed-length rollouts)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainerCfg:
     offload: bool = False  # ZeRO CPU offload of optimizer state
     seed: int = 0
     save_every: int = 0  # steps; 0 = only at the end
+    save_final: bool = True  # off for benchmarks: a 3B checkpoint with optimizer state is ~50 GB
     eval_every: int = 0  # steps; 0 = never during training
 
 

@@ -404,6 +404,10 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     processor = load_processor(model)
     banned = placeholder_token_ids(processor)
     engine_dtype = o.engine_dtype or o.train_dtype
+    if o.zero_stage is not None:  # as in training: the process group first, so a vLLM engine joins it
+        from .training import init_distributed
+
+        init_distributed()
     say(f"loading the {o.engine} engine ({engine_dtype})")
     if engine is None:
         engine = make_engine(o.engine, model, engine_processor or load_processor(model), dtype=engine_dtype,

@@ -92,13 +92,16 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
 
     max_len = r.max_new_tokens * r.max_turns
     for step in range(run.start, tr.steps):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         idx = prompts_for_step(len(train_records), step, r.prompts_per_step, tr.seed, rank, world)
         records = [train_records[i] for i in idx]
 
         # 1. rollouts with the engine (awake only now)
         engine.wake()
-        sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, seed=tr.seed * 1_000_003 + step * 7919 + rank)
+        sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, seed=tr.seed * 1_000_003 + step * 7919 + rank,
+                            ignore_eos=r.ignore_eos)
         trajs = collect(engine, records, processor, r.n, sampling, r.max_turns, r.max_context_tokens, recipe.envs,
                         recipe.data.max_prompt_tokens)
         engine.sleep()
@@ -179,8 +182,12 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "time_train_s": round(t_train, 4),
             "time_sync_s": round(t_sync, 4),
             "tokens_per_s": gen_tokens / step_s,
+            "time_step_s": round(step_s, 4),
+            "prompt_len_mean": sum(t.prompt_len for t in trajs) / len(trajs),
             "lr": policy.get_lr()[0],
         }
+        if torch.cuda.is_available():  # the trainer's peak (vLLM's own pool is not counted here)
+            metrics["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if val_records and tr.eval_every and (step + 1) % tr.eval_every == 0:
             metrics.update(evaluate(engine, val_records, processor, recipe, tr.seed))
         run.end_step(recipe, metrics, on_step)

@@ -134,3 +134,46 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_5_vl", seed: int = 0,
     model.save_pretrained(out)
     _processor(family, tokenizer, min_pixels, max_pixels).save_pretrained(out)
     return out
+
+
+# Real sizes for GPU benchmarks (config values of the released Qwen2.5-VL checkpoints); random weights,
+# so speed and memory are real while no download is needed. The tokenizer is still the small local one:
+# ids past it decode to nothing, which a fixed-length benchmark does not mind.
+REAL_SIZES = {
+    "qwen2_5_vl_3b": dict(text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                    num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+                          vision=dict(out_hidden_size=2048)),
+    "qwen2_5_vl_7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                    num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+                          vision=dict(out_hidden_size=3584)),
+}
+
+
+def build_real_size_model(out: str | Path, size: str = "qwen2_5_vl_3b", seed: int = 0, device: str = "cuda") -> Path:
+    """A random Qwen2.5-VL at a released size (bf16), with the local tokenizer and processor."""
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen2_5_VLConfig
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    preset = REAL_SIZES[size]
+    text = dict(max_position_embeddings=128000, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                **preset["text"])
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+                  **preset["vision"])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=preset["text"]["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                               pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    _processor("qwen2_5_vl", tokenizer, None, None).save_pretrained(out)
+    return out

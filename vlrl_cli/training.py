@@ -223,7 +223,7 @@ class RunSetup:
         from . import runs
 
         step, tr = metrics["step"], recipe.trainer
-        if (tr.save_every and step % tr.save_every == 0) or step == tr.steps:
+        if (tr.save_every and step % tr.save_every == 0) or (step == tr.steps and tr.save_final):
             runs.save_checkpoint(self.policy, self.processor, recipe.run_dir, step,
                                  {"step": step, "rng": runs.rng_state()}, self.rank)
         if self.log:

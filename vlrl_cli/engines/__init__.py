@@ -19,6 +19,7 @@ class Sampling:
     max_new_tokens: int = 128
     seed: int = 0
     top_k: int = 0  # 0 = off
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
 
 @dataclass

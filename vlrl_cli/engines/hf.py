@@ -69,7 +69,8 @@ class HFEngine:
             input_ids=ids, attention_mask=torch.ones_like(ids), **tensors,
             do_sample=not greedy, temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p,
             top_k=None if greedy else s.top_k,  # 0 = off; None would mean the model's default (often 50)
-            max_new_tokens=s.max_new_tokens, num_return_sequences=req.n,
+            max_new_tokens=s.max_new_tokens, min_new_tokens=s.max_new_tokens if s.ignore_eos else None,
+            num_return_sequences=req.n,
             suppress_tokens=self.banned, output_logits=True, return_dict_in_generate=True,
             pad_token_id=self.pad)
         new = out.sequences[:, ids.shape[1]:]  # [n, T]
@@ -78,7 +79,7 @@ class HFEngine:
         gens = []
         for i in range(new.shape[0]):
             toks = new[i].tolist()
-            end = next((j + 1 for j, t in enumerate(toks) if t in self.eos), None)
+            end = None if s.ignore_eos else next((j + 1 for j, t in enumerate(toks) if t in self.eos), None)
             n_keep = end if end is not None else len(toks)
             gens.append(Generation(toks[:n_keep], logp[i, :n_keep].tolist(), "stop" if end else "length"))
         return gens

@@ -64,6 +64,7 @@ class VLLMEngine:
                 n=r.n, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
                 top_k=0 if greedy else sampling.top_k,
                 max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed + i,
+                ignore_eos=sampling.ignore_eos, detokenize=False,  # the rollout decodes what it needs itself
                 logit_bias={t: -1e4 for t in self.banned}))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.last_prompt_ids = [list(o.prompt_token_ids) for o in outputs]

@@ -1,0 +1,244 @@
+"""GPU performance at a real model size, run on the device (see README, "Performance").
+
+Random weights with the released Qwen2.5-VL-3B-Instruct configuration (speed does not depend on weight
+values), 448x448 colour images (256 image tokens each), fixed-length generation (EOS ignored).
+
+    python bench/gpu_perf.py build   --out /tmp/q3b                  # the model (bf16, on the GPU)
+    python bench/gpu_perf.py data    --out /tmp/bench-data            # 512 image prompts
+    python bench/gpu_perf.py rollout --model /tmp/q3b --data ... --engine vllm --prompts 256 --json r.json
+    python bench/gpu_perf.py sync    --model /tmp/q3b --json s.json --profile prof.txt
+    python bench/gpu_perf.py recipe  --model /tmp/q3b --data ... --out step.yaml   # then: vlrl train step.yaml
+    python bench/gpu_perf.py summarize --dir $OUT --out bench/results/gpu.json
+
+Each command prints one JSON line and writes it to --json; `summarize` joins them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def device_name() -> str:
+    import torch
+
+    return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+
+
+def emit(result: dict, path: str | None) -> None:
+    line = json.dumps(result)
+    print(line, flush=True)
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_build(a):
+    from vlrl_cli.tiny import build_real_size_model
+
+    t = time.perf_counter()
+    build_real_size_model(a.out, a.size)
+    emit({"built": a.out, "size": a.size, "seconds": time.perf_counter() - t}, a.json)
+
+
+def cmd_data(a):
+    from vlrl_cli.prepare import PrepareOptions, prepare
+
+    prepare(PrepareOptions(source="colors", out=Path(a.out), workers=8, split="train=1.0",
+                           source_opts={"rows": a.rows, "image_size": 448}, overwrite=True))
+    print(json.dumps({"data": a.out}))
+
+
+def requests_for(model: str, data: str, prompts: int):
+    from vlrl_cli.engines import GenRequest
+    from vlrl_cli.grpo import load_records
+    from vlrl_cli.render import load_processor, render_prompt
+
+    processor = load_processor(model)
+    records = load_records(data, prompts)
+    reqs = []
+    for r in records:
+        rp = render_prompt(processor, r["prompt"])
+        reqs.append(GenRequest(rp.input_ids, rp.tensors, 1, r["prompt"]))
+    return processor, reqs
+
+
+def cmd_rollout(a):
+    """Generated tokens/s of one engine on the same requests (EOS ignored: every sequence is --tokens long)."""
+    import torch
+
+    from vlrl_cli.engines import Sampling, make_engine
+
+    processor, reqs = requests_for(a.model, a.data, a.prompts)
+    engine = make_engine(a.engine, a.model, processor, dtype="bfloat16", gpu_memory_utilization=a.gpu_mem)
+    s = Sampling(1.0, 1.0, a.tokens, 0, ignore_eos=True)
+    engine.generate(reqs[:2], Sampling(1.0, 1.0, 8, 0, ignore_eos=True))  # warm-up: kernels, graphs
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = engine.generate(reqs, s)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    tokens = sum(len(g.token_ids) for gens in out for g in gens)
+    emit({"engine": a.engine, "device": device_name(), "prompts": len(reqs), "tokens_per_sequence": a.tokens,
+          "prompt_tokens_mean": sum(len(r.input_ids) for r in reqs) / len(reqs), "generated_tokens": tokens,
+          "seconds": dt, "tokens_per_s": tokens / dt}, a.json)
+
+
+def cmd_sync(a):
+    """ZeRO-3 trainer -> colocated vLLM engine: gather each bucket, load_weights, clear caches."""
+    import torch
+
+    from vlrl_cli import training
+    from vlrl_cli.engines import Sampling
+    from vlrl_cli.engines.vllm import VLLMEngine
+    from vlrl_cli.render import load_processor
+
+    training.init_distributed()
+    policy = training.build_engine(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=3, offload=False, grad_clip=1.0,
+                                   dtype="bfloat16", gradient_checkpointing=True)
+    processor = load_processor(a.model)
+    engine = VLLMEngine(a.model, processor, dtype="bfloat16", gpu_memory_utilization=a.gpu_mem)
+    engine.sleep()
+    n_bytes = sum(p.ds_numel * p.element_size() for p in policy.module.parameters())
+
+    def timed_sync():
+        gather = load = 0.0
+        buckets = 0
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        it = training.export_weights(policy)
+        while True:
+            t0 = time.perf_counter()
+            bucket = next(it, None)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            if bucket is None:
+                break
+            engine.update_weights(bucket)
+            torch.cuda.synchronize()
+            gather, load, buckets = gather + t1 - t0, load + time.perf_counter() - t1, buckets + 1
+        return time.perf_counter() - t, gather, load, buckets
+
+    timed_sync()  # warm-up
+    runs = [timed_sync() for _ in range(3)]
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_sync()
+        Path(a.profile).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    engine.wake()
+    _, reqs = requests_for(a.model, a.data, 2)
+    gens = engine.generate(reqs, Sampling(1.0, 1.0, 8, 0))  # the engine still generates after the loads
+    secs = sorted(r[0] for r in runs)
+    emit({"device": device_name(), "param_bytes": n_bytes, "seconds": secs[len(secs) // 2], "seconds_all": secs,
+          "gather_seconds": runs[-1][1], "load_seconds": runs[-1][2], "buckets": runs[-1][3],
+          "gb_per_s": n_bytes / 1e9 / secs[len(secs) // 2], "generated_after_sync": len(gens[0][0].token_ids)}, a.json)
+
+
+def cmd_recipe(a):
+    import yaml
+
+    recipe = {
+        "model": {"path": a.model, "dtype": "bfloat16", "gradient_checkpointing": True},
+        "data": {"train": a.data, "max_prompt_tokens": 1024},
+        "rollout": {"engine": "vllm", "n": 8, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens,
+                    "temperature": 1.0, "ignore_eos": True, "gpu_memory_utilization": a.gpu_mem,
+                    "max_context_tokens": 4096},
+        "algorithm": {"name": "grpo", "loss_agg": "token-mean", "mismatch": "tis"},
+        "trainer": {"steps": a.steps, "lr": 1.0e-6, "micro_batch": a.micro_batch, "zero_stage": 3, "save_final": False,
+                    "eval_every": 0, "warmup_steps": 0},
+        "run": {"name": a.name, "dir": a.run_dir},
+    }
+    Path(a.out).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    print(json.dumps({"recipe": a.out}))
+
+
+def step_summary(metrics_path: Path, gpus: int, skip: int = 1) -> dict:
+    """Mean over the steps after the first (warm-up: CUDA graphs, allocator, first gather)."""
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    steady = rows[skip:] or rows
+    mean = lambda k: sum(r[k] for r in steady) / len(steady)  # noqa: E731
+    step_s = mean("time_step_s")
+    gen_tokens = mean("tokens_per_s") * step_s
+    all_tokens = gen_tokens * (1 + mean("prompt_len_mean") / max(mean("response_len_mean"), 1))
+    return {"steps": len(rows), "steady_steps": len(steady), "gpus": gpus, "step_seconds": step_s,
+            "time_generate_s": mean("time_generate_s"), "time_score_s": mean("time_score_s"),
+            "time_train_s": mean("time_train_s"), "time_sync_s": mean("time_sync_s"),
+            "sync_fraction": mean("time_sync_s") / step_s, "response_len_mean": mean("response_len_mean"),
+            "prompt_len_mean": mean("prompt_len_mean"),
+            # per rank (metrics are rank 0's; every rank has the same batch shape)
+            "generated_tokens_per_s_per_gpu": gen_tokens / step_s,
+            "tokens_per_s_per_gpu": all_tokens / step_s,
+            "trainer_peak_gpu_gb": max(r.get("gpu_mem_peak_gb", 0) for r in rows)}
+
+
+def cmd_summarize(a):
+    d = Path(a.dir)
+    load = lambda name: json.loads((d / name).read_text()) if (d / name).exists() else None  # noqa: E731
+    vllm, hf, sync = load("rollout_vllm.json"), load("rollout_hf.json"), load("sync.json")
+    one = step_summary(d / "step1" / "metrics.jsonl", 1) if (d / "step1" / "metrics.jsonl").exists() else None
+    two = step_summary(d / "step2" / "metrics.jsonl", 2) if (d / "step2" / "metrics.jsonl").exists() else None
+    trl = load("trl.json")
+    out = {
+        "device": (vllm or sync or {}).get("device"),
+        "model": "Qwen2.5-VL-3B-Instruct architecture, random bf16 weights",
+        "rollout": {"vllm": vllm, "hf": hf},
+        "rollout_speedup_vs_hf": vllm["tokens_per_s"] / hf["tokens_per_s"] if vllm and hf else None,
+        "sync": sync,
+        "sync_seconds_3b": sync["seconds"] if sync else None,
+        "grpo_step_1gpu": one,
+        "step_seconds_3b": one["step_seconds"] if one else None,
+        "tokens_per_s_per_gpu_3b": one["tokens_per_s_per_gpu"] if one else None,
+        "trl": trl,
+        "step_time_ratio_vs_trl": one["step_seconds"] / trl["step_seconds"] if one and trl and trl.get("step_seconds") else None,
+        "grpo_step_2gpu": two,
+        # weak scaling: the same per-GPU batch on 2 GPUs; 1.0 = twice the tokens/s
+        "scaling_efficiency_2gpu": one["step_seconds"] / two["step_seconds"] if one and two else None,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", required=True)
+    b.add_argument("--size", default="qwen2_5_vl_3b")
+    d = sub.add_parser("data")
+    d.add_argument("--out", required=True)
+    d.add_argument("--rows", type=int, default=512)
+    for name in ("rollout", "sync", "recipe"):
+        s = sub.add_parser(name)
+        s.add_argument("--model", required=True)
+        s.add_argument("--data", required=True)
+        s.add_argument("--gpu-mem", type=float, default=0.35)
+        s.add_argument("--json")
+        s.add_argument("--tokens", type=int, default=256)
+        s.add_argument("--prompts", type=int, default=256)
+    sub.choices["rollout"].add_argument("--engine", default="vllm")
+    sub.choices["sync"].add_argument("--profile")
+    r = sub.choices["recipe"]
+    r.add_argument("--out", required=True)
+    r.add_argument("--steps", type=int, default=3)
+    r.add_argument("--micro-batch", type=int, default=8)
+    r.add_argument("--name", default="bench")
+    r.add_argument("--run-dir", default="/tmp/bench-runs")
+    m = sub.add_parser("summarize")
+    m.add_argument("--dir", required=True)
+    m.add_argument("--out", default="bench/results/gpu.json")
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    {"build": cmd_build, "data": cmd_data, "rollout": cmd_rollout, "sync": cmd_sync, "recipe": cmd_recipe,
+     "summarize": cmd_summarize}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
