@@ -40,6 +40,11 @@ step "7. eval after GRPO"
 GRPO=runs/colors-grpo/checkpoints/$(cat runs/colors-grpo/checkpoints/latest)/hf
 $VLRL eval "$GRPO" "$OUT/colors/val.parquet" --out "$OUT/eval-grpo" --max-new-tokens 4
 
+step "8. check-drift: does the rollout engine agree with the trainer? (hf engine in bf16 vs the fp32 trainer,
+   then a weight update pushed through the training sync path and re-checked on seen and unseen images)"
+$VLRL check-drift "$GRPO" "$OUT/colors/val.parquet" --samples 16 --max-new-tokens 8 --engine-dtype bf16 \
+    --after-update --max-mean 0.05 --json "$OUT/drift.json" --plot "$OUT/drift.png"
+
 step "before / after (held-out colours, greedy)"
 "$PY" - "$OUT" "$(( $(date +%s) - start ))" <<'PYEOF'
 import json, sys
@@ -50,4 +55,5 @@ print(f"{'stage':<26}{'accuracy':>10}{'format':>10}{'records':>9}")
 for name, m in rows:
     print(f"{name:<26}{m['accuracy']:>10.3f}{m['format_rate']:>10.3f}{m['records']:>9}")
 print(f"(chance with 4 colours: 0.25; demo wall time {secs} s)")
+print(f"report with every rollout and its image: {out}/eval-grpo/report.html; drift plot: {out}/drift.png")
 PYEOF

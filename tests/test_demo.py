@@ -25,3 +25,6 @@ def test_demo_learns_colours(tmp_path):
     assert sft["format_rate"] > 0.9 and sft["accuracy"] <= 0.35, sft["accuracy"]
     assert grpo["accuracy"] >= 0.85, grpo["accuracy"]
     assert "after GRPO" in r.stdout
+    drift = json.loads((tmp_path / "demo-out" / "drift.json").read_text())
+    assert all(c["passed"] is not False for c in drift["checks"] if c["severity"] == "error"), drift["checks"]
+    assert (tmp_path / "demo-out" / "eval-grpo" / "report.html").exists()

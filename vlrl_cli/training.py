@@ -23,7 +23,8 @@ def init_distributed() -> tuple[int, int]:
 
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port:
         import socket
 
         with socket.socket() as s:  # a free port: two runs on one machine must not collide
@@ -31,6 +32,8 @@ def init_distributed() -> tuple[int, int]:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    if own_port:  # our store holds it now; a process started from this one must not inherit (and reuse) it
+        os.environ.pop("MASTER_PORT")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
