@@ -133,3 +133,45 @@ def test_statistics_against_hand_values():
     assert s["chi2_sequence"] == pytest.approx(((2 - 1) ** 2 + (0.5 - 1) ** 2) / 2)  # sequence ratios 2 and 0.5
     assert s["is_ratio"]["ess_token"] == pytest.approx(4.5 ** 2 / (4 * 6.25))
     assert s["prob_abs_diff"]["max"] == pytest.approx(0.25)
+
+
+def test_after_update_from_a_checkpoint(tiny_model, colors_data, tmp_path):
+    from vlrl_cli.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", "qwen2_5_vl", seed=1)  # the same architecture, other weights
+    report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
+                         DriftOptions(samples=3, max_new_tokens=6, after_update=True, update_from=str(other)))
+    c = checks(report)
+    assert "weights of" in report["after_update"]["update"]
+    assert c["update_visible"]["passed"] is True and c["after_update_seen_images"]["passed"] is True
+    assert report["after_update"]["seen"]["overall"]["abs_diff"]["max"] < 1e-4  # the engine got the new weights
+
+
+def test_multi_turn_drift_is_split_by_turn(tiny_model, tmp_path):
+    from vlrl_cli.prepare import PrepareOptions, prepare
+
+    prepare(PrepareOptions(source="maze2d", out=tmp_path / "maze", workers=1,
+                           source_opts={"rows": 3, "val_rows": 1, "maze_size": 3}))
+    report = check_drift(str(tiny_model), str(tmp_path / "maze" / "train.parquet"),
+                         DriftOptions(samples=2, max_new_tokens=6, max_turns=3))
+    turns = report["stats"]["by_turn"]
+    assert {"turn_1", "turn_2", "turn_3"} <= set(turns)
+    # every turn starts after an image (the prompt's, then each observation's frame)
+    assert report["stats"]["by_position"]["after_image"]["tokens"] == 2 * 3 * 4
+    assert report["token_abs_diff"]["max"] < 1e-4
+    assert checks(report)["image_tensors"]["passed"] is True  # observation frames included
+
+
+def test_models_resolve_from_checkpoints_and_run_dirs(tmp_path):
+    from vlrl_cli.runs import resolve_model
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_3"
+    (ckpt / "hf").mkdir(parents=True)
+    (ckpt / "hf" / "config.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_3")
+    assert resolve_model(str(ckpt)) == str(ckpt / "hf")
+    assert resolve_model(str(tmp_path / "run")) == str(ckpt / "hf")
+    assert resolve_model("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="without a finished checkpoint"):
+        resolve_model(str(tmp_path / "empty"))

@@ -289,7 +289,7 @@ def train(
 @app.command("eval", epilog="[bold]Examples[/]\n\n  vlrl eval runs/colors-grpo/checkpoints/step_60/hf demo-out/colors/val.parquet --out evals/colors\n"
                             "  vlrl eval Qwen/Qwen2.5-VL-3B-Instruct data/geo3k/test.parquet --engine vllm --n 8 --temperature 1.0 --out evals/geo")
 def eval_(
-    model: Annotated[str, typer.Argument(help="Hub id, local model dir or a run checkpoint's hf/ folder.")],
+    model: Annotated[str, typer.Argument(help="Hub id, model dir, checkpoint (runs/x/checkpoints/step_N) or run dir (its latest).")],
     data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
@@ -343,7 +343,7 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "bfloat16": 
 
 @app.command("check-drift", epilog=DRIFT_EPILOG)
 def check_drift_cmd(
-    model: Annotated[str, typer.Argument(help="Hub id, local model dir or a run checkpoint's hf/ folder.")],
+    model: Annotated[str, typer.Argument(help="Hub id, model dir, checkpoint (runs/x/checkpoints/step_N) or run dir (its latest).")],
     data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
     engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
     train_dtype: Annotated[str, typer.Option(help="Trainer precision: bf16 or fp32.")] = "fp32",

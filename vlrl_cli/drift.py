@@ -398,7 +398,10 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     from .grpo import load_records, sync_weights
     from .render import load_processor
 
+    from .runs import resolve_model
+
     say = progress or (lambda msg: None)
+    model = resolve_model(model)
     records = load_records(data, o.samples * (2 if o.after_update else 1))
     seen, unseen = records[:o.samples], records[o.samples:]
     processor = load_processor(model)

@@ -68,6 +68,9 @@ def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions()
     from .render import load_processor
     from .rollout import collect
 
+    from .runs import resolve_model
+
+    model = resolve_model(model)
     records = load_records(data, opts.limit)
     processor = load_processor(model)
     engine = engine or make_engine(opts.engine, model, processor, dtype=opts.dtype, seed=opts.seed)

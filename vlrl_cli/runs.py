@@ -107,6 +107,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def resolve_model(model: str) -> str:
+    """What `eval` and `check-drift` accept as MODEL: a hub id or model dir (unchanged), a checkpoint
+    (runs/x/checkpoints/step_N -> its hf/ folder) or a run directory (runs/x -> its latest checkpoint)."""
+    path = Path(model)
+    if (path / "hf" / "config.json").exists():
+        return str(path / "hf")
+    if (path / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"{model}: a run directory without a finished checkpoint")
+        return str(ckpt / "hf")
+    return model
+
+
 def load_checkpoint(engine, ckpt: Path) -> dict:
     _, client_state = engine.load_checkpoint(str(ckpt / "ds"), tag="state")
     return client_state or {}
