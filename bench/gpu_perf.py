@@ -8,6 +8,7 @@ values), 448x448 colour images (256 image tokens each), fixed-length generation 
     python bench/gpu_perf.py rollout --model /tmp/q3b --data ... --engine vllm --prompts 256 --json r.json
     python bench/gpu_perf.py sync    --model /tmp/q3b --json s.json --profile prof.txt
     python bench/gpu_perf.py recipe  --model /tmp/q3b --data ... --out step.yaml   # then: vlrl train step.yaml
+    python bench/gpu_perf.py train-profile --model /tmp/q3b --data ... --stage 3 --micro-batch 8 --profile p.txt
     python bench/gpu_perf.py summarize --dir $OUT --out bench/results/gpu.json
 
 Each command prints one JSON line and writes it to --json; `summarize` joins them.
@@ -141,6 +142,64 @@ def cmd_sync(a):
           "gb_per_s": n_bytes / 1e9 / secs[len(secs) // 2], "generated_after_sync": len(gens[0][0].token_ids)}, a.json)
 
 
+def cmd_train_profile(a):
+    """Where a GRPO step's training time goes: forward + backward of real rollout-shaped micro-batches.
+
+    Builds the trainer as `vlrl train` does (ZeRO stage, bf16, gradient checkpointing), feeds --micro-batches
+    micro-batches of --micro-batch sequences (a real rendered image prompt + --tokens response tokens),
+    times each, and writes the torch-profiler table of one. Compare --stage 2 / 3 and --micro-batch 8 / 16.
+    """
+    import torch
+
+    from vlrl_cli import training
+    from vlrl_cli.rollout import Trajectory
+
+    training.init_distributed()
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    policy = training.build_engine(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False,
+                                   grad_clip=1.0, dtype=dtype, gradient_checkpointing=True)
+    processor, reqs = requests_for(a.model, a.data, a.micro_batch)
+    vocab = len(processor.tokenizer)
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for r in reqs:
+        resp = torch.randint(0, vocab, (a.tokens,), generator=g).tolist()
+        n = len(r.input_ids) + a.tokens
+        seqs.append(Trajectory("x", 0, "colors", "colors", r.input_ids + resp, [0] * len(r.input_ids) + [1] * a.tokens,
+                               [0.0] * n, r.tensors, len(r.input_ids)))
+    batch = training.make_batch(seqs, processor.tokenizer.pad_token_id, training.device())
+    banned = []
+
+    def one(last: bool) -> float:
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        lp = training.sequence_logprobs(policy, batch, 1.0, banned)
+        loss = -(lp * batch.loss_mask).sum() / batch.loss_mask.sum()
+        training.backward_step(policy, loss, last)
+        sync()
+        return time.perf_counter() - t
+
+    times = [one(k == a.micro_batches - 1) for k in range(a.micro_batches)]
+    t = time.perf_counter()
+    policy.step()
+    step_s = time.perf_counter() - t
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            one(True)
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        Path(a.profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    steady = times[1:] or times
+    tokens = sum(len(x.token_ids) for x in seqs)
+    emit({"device": device_name(), "stage": a.stage, "micro_batch": a.micro_batch, "sequence_tokens": tokens // len(seqs),
+          "micro_batch_seconds": sum(steady) / len(steady), "first_micro_batch_seconds": times[0],
+          "optimizer_step_seconds": step_s, "train_tokens_per_s": tokens / (sum(steady) / len(steady)),
+          "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}, a.json)
+
+
 def cmd_recipe(a):
     import yaml
 
@@ -227,7 +286,7 @@ def main():
     d = sub.add_parser("data")
     d.add_argument("--out", required=True)
     d.add_argument("--rows", type=int, default=512)
-    for name in ("rollout", "sync", "recipe"):
+    for name in ("rollout", "sync", "recipe", "train-profile"):
         s = sub.add_parser(name)
         s.add_argument("--model", required=True)
         s.add_argument("--data", required=True)
@@ -237,6 +296,11 @@ def main():
         s.add_argument("--prompts", type=int, default=256)
     sub.choices["rollout"].add_argument("--engine", default="vllm")
     sub.choices["sync"].add_argument("--profile")
+    tp = sub.choices["train-profile"]
+    tp.add_argument("--stage", type=int, default=3)
+    tp.add_argument("--micro-batch", type=int, default=8)
+    tp.add_argument("--micro-batches", type=int, default=4)
+    tp.add_argument("--profile")
     r = sub.choices["recipe"]
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=3)
@@ -249,7 +313,7 @@ def main():
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     {"build": cmd_build, "data": cmd_data, "rollout": cmd_rollout, "sync": cmd_sync, "recipe": cmd_recipe,
-     "summarize": cmd_summarize}[a.cmd](a)
+     "train-profile": cmd_train_profile, "summarize": cmd_summarize}[a.cmd](a)
 
 
 if __name__ == "__main__":
