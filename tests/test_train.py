@@ -56,6 +56,19 @@ def test_zero_stages_reproduce_zero0_sft_losses(tmp_path, tiny_model, colors_dat
         assert out[stage] == pytest.approx(out[0], rel=1e-4, abs=1e-5), (stage, out)
 
 
+def test_zero2_with_cpu_optimizer_offload_reproduces_zero0(tmp_path, tiny_model, colors_data):
+    # DeepSpeedCPUAdam (a C++ op DeepSpeed builds at first use, about 2 min once per machine) steps the
+    # optimizer on the CPU; the losses must be those of the plain run
+    out = {}
+    for name, trainer in (("plain", {"zero_stage": 0}), ("offload", {"zero_stage": 2, "offload": True})):
+        rec = write_recipe(tmp_path, tiny_model, colors_data, name, algorithm={"name": "sft", "sft_target": "ground_truth"},
+                           trainer={**trainer, "steps": 3})
+        r = run_cli(["train", rec], timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = losses(tmp_path / "runs" / name)
+    assert out["offload"] == pytest.approx(out["plain"], rel=1e-4, abs=1e-5), out
+
+
 USER_ENV = """
 from vlrl_cli.envs.base import Env
 
