@@ -123,6 +123,21 @@ def test_grpo_under_zero3_with_a_kl_reference_and_the_hf_engine(tmp_path, tiny_m
     assert metrics[1]["kl"] is not None and metrics[1]["kl"] > 0  # the policy moved away from the reference
 
 
+def test_tensorboard_gets_every_metric_of_every_step(tmp_path, tiny_model, colors_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rec = write_recipe(tmp_path, tiny_model, colors_data, "tb", algorithm={"name": "sft", "sft_target": "ground_truth"},
+                       trainer={"steps": 2}, run={"tensorboard": True})
+    r = run_cli(["train", rec])
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "runs" / "tb" / "tensorboard"))
+    events.Reload()
+    jsonl = read_metrics(tmp_path / "runs" / "tb")
+    assert {"loss", "grad_norm", "lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in jsonl])
+
+
 def test_kill_and_resume_reaches_the_same_metrics(tmp_path, tiny_model, colors_data):
     kw = dict(trainer={"steps": 4, "save_every": 2})
     full = write_recipe(tmp_path, tiny_model, colors_data, "full", **kw)
@@ -183,3 +198,28 @@ def test_placeholder_tokens_are_never_sampled(tiny_model, tmp_path):
     sampled = {t for g in gens for t in g.token_ids}
     assert sampled and not (sampled & set(banned))
     assert all(abs(lp) < 1e9 for g in gens for lp in g.logprobs)
+
+
+def _all_ranks_worker(rank, port, out):
+    import torch.distributed as dist
+
+    from vlrl_cli.training import all_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out[rank] = (all_ranks({"a": rank + 1.0, "b": 10.0}), all_ranks({"m": float(rank * 5)}, op="max"))
+    dist.destroy_process_group()
+
+
+def test_step_metrics_are_over_all_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_all_ranks_worker, args=(port, out), nprocs=2)
+    for rank in (0, 1):
+        sums, maxes = out[rank]
+        assert sums == {"a": 3.0, "b": 20.0} and maxes == {"m": 5.0}

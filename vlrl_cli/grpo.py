@@ -159,31 +159,38 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         # 4. push the new weights into the engine (every step: the next rollout must be on-policy)
         t_sync = sync_weights(policy, engine) if batch else 0.0
 
-        tok = max(stats["tok"], 1.0)
         step_s = time.perf_counter() - t0
-        gen_tokens = sum(t.response_len for t in trajs)
+        # the step's numbers over all ranks (each rank rolled out its own prompts)
+        g = training.all_ranks({
+            **{k: v for k, v in stats.items() if k != "drift_max"},
+            "seqs": len(trajs), "reward": float(rewards.sum()), "correct": sum(bool(t.info.get("correct")) for t in trajs),
+            "format": sum(bool(t.info.get("format_ok")) for t in trajs), "gen_tokens": sum(t.response_len for t in trajs),
+            "prompt_tokens": sum(t.prompt_len for t in trajs), "groups_kept": int(keep.sum()) // r.n,
+            "too_long": sum(t.done_reason == "prompt_too_long" for t in trajs) // r.n})
+        drift_max = training.all_ranks({"m": stats["drift_max"]}, op="max")["m"]
+        tok, seqs = max(g["tok"], 1.0), g["seqs"]
         metrics = {
             "step": step + 1,
-            "reward_mean": float(rewards.mean()),
-            "accuracy": sum(bool(t.info.get("correct")) for t in trajs) / len(trajs),
-            "format_rate": sum(bool(t.info.get("format_ok")) for t in trajs) / len(trajs),
-            "response_len_mean": gen_tokens / len(trajs),
-            "entropy": stats["ent"] / tok,
-            "kl": stats["kl"] / tok if ref is not None else None,
-            "clip_frac": stats["clip"] / tok,
+            "reward_mean": g["reward"] / seqs,
+            "accuracy": g["correct"] / seqs,
+            "format_rate": g["format"] / seqs,
+            "response_len_mean": g["gen_tokens"] / seqs,
+            "entropy": g["ent"] / tok,
+            "kl": g["kl"] / tok if ref is not None else None,
+            "clip_frac": g["clip"] / tok,
             "grad_norm": grad_norm,
-            "drift_abs_mean": stats["drift_sum"] / tok,
-            "drift_abs_max": stats["drift_max"],
-            "is_ratio_mean": stats["ratio_sum"] / tok,
-            "groups_kept": int(keep.sum()) // r.n,
-            "prompts_too_long": sum(t.done_reason == "prompt_too_long" for t in trajs) // r.n,
+            "drift_abs_mean": g["drift_sum"] / tok,
+            "drift_abs_max": drift_max,
+            "is_ratio_mean": g["ratio_sum"] / tok,
+            "groups_kept": int(g["groups_kept"]),
+            "prompts_too_long": int(g["too_long"]),
             "time_generate_s": round(t_gen, 4),
             "time_score_s": round(t_score, 4),
             "time_train_s": round(t_train, 4),
             "time_sync_s": round(t_sync, 4),
-            "tokens_per_s": gen_tokens / step_s,
+            "tokens_per_s": g["gen_tokens"] / world / step_s,  # generated tokens per second per rank
             "time_step_s": round(step_s, 4),
-            "prompt_len_mean": sum(t.prompt_len for t in trajs) / len(trajs),
+            "prompt_len_mean": g["prompt_tokens"] / seqs,
             "lr": policy.get_lr()[0],
         }
         if torch.cuda.is_available():  # the trainer's peak (vLLM's own pool is not counted here)

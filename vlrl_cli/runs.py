@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +37,14 @@ class MetricsLog:
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
-                pass
+                _not_installed("run.tensorboard", "tensorboard")
         if wandb:
             try:
                 import wandb as wb
 
                 self.wb = wb.init(project="vlrl", name=run_dir.name, dir=str(run_dir))
             except ImportError:
-                pass
+                _not_installed("run.wandb", "wandb")
 
     def write(self, metrics: dict) -> None:
         with open(self.path, "a") as f:
@@ -52,8 +53,14 @@ class MetricsLog:
         if self.tb:
             for k, v in nums.items():
                 self.tb.add_scalar(k, v, metrics["step"])
+            self.tb.flush()  # a crashed run keeps its curves
         if self.wb:
             self.wb.log(nums, step=metrics["step"])
+
+
+def _not_installed(key: str, package: str) -> None:
+    print(f"warning: {key} is on but {package} is not installed (pip install {package}); "
+          "metrics.jsonl has every metric", file=sys.stderr)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -80,9 +80,10 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
             logp = training.sequence_logprobs(policy, b, 1.0, banned)
             loss = -(logp * b.loss_mask).sum() / n_tok
             training.backward_step(policy, loss, last=m == len(micro) - 1)
-            total += float(loss)
+            total += loss.item()
         grad_norm = training.optimizer_step(policy)
-        metrics = {"step": step + 1, "loss": total, "grad_norm": grad_norm,
-                   "tokens": n_tok, "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
+        g = training.all_ranks({"nll": total * n_tok, "tok": n_tok})  # token-mean loss over all ranks
+        metrics = {"step": step + 1, "loss": g["nll"] / max(g["tok"], 1), "grad_norm": grad_norm, "tokens": int(g["tok"]),
+                   "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
         run.end_step(recipe, metrics, on_step)
     return recipe.run_dir

@@ -156,6 +156,17 @@ def sequence_logprobs(model, batch: Batch, temperature: float, banned: list[int]
     return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
 
 
+def all_ranks(values: dict[str, float], op: str = "sum") -> dict[str, float]:
+    """Sum (or max) each value over all ranks; unchanged in a one-process run."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
 def backward_step(engine, loss: torch.Tensor, last: bool) -> None:
     """Accumulate gradients over a variable number of micro-batches; the optimizer steps on the last."""
     engine.set_gradient_accumulation_boundary(last)
