@@ -157,7 +157,8 @@ def cmd_train_profile(a):
     training.init_distributed()
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     policy = training.build_engine(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False,
-                                   grad_clip=1.0, dtype=dtype, gradient_checkpointing=True)
+                                   grad_clip=1.0, dtype=dtype, gradient_checkpointing=True,
+                                   persistence_threshold=a.persistence)
     processor, reqs = requests_for(a.model, a.data, a.micro_batch)
     vocab = len(processor.tokenizer)
     g = torch.Generator().manual_seed(0)
@@ -194,7 +195,7 @@ def cmd_train_profile(a):
         Path(a.profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
     steady = times[1:] or times
     tokens = sum(len(x.token_ids) for x in seqs)
-    emit({"device": device_name(), "stage": a.stage, "micro_batch": a.micro_batch, "sequence_tokens": tokens // len(seqs),
+    emit({"device": device_name(), "stage": a.stage, "persistence": a.persistence, "micro_batch": a.micro_batch, "sequence_tokens": tokens // len(seqs),
           "micro_batch_seconds": sum(steady) / len(steady), "first_micro_batch_seconds": times[0],
           "optimizer_step_seconds": step_s, "train_tokens_per_s": tokens / (sum(steady) / len(steady)),
           "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}, a.json)
@@ -300,6 +301,7 @@ def main():
     tp.add_argument("--stage", type=int, default=3)
     tp.add_argument("--micro-batch", type=int, default=8)
     tp.add_argument("--micro-batches", type=int, default=4)
+    tp.add_argument("--persistence", type=int, default=100_000, help="ZeRO-3 stage3_param_persistence_threshold")
     tp.add_argument("--profile")
     r = sub.choices["recipe"]
     r.add_argument("--out", required=True)

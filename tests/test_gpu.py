@@ -134,6 +134,7 @@ def test_two_gpu_zero3_grpo_with_one_vllm_engine_per_rank(tmp_path, gpu_tiny):
         rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", "recipes/colors-tiny.yaml", "--gpus", "2",
                              "--set", f"model.path={gpu_tiny}", "--set", "rollout.engine=vllm",
                              "--set", "trainer.zero_stage=3", "--set", "trainer.steps=6", "--set", "trainer.eval_every=3",
+                             "--set", "trainer.zero3_persistence_threshold=0",
                              "--set", f"data.train={data / 'train.parquet'}", "--set", f"data.val={data / 'val.parquet'}",
                              "--set", f"run.dir={tmp_path / 'runs'}", "--set", "model.dtype=bfloat16",
                              "--set", "rollout.gpu_memory_utilization=0.2"],

@@ -23,7 +23,8 @@ def write_recipe(tmp_path, tiny_model, colors_data, name, **sections) -> Path:
         "data": {"train": str(colors_data / "train.parquet"), "val": str(colors_data / "val.parquet"), "val_limit": 4},
         "rollout": {"n": 4, "prompts_per_step": 4, "max_new_tokens": 4},
         "algorithm": {"name": "grpo"},
-        "trainer": {"steps": 3, "lr": 1.0e-3, "micro_batch": 8, "zero_stage": 0},
+        # tiny model: every parameter is under DeepSpeed's persistence threshold; 0 makes ZeRO-3 partition them all
+        "trainer": {"steps": 3, "lr": 1.0e-3, "micro_batch": 8, "zero_stage": 0, "zero3_persistence_threshold": 0},
         "run": {"name": name, "dir": str(tmp_path / "runs")},
     }
     for section, values in sections.items():

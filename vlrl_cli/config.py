@@ -69,6 +69,10 @@ class TrainerCfg:
     grad_clip: float = 1.0
     zero_stage: int = 0
     offload: bool = False  # ZeRO CPU offload of optimizer state
+    # ZeRO-3: parameters smaller than this stay whole on every rank (DeepSpeed's default); 0 partitions
+    # every one (tests on tiny models, where everything is small). Each partitioned parameter costs a
+    # collective per forward / recompute / backward of every micro-batch.
+    zero3_persistence_threshold: int = 100_000
     seed: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     save_final: bool = True  # off for benchmarks: a 3B checkpoint with optimizer state is ~50 GB

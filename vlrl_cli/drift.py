@@ -155,7 +155,7 @@ def load_trainer(model_path: str, dtype: str, zero_stage: int | None):
         return model.to(training.device()).eval()
     training.init_distributed()
     engine = training.build_engine(model_path, lr=0.0, weight_decay=0.0, warmup=0, stage=zero_stage, offload=False,
-                                   grad_clip=1.0, dtype=dtype)
+                                   grad_clip=1.0, dtype=dtype, persistence_threshold=0)
     engine.eval()
     return engine
 

@@ -49,12 +49,12 @@ def device() -> torch.device:
     return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str) -> dict:
+def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, persistence_threshold: int = 100_000) -> dict:
     zero: dict = {"stage": stage}
     if offload and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
     if stage == 3:
-        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+        zero.update(stage3_param_persistence_threshold=persistence_threshold, stage3_gather_16bit_weights_on_model_save=True)
     return {
         # we feed our own micro-batches and mark the accumulation boundary ourselves (see backward_step)
         "train_micro_batch_size_per_gpu": 1,
@@ -79,14 +79,14 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 def build_engine(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
                  grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
-                 schedule: str = "constant"):
+                 schedule: str = "constant", persistence_threshold: int = 100_000):
     """The policy under DeepSpeed: (engine, model config)."""
     import deepspeed
     from transformers import AutoModelForImageTextToText
 
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    cfg = deepspeed_config(stage, offload, grad_clip, dtype)
+    cfg = deepspeed_config(stage, offload, grad_clip, dtype, persistence_threshold)
     # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full copy per
     # rank) while this object lives. It is process-global, so it is switched off again below: models
     # loaded later (the hf engine's copy, a KL reference) must load whole.
@@ -261,7 +261,8 @@ def setup_run(recipe, resume: bool) -> RunSetup:
     processor = load_processor(recipe.model.path)
     total = tr.steps * (a.ppo_epochs if a.name == "grpo" else 1)  # optimizer steps, for the lr schedule
     policy = build_engine(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage, tr.offload,
-                          tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing, total, tr.lr_schedule)
+                          tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing, total, tr.lr_schedule,
+                          tr.zero3_persistence_threshold)
     ckpt = runs.latest_checkpoint(recipe.run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {recipe.run_dir}/checkpoints")
