@@ -16,6 +16,7 @@ the importance weight a trainer would apply to the engine's samples.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from .engines import split_by_grid
 
 AFTER_IMAGE_TOKENS = 4  # "first tokens after an image": this many generated tokens after context holding an image
 
@@ -175,7 +178,7 @@ def apply_update(trainer, perturb: float, update_from: str | None, seed: int) ->
         source = dict(AutoModelForImageTextToText.from_pretrained(update_from, dtype=torch.float32).named_parameters())
     gen = torch.Generator().manual_seed(seed + 1)
     for name, p in _params(trainer):
-        ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if hasattr(p, "ds_id") else _nullcontext()
+        ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if hasattr(p, "ds_id") else contextlib.nullcontext()
         with ctx, torch.no_grad():
             if source is not None:
                 if name not in source:
@@ -186,14 +189,6 @@ def apply_update(trainer, perturb: float, update_from: str | None, seed: int) ->
                 rms = p.float().pow(2).mean().sqrt()
                 p.add_((noise * perturb * rms).to(p.dtype))
     return f"weights of {update_from}" if update_from else f"relative noise {perturb} x rms per tensor (seed {seed + 1})"
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def score(trainer, trajs, processor, temperature: float, banned: list[int], micro_batch: int) -> list[np.ndarray]:
@@ -259,11 +254,7 @@ def trainer_images(trajs) -> list[tuple[str, int, tuple, torch.Tensor]]:
         grid, pix = t.tensors.get("image_grid_thw"), t.tensors.get("pixel_values")
         if grid is None or pix is None:
             continue
-        start = 0
-        for j, g in enumerate(grid.tolist()):
-            rows = g[0] * g[1] * g[2]
-            out.append((t.record_id, j, tuple(g), pix[start:start + rows]))
-            start += rows
+        out += [(t.record_id, j, g, rows) for j, (g, rows) in enumerate(split_by_grid(pix, grid.tolist()))]
     return out
 
 
@@ -298,7 +289,7 @@ def check_image_tensors(trajs, captured: list[tuple[tuple, torch.Tensor]]) -> Ch
                      "mean/std); vlrl canonicalises images at prepare time so both sides start from the same pixels")
 
 
-def check_prompt_ids(prompts: list[tuple[list[int], list[int]]], trajs) -> Check:
+def check_prompt_ids(prompts: list[tuple[list[int], list[int]]]) -> Check:
     bad = [(i, a, b) for i, (a, b) in enumerate(prompts) if a != b]
     if not bad:
         return Check("prompt_ids", True, f"{len(prompts)}/{len(prompts)} engine prompts equal the processor's ids")
@@ -431,7 +422,7 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     rows = token_rows(trajs, lps, processor.image_token_id)
     stats = split_stats(rows)
     phases = {"before_update": stats}
-    checks = [check_prompt_ids(prompts, trajs), check_image_tensors(trajs, probe.images),
+    checks = [check_prompt_ids(prompts), check_image_tensors(trajs, probe.images),
               check_image_token_counts(trajs, prompts, processor), *sampling_checks(o)]
     report = {
         "settings": {"model": model, "data": data, **asdict(o), "engine_dtype": engine_dtype},

@@ -79,6 +79,17 @@ def expand_placeholders(ids: list[int], pad_id: int, counts: list[int]) -> list[
     return out
 
 
+def split_by_grid(pixels, grid) -> list[tuple[tuple[int, int, int], Any]]:
+    """Concatenated patch rows -> (grid, rows) per image; an image of grid (t, h, w) has t*h*w rows."""
+    out, start = [], 0
+    for g in grid:
+        g = tuple(int(v) for v in g)
+        rows = g[0] * g[1] * g[2]
+        out.append((g, pixels[start:start + rows]))
+        start += rows
+    return out
+
+
 class VisionInputProbe:
     """Records the pixel tensors an engine's vision encoder actually receives, one entry per image.
 
@@ -97,9 +108,5 @@ class VisionInputProbe:
         grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
         if pixels is None or grid is None:
             return
-        grid = [tuple(int(v) for v in g) for g in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
-        start = 0
-        for g in grid:
-            rows = g[0] * g[1] * g[2]
-            self.images.append((g, pixels[start:start + rows].detach().to("cpu")))
-            start += rows
+        grid = grid.tolist() if isinstance(grid, torch.Tensor) else grid
+        self.images += [(g, rows.detach().to("cpu")) for g, rows in split_by_grid(pixels, grid)]
