@@ -269,7 +269,7 @@ def check_image_tensors(trajs, captured: list[tuple[tuple, torch.Tensor]]) -> Ch
     if not captured:
         return Check("image_tensors", False, "the engine's vision encoder received nothing (probe not attached?)")
     dtype = captured[0][1].dtype  # compare at the precision the engine ran its encoder in
-    engine_hashes = {_digest(px.to(torch.float32).to(dtype)) for _, px in captured}
+    engine_hashes = {_digest(px) for _, px in captured}
     missing = [(rid, j, g, px) for rid, j, g, px in mine if _digest(px.to(torch.float32).to(dtype)) not in engine_hashes]
     if not missing:
         return Check("image_tensors", True, f"{len(mine)}/{len(mine)} trainer images bit-identical to what the "

@@ -84,13 +84,19 @@ def _prompt_text(record: dict) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def _prompt_images(t) -> list[str]:
+    """The trajectory's images that came with the prompt (the rest are observations, in turn order)."""
+    return t.images[:len(t.images) - sum(x.get("observation_images", 0) for x in t.texts)]
+
+
 def _sample(t, k: int) -> str:
     ok = bool(t.info.get("correct"))
-    n_prompt = len(t.images) - sum(x.get("observation_images", 0) for x in t.texts)
+    prompt_images = _prompt_images(t)
+    n_prompt = len(prompt_images)
     turns, frames, img_i = [], [], n_prompt
     multi = len(t.texts) > 1 or any(x.get("observation_images") for x in t.texts)
     if multi:
-        frames += [_img(u, "start") for u in t.images[:n_prompt]]
+        frames += [_img(u, "start") for u in prompt_images]
     for i, x in enumerate(t.texts, 1):
         obs = ""
         if x.get("observation"):
@@ -116,8 +122,7 @@ def write_report(path: Path, metrics: dict, trajs, records: dict[str, dict], max
     for (_, rid), ts in list(by_record.items())[:max_records]:
         rec = records.get(rid, {})
         truth = (rec.get("reward_spec") or {}).get("ground_truth")
-        n_prompt = len(ts[0].images) - sum(x.get("observation_images", 0) for x in ts[0].texts)
-        imgs = "".join(_img(u, f"image {i + 1}") for i, u in enumerate(ts[0].images[:n_prompt]))
+        imgs = "".join(_img(u, f"image {i + 1}") for i, u in enumerate(_prompt_images(ts[0])))
         cards.append(
             f'<div class="record"><h2>{_e(rid)} <span class="muted">{_e(ts[0].data_source)} &middot; {_e(ts[0].env_class)}'
             f'{" &middot; answer: " + _e(truth) if truth is not None else ""}</span></h2>'
