@@ -158,13 +158,17 @@ def cmd_train_profile(a):
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     policy = training.build_engine(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False,
                                    grad_clip=1.0, dtype=dtype, gradient_checkpointing=True,
-                                   persistence_threshold=a.persistence)
+                                   persistence_threshold=a.persistence, attention=a.attention)
+    policy.train()  # as in a GRPO step: gradient checkpointing is only active in train mode
     processor, reqs = requests_for(a.model, a.data, a.micro_batch)
-    vocab = len(processor.tokenizer)
+    from vlrl_cli.engines import placeholder_token_ids
+
+    special = set(placeholder_token_ids(processor))  # a sampled image placeholder would need an image
+    ordinary = [i for i in range(len(processor.tokenizer)) if i not in special]
     g = torch.Generator().manual_seed(0)
     seqs = []
     for r in reqs:
-        resp = torch.randint(0, vocab, (a.tokens,), generator=g).tolist()
+        resp = [ordinary[i] for i in torch.randint(0, len(ordinary), (a.tokens,), generator=g).tolist()]
         n = len(r.input_ids) + a.tokens
         seqs.append(Trajectory("x", 0, "colors", "colors", r.input_ids + resp, [0] * len(r.input_ids) + [1] * a.tokens,
                                [0.0] * n, r.tensors, len(r.input_ids)))
@@ -181,22 +185,41 @@ def cmd_train_profile(a):
         sync()
         return time.perf_counter() - t
 
+    def score() -> float:  # the no-grad forward that gives the old log-probs
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            training.sequence_logprobs(policy, batch, 1.0, banned)
+        sync()
+        return time.perf_counter() - t
+
+    scores = [score() for _ in range(2)]
     times = [one(k == a.micro_batches - 1) for k in range(a.micro_batches)]
     t = time.perf_counter()
     policy.step()
     step_s = time.perf_counter() - t
+    busy = None
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=acts) as prof:
-            one(True)
+            wall = one(True)
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-        Path(a.profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+        events = prof.key_averages()
+        # GPU busy time: the sum of kernels' own time; against the wall time it says whether the GPU waits
+        from torch.autograd import DeviceType
+
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        busy = {"wall_s": wall, "gpu_kernel_s": gpu_us / 1e6, "gpu_busy_fraction": gpu_us / 1e6 / wall,
+                "kernel_launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC"))}
+        Path(a.profile).write_text(json.dumps(busy) + "\n" + events.table(sort_by=sort, row_limit=40))
     steady = times[1:] or times
     tokens = sum(len(x.token_ids) for x in seqs)
-    emit({"device": device_name(), "stage": a.stage, "persistence": a.persistence, "micro_batch": a.micro_batch, "sequence_tokens": tokens // len(seqs),
+    emit({"device": device_name(), "stage": a.stage, "persistence": a.persistence, "attention": a.attention, "micro_batch": a.micro_batch, "sequence_tokens": tokens // len(seqs),
           "micro_batch_seconds": sum(steady) / len(steady), "first_micro_batch_seconds": times[0],
+          "score_micro_batch_seconds": scores[-1], "profiled": busy,
           "optimizer_step_seconds": step_s, "train_tokens_per_s": tokens / (sum(steady) / len(steady)),
           "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}, a.json)
 
@@ -205,13 +228,13 @@ def cmd_recipe(a):
     import yaml
 
     recipe = {
-        "model": {"path": a.model, "dtype": "bfloat16", "gradient_checkpointing": True},
+        "model": {"path": a.model, "dtype": "bfloat16", "gradient_checkpointing": True, "attention": a.attention},
         "data": {"train": a.data, "max_prompt_tokens": 1024},
         "rollout": {"engine": "vllm", "n": 8, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens,
                     "temperature": 1.0, "ignore_eos": True, "gpu_memory_utilization": a.gpu_mem,
                     "max_context_tokens": 4096},
         "algorithm": {"name": "grpo", "loss_agg": "token-mean", "mismatch": "tis"},
-        "trainer": {"steps": a.steps, "lr": 1.0e-6, "micro_batch": a.micro_batch, "zero_stage": 3, "save_final": False,
+        "trainer": {"steps": a.steps, "lr": 1.0e-6, "micro_batch": a.micro_batch, "zero_stage": a.zero_stage, "save_final": False,
                     "eval_every": 0, "warmup_steps": 0},
         "run": {"name": a.name, "dir": a.run_dir},
     }
@@ -239,39 +262,86 @@ def step_summary(metrics_path: Path, gpus: int, skip: int = 1) -> dict:
             "trainer_peak_gpu_gb": max(r.get("gpu_mem_peak_gb", 0) for r in rows)}
 
 
+def _steps(d: Path, name: str, gpus: int) -> dict | None:
+    path = d / name / "metrics.jsonl"
+    return step_summary(path, gpus) if path.exists() else None
+
+
+def _per_step(run: dict | None, steady: bool) -> float | None:
+    """A run's step seconds: the steady mean (steps after the first) or its first step."""
+    if not run:
+        return None
+    return run["step_seconds"] if steady else run["first_step_seconds"]
+
+
+def _has_steady(*runs) -> bool:
+    return all(r and r["steady_steps"] < r["steps"] for r in runs)
+
+
 def cmd_summarize(a):
+    """Join one session's result files; parts not re-measured are kept from --previous (marked as such).
+
+    Run folders (metrics.jsonl of `vlrl train`): step1 / step2 = ZeRO-3 on 1 / 2 GPUs, step1_z2 / step2_z2 =
+    ZeRO-2. Ratios use steady steps (the mean after the first) where both sides have them, else first steps;
+    every `*_basis` says which.
+    """
     d = Path(a.dir)
     load = lambda name: json.loads((d / name).read_text()) if (d / name).exists() else None  # noqa: E731
+    prev = json.loads(Path(a.previous).read_text()) if a.previous and Path(a.previous).exists() else {}
     vllm, hf, sync = load("rollout_vllm.json"), load("rollout_hf.json"), load("sync.json")
-    one = step_summary(d / "step1" / "metrics.jsonl", 1) if (d / "step1" / "metrics.jsonl").exists() else None
-    two = step_summary(d / "step2" / "metrics.jsonl", 2) if (d / "step2" / "metrics.jsonl").exists() else None
+    carried = []
+    if not (vllm and hf) and prev.get("rollout"):
+        vllm, hf = prev["rollout"]["vllm"], prev["rollout"]["hf"]
+        carried.append("rollout")
+    if not sync and prev.get("sync"):
+        sync = prev["sync"]
+        carried.append("sync")
+    one, two = _steps(d, "step1", 1), _steps(d, "step2", 2)
+    one_z2, two_z2 = _steps(d, "step1_z2", 1), _steps(d, "step2_z2", 2)
     trl = load("trl.json")
-    trl_first = trl["step_seconds_all"][0] if trl else None
-    trl_own = next((x["step_time"] for x in (trl or {}).get("log_history", []) if "step_time" in x), None)
+    profiles = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("tp_*.json"))}
 
-    def ratio(run, other_first):
-        return run["first_step_seconds"] / other_first if run and other_first else None
+    trl_run = {"steps": len(trl["step_seconds_all"]), "steady_steps": len(trl["step_seconds_all"]) - 1,
+               "step_seconds": trl["step_seconds"], "first_step_seconds": trl["step_seconds_all"][0]} if trl else None
+    trl_own = [x["step_time"] for x in (trl or {}).get("log_history", []) if "step_time" in x]
+    steady = _has_steady(one, trl_run)
+    trl_own_s = ((sum(trl_own[1:]) / len(trl_own[1:]) if steady else trl_own[0])
+                 if len(trl_own) > 1 or (trl_own and not steady) else None)
 
+    def ratio(x, y, both_steady):
+        xs, ys = _per_step(x, both_steady), _per_step(y, both_steady)
+        return xs / ys if xs and ys else None
+
+    # weak scaling: the same per-GPU batch on 2 GPUs; 1.0 = twice the tokens/s. ZeRO-3 where both ran, else ZeRO-2
+    pair = (one, two, "ZeRO-3") if one and two else (one_z2, two_z2, "ZeRO-2")
+    pair_steady = _has_steady(pair[0], pair[1])
     out = {
-        "device": (vllm or sync or {}).get("device"),
+        "device": a.device or next((x["device"] for x in [*profiles.values(), vllm, sync] if x and x.get("device")), None),
+        "runs": "bench/device_runs.sh (the commands), bench/results/gpu_runs/README.md (what ran where)",
         "model": "Qwen2.5-VL-3B-Instruct architecture, random bf16 weights",
+        "carried_from_previous_session": carried,
         "rollout": {"vllm": vllm, "hf": hf},
         "rollout_speedup_vs_hf": vllm["tokens_per_s"] / hf["tokens_per_s"] if vllm and hf else None,
         "sync": sync,
         "sync_seconds_3b": sync["seconds"] if sync else None,
         "grpo_step_1gpu": one,
+        "grpo_step_1gpu_zero2": one_z2,
         "step_seconds_3b": one["step_seconds"] if one else None,
         "tokens_per_s_per_gpu_3b": one["tokens_per_s_per_gpu"] if one else None,
+        "sync_fraction_of_step": sync["seconds"] / one["step_seconds"] if sync and one else None,
         "trl": {k: v for k, v in trl.items() if k != "log_history"} | {"trl_reported_step_time": trl_own} if trl else None,
-        # like for like: first step against first step where a run has no later steps (the device budget
-        # allowed one TRL step and one 2-GPU step); `*_basis` says which
-        "step_time_ratio_vs_trl": ratio(one, trl_first),
-        "step_time_ratio_vs_trl_reported": one["first_step_seconds"] / trl_own if one and trl_own else None,
-        "step_time_ratio_vs_trl_basis": "vlrl first step / TRL first step (on_train_begin to on_step_end)",
+        "step_time_ratio_vs_trl": ratio(one, trl_run, steady),
+        "step_time_ratio_vs_trl_reported": _per_step(one, steady) / trl_own_s if one and trl_own_s else None,
+        "step_time_ratio_vs_trl_first_steps": ratio(one, trl_run, False),
+        "step_time_ratio_vs_trl_zero2": ratio(one_z2, trl_run, _has_steady(one_z2, trl_run)),
+        "step_time_ratio_vs_trl_basis": ("vlrl ZeRO-3 / TRL ZeRO-3, " + ("steady steps (mean after the first); TRL "
+                                         "wall clock from on_train_begin / on_step_end" if steady else "first steps")),
         "grpo_step_2gpu": two,
-        # weak scaling: the same per-GPU batch on 2 GPUs; 1.0 = twice the tokens/s
-        "scaling_efficiency_2gpu": one["first_step_seconds"] / two["first_step_seconds"] if one and two else None,
-        "scaling_efficiency_2gpu_basis": "1-GPU first step / 2-GPU first step (same per-GPU batch)",
+        "grpo_step_2gpu_zero2": two_z2,
+        "scaling_efficiency_2gpu": ratio(pair[0], pair[1], pair_steady),
+        "scaling_efficiency_2gpu_basis": f"{pair[2]}: 1-GPU step / 2-GPU step, same per-GPU batch, "
+                                         + ("steady steps" if pair_steady else "first steps"),
+        "train_profile": profiles or prev.get("train_profile"),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
@@ -289,6 +359,7 @@ def main():
     d.add_argument("--rows", type=int, default=512)
     for name in ("rollout", "sync", "recipe", "train-profile"):
         s = sub.add_parser(name)
+        s.add_argument("--attention", default="auto", help="model.attention: auto (vision grouped) | sdpa | ...")
         s.add_argument("--model", required=True)
         s.add_argument("--data", required=True)
         s.add_argument("--gpu-mem", type=float, default=0.35)
@@ -301,17 +372,21 @@ def main():
     tp.add_argument("--stage", type=int, default=3)
     tp.add_argument("--micro-batch", type=int, default=8)
     tp.add_argument("--micro-batches", type=int, default=4)
-    tp.add_argument("--persistence", type=int, default=100_000, help="ZeRO-3 stage3_param_persistence_threshold")
+    tp.add_argument("--persistence", type=int, default=None,
+                    help="ZeRO-3 stage3_param_persistence_threshold (default: vlrl's, training.persistence_for)")
     tp.add_argument("--profile")
     r = sub.choices["recipe"]
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--micro-batch", type=int, default=8)
+    r.add_argument("--zero-stage", type=int, default=3)
     r.add_argument("--name", default="bench")
     r.add_argument("--run-dir", default="/tmp/bench-runs")
     m = sub.add_parser("summarize")
     m.add_argument("--dir", required=True)
     m.add_argument("--out", default="bench/results/gpu.json")
+    m.add_argument("--device", help="the machine, in words (default: the first result file's)")
+    m.add_argument("--previous", default="bench/results/gpu.json", help="keep parts this session did not re-measure")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     {"build": cmd_build, "data": cmd_data, "rollout": cmd_rollout, "sync": cmd_sync, "recipe": cmd_recipe,

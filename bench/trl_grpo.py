@@ -23,6 +23,14 @@ def colour_reward(completions, answer, **_):
     return [float(a in str(t).lower()) for t, a in zip(texts, answer)]
 
 
+def banned_bias(model: str) -> dict[int, float]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    return {tok.convert_tokens_to_ids(n): -1e4 for n in names if tok.convert_tokens_to_ids(n) is not None}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -78,7 +86,9 @@ def main():
         output_dir="/tmp/trl-out", max_steps=a.steps, learning_rate=1e-6, lr_scheduler_type="constant",
         per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=sequences // a.micro_batch,
         num_generations=a.n, max_completion_length=a.tokens, temperature=1.0, top_p=1.0,
-        generation_kwargs={"ignore_eos": True}, beta=0.0,
+        # the same ban vlrl applies: a random model otherwise samples an image placeholder now and then
+        # (~0.4 per step of 256 x 256 tokens), and TRL's forward then fails on image tokens != features
+        generation_kwargs={"ignore_eos": True, "logit_bias": banned_bias(a.model)}, beta=0.0,
         use_vllm=not a.cpu_smoke, vllm_mode="colocate", vllm_gpu_memory_utilization=a.gpu_mem,
         vllm_enable_sleep_mode=True, bf16=not a.cpu_smoke, gradient_checkpointing=True,
         deepspeed=None if a.cpu_smoke else ds_config, use_cpu=a.cpu_smoke, logging_steps=1, save_strategy="no",

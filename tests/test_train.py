@@ -46,15 +46,18 @@ def losses(run_dir):
 
 def test_zero_stages_reproduce_zero0_sft_losses(tmp_path, tiny_model, colors_data):
     out = {}
-    for stage in (0, 2, 3):
-        rec = write_recipe(tmp_path, tiny_model, colors_data, f"sft-z{stage}", algorithm={"name": "sft", "sft_target": "ground_truth"},
-                           trainer={"zero_stage": stage, "steps": 3})
+    # "3" partitions every parameter; "3-whole" is vlrl's one-rank default: ZeRO-3 with every parameter whole
+    configs = {"0": {"zero_stage": 0}, "2": {"zero_stage": 2}, "3": {"zero_stage": 3},
+               "3-whole": {"zero_stage": 3, "zero3_persistence_threshold": None}}
+    for name, trainer in configs.items():
+        rec = write_recipe(tmp_path, tiny_model, colors_data, f"sft-z{name}", algorithm={"name": "sft", "sft_target": "ground_truth"},
+                           trainer={**trainer, "steps": 3})
         r = run_cli(["train", rec])
         assert r.returncode == 0, r.stderr[-3000:]
-        out[stage] = losses(tmp_path / "runs" / f"sft-z{stage}")
-    assert len(out[0]) == 3 and out[0][2] < out[0][0]  # it learns
-    for stage in (2, 3):
-        assert out[stage] == pytest.approx(out[0], rel=1e-4, abs=1e-5), (stage, out)
+        out[name] = losses(tmp_path / "runs" / f"sft-z{name}")
+    assert len(out["0"]) == 3 and out["0"][2] < out["0"][0]  # it learns
+    for name in ("2", "3", "3-whole"):
+        assert out[name] == pytest.approx(out["0"], rel=1e-4, abs=1e-5), (name, out)
 
 
 def test_zero2_with_cpu_optimizer_offload_reproduces_zero0(tmp_path, tiny_model, colors_data):
@@ -224,3 +227,20 @@ def test_step_metrics_are_over_all_ranks():
     for rank in (0, 1):
         sums, maxes = out[rank]
         assert sums == {"a": 3.0, "b": 20.0} and maxes == {"m": 5.0}
+
+
+def test_zero3_keeps_parameters_whole_on_one_rank_by_default(tiny_model):
+    """persistence_for: every parameter whole on one rank (a one-rank partition is the whole model, and each
+    partitioned parameter costs a fetch per pass); DeepSpeed's 100k on several; an explicit value wins."""
+    from vlrl_cli import training
+
+    assert training.persistence_for(1, None) >= 10**12
+    assert training.persistence_for(2, None) == 100_000
+    assert training.persistence_for(1, 0) == 0
+    training.init_distributed()
+    kinds = {}
+    for threshold in (None, 0):
+        engine = training.build_engine(str(tiny_model), lr=1e-3, weight_decay=0.0, warmup=0, stage=3, offload=False,
+                                       grad_clip=1.0, dtype="float32", persistence_threshold=threshold)
+        kinds[threshold] = {bool(p.ds_persist) for p in engine.module.parameters()}
+    assert kinds == {None: {True}, 0: {False}}

@@ -18,6 +18,7 @@ class ModelCfg:
     path: str = ""  # hub id or local dir (a tiny model: `vlrl tiny-model`)
     dtype: str = "float32"  # training weights: float32 | bfloat16
     gradient_checkpointing: bool = False
+    attention: str = "auto"  # trainer / hf engine: auto (sdpa, vision batched) | a transformers attn_implementation
 
 
 @dataclass
@@ -69,10 +70,10 @@ class TrainerCfg:
     grad_clip: float = 1.0
     zero_stage: int = 0
     offload: bool = False  # ZeRO CPU offload of optimizer state
-    # ZeRO-3: parameters smaller than this stay whole on every rank (DeepSpeed's default); 0 partitions
-    # every one (tests on tiny models, where everything is small). Each partitioned parameter costs a
-    # collective per forward / recompute / backward of every micro-batch.
-    zero3_persistence_threshold: int = 100_000
+    # ZeRO-3: parameters smaller than this stay whole on every rank; None = all of them on one rank,
+    # DeepSpeed's 100k on several (training.persistence_for); 0 partitions every one (tests on tiny
+    # models). Each partitioned parameter costs a fetch per forward / recompute / backward of every micro-batch.
+    zero3_persistence_threshold: int | None = None
     seed: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     save_final: bool = True  # off for benchmarks: a 3B checkpoint with optimizer state is ~50 GB

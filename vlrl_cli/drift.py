@@ -152,9 +152,9 @@ def load_trainer(model_path: str, dtype: str, zero_stage: int | None):
     from . import training
 
     if zero_stage is None:
-        from transformers import AutoModelForImageTextToText
+        from .modeling import load_vlm
 
-        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        model = load_vlm(model_path, getattr(torch, dtype))
         return model.to(training.device()).eval()
     training.init_distributed()
     engine = training.build_engine(model_path, lr=0.0, weight_decay=0.0, warmup=0, stage=zero_stage, offload=False,

@@ -79,12 +79,13 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     pad = processor.tokenizer.pad_token_id
     ref = None
     if a.kl_coef > 0:
-        from transformers import AutoModelForImageTextToText
+        from .modeling import load_vlm
 
-        ref = AutoModelForImageTextToText.from_pretrained(recipe.model.path, dtype=getattr(torch, recipe.model.dtype))
+        ref = load_vlm(recipe.model.path, getattr(torch, recipe.model.dtype), recipe.model.attention)
         ref = ref.to(dev).eval().requires_grad_(False)
     engine = make_engine(r.engine, recipe.model.path, processor, dtype=recipe.model.dtype,
-                         gpu_memory_utilization=r.gpu_memory_utilization, seed=tr.seed + rank)
+                         gpu_memory_utilization=r.gpu_memory_utilization, seed=tr.seed + rank,
+                         attention=recipe.model.attention)
     if run.start:
         sync_weights(policy, engine)  # resumed: the engine starts from the checkpoint's weights
     train_records = load_records(recipe.data.train)
@@ -98,7 +99,10 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         idx = prompts_for_step(len(train_records), step, r.prompts_per_step, tr.seed, rank, world)
         records = [train_records[i] for i in idx]
 
-        # 1. rollouts with the engine (awake only now)
+        # 1. rollouts with the engine (awake only now); the trainer's cached free blocks go back first, or
+        # vLLM cannot map its weights and KV cache next to them (ZeRO-2 on one H200 ran out of memory)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         engine.wake()
         sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, seed=tr.seed * 1_000_003 + step * 7919 + rank,
                             ignore_eos=r.ignore_eos)

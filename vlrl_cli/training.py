@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .engines.hf import token_logprobs
+from .modeling import load_vlm
 
 
 def init_distributed() -> tuple[int, int]:
@@ -49,12 +50,27 @@ def device() -> torch.device:
     return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, persistence_threshold: int = 100_000) -> dict:
+def persistence_for(world: int, threshold: int | None) -> int:
+    """ZeRO-3's stage3_param_persistence_threshold: parameters with fewer elements stay whole on every rank.
+
+    Default (None): DeepSpeed's 100k on several ranks; on one rank every parameter. A one-rank partition is
+    the whole model anyway, so partitioning saves no memory there and only adds a gather per module per
+    pass. (Measured on an H200 it is not where ZeRO-3's cost lies: its per-module hooks are; see README,
+    Performance. One GPU is better served by stage 2.)
+    """
+    if threshold is not None:
+        return threshold
+    return 10**15 if world == 1 else 100_000
+
+
+def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, persistence_threshold: int | None = None) -> dict:
     zero: dict = {"stage": stage}
     if offload and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
     if stage == 3:
-        zero.update(stage3_param_persistence_threshold=persistence_threshold, stage3_gather_16bit_weights_on_model_save=True)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        zero.update(stage3_param_persistence_threshold=persistence_for(world, persistence_threshold),
+                    stage3_gather_16bit_weights_on_model_save=True)
     return {
         # we feed our own micro-batches and mark the accumulation boundary ourselves (see backward_step)
         "train_micro_batch_size_per_gpu": 1,
@@ -79,11 +95,9 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 def build_engine(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
                  grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
-                 schedule: str = "constant", persistence_threshold: int = 100_000):
+                 schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto"):
     """The policy under DeepSpeed: (engine, model config)."""
     import deepspeed
-    from transformers import AutoModelForImageTextToText
-
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     cfg = deepspeed_config(stage, offload, grad_clip, dtype, persistence_threshold)
@@ -91,7 +105,7 @@ def build_engine(model_path: str, lr: float, weight_decay: float, warmup: int, s
     # rank) while this object lives. It is process-global, so it is switched off again below: models
     # loaded later (the hf engine's copy, a KL reference) must load whole.
     hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 else None
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    model = load_vlm(model_path, getattr(torch, dtype), attention)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if offload and stage > 0:
@@ -262,7 +276,7 @@ def setup_run(recipe, resume: bool) -> RunSetup:
     total = tr.steps * (a.ppo_epochs if a.name == "grpo" else 1)  # optimizer steps, for the lr schedule
     policy = build_engine(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage, tr.offload,
                           tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing, total, tr.lr_schedule,
-                          tr.zero3_persistence_threshold)
+                          tr.zero3_persistence_threshold, recipe.model.attention)
     ckpt = runs.latest_checkpoint(recipe.run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {recipe.run_dir}/checkpoints")

@@ -19,12 +19,12 @@ class HFEngine:
     test the agreement checks; training uses the trainer's tensors directly)."""
 
     def __init__(self, model_path: str, processor, dtype: str = "float32", device: str | None = None,
-                 own_preprocessing: bool = False, **_):
-        from transformers import AutoModelForImageTextToText
+                 own_preprocessing: bool = False, attention: str = "auto", **_):
+        from ..modeling import load_vlm
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = getattr(torch, dtype)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
+        self.model = load_vlm(model_path, self.dtype, attention).to(self.device).eval()
         self.processor = processor
         self.banned = placeholder_token_ids(processor)
         gen = self.model.generation_config

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU benchmark runs, as made on the device (nvidia-h200-x2) after the kit is staged
+# (../shared/device/README.md). Each part fits one device call (<= 10 minutes); results go to $OUT.
+#
+#   bash bench/device_runs.sh setup      # opencv wheel, the 3B-size model, 512 image prompts
+#   bash bench/device_runs.sh profile    # where training time goes: train-profile variants, 1 and 2 GPUs
+#   bash bench/device_runs.sh steps      # GRPO steps: vlrl on GPU 0 and TRL on GPU 1, side by side
+#   bash bench/device_runs.sh two        # GRPO steps on 2 GPUs (2 ranks)
+#   bash bench/device_runs.sh rollout    # vllm vs hf rollout throughput, weight sync
+set -uo pipefail
+. /tmp/kit/env.sh
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+M=/tmp/q3b D=/tmp/bd/train.parquet STEPS=${STEPS:-4} TRL_STEPS=${TRL_STEPS:-3}
+P="python3 bench/gpu_perf.py"
+
+case "$1" in
+setup)
+  [ -d .device-kit/part-6 ] && bash .device-kit/part-6/install.sh
+  $P build --out $M && $P data --out /tmp/bd --rows 512
+  ;;
+profile)
+  tp() { $P train-profile --model $M --data $D --micro-batches 4 "$@"; }
+  # the same micro-batch with transformers' per-window vision attention and with vlrl's grouped one
+  (CUDA_VISIBLE_DEVICES=0 tp --attention sdpa --json $OUT/tp_sdpa_m8.json --profile $OUT/tp_sdpa_m8.txt
+   CUDA_VISIBLE_DEVICES=0 tp --micro-batch 16 --json $OUT/tp_auto_m16.json) > $OUT/tp_gpu0.log 2>&1 &
+  (CUDA_VISIBLE_DEVICES=1 tp --json $OUT/tp_auto_m8.json --profile $OUT/tp_auto_m8.txt
+   CUDA_VISIBLE_DEVICES=1 tp --stage 2 --json $OUT/tp_auto_m8_z2.json) > $OUT/tp_gpu1.log 2>&1 &
+  wait
+  for pt in 100000 0; do
+    torchrun --nproc-per-node 2 --master-port 29621 bench/gpu_perf.py train-profile --model $M --data $D \
+      --micro-batches 4 --persistence $pt --json $OUT/tp_2gpu_p$pt.json >> $OUT/tp_2gpu.log 2>&1
+  done
+  tail -n 3 $OUT/tp_*.log; cat $OUT/tp_*.json | grep -h '"micro_batch_seconds"'
+  ;;
+steps)
+  # GPU 0: the trainer's micro-batch with vlrl's defaults (profiled), then GRPO steps under ZeRO-3 and ZeRO-2
+  (export CUDA_VISIBLE_DEVICES=0
+   $P train-profile --model $M --data $D --micro-batches 4 --json $OUT/tp_default_m8.json --profile $OUT/tp_default_m8.txt
+   for z in 3 2; do
+     name=step1; [ $z = 2 ] && name=step1_z2
+     $P recipe --model $M --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps $STEPS --name $name \
+       --run-dir /tmp/runs --zero-stage $z
+     python3 -m vlrl_cli train /tmp/$name.yaml > $OUT/$name.log 2>&1
+     mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
+   done) > $OUT/gpu0.log 2>&1 &
+  # TRL's process does not exit after training (its result is written first): a time limit ends it
+  (CUDA_VISIBLE_DEVICES=1 timeout ${TRL_LIMIT:-540} torchrun --nproc-per-node 1 --master-port 29611 bench/trl_grpo.py --model $M \
+     --data $D --steps $TRL_STEPS --json $OUT/trl.json > $OUT/trl.log 2>&1) &
+  wait
+  tail -n 3 $OUT/gpu0.log $OUT/step1*.log $OUT/trl.log
+  ;;
+two)
+  for z in 3 2; do
+    name=step2; [ $z = 2 ] && name=step2_z2
+    $P recipe --model $M --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps $STEPS --name $name \
+      --run-dir /tmp/runs --zero-stage $z
+    python3 -m vlrl_cli train /tmp/$name.yaml --gpus 2 > $OUT/$name.log 2>&1
+    mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
+    tail -n 3 $OUT/$name.log
+  done
+  ;;
+rollout)
+  CUDA_VISIBLE_DEVICES=0 $P rollout --model $M --data $D --engine vllm --prompts 256 --json $OUT/rollout_vllm.json
+  CUDA_VISIBLE_DEVICES=0 $P rollout --model $M --data $D --engine hf --prompts 6 --json $OUT/rollout_hf.json
+  CUDA_VISIBLE_DEVICES=0 $P sync --model $M --data $D --json $OUT/sync.json --profile $OUT/sync_profile.txt
+  ;;
+*) echo "usage: $0 setup|profile|steps|two|rollout" >&2; exit 2 ;;
+esac
