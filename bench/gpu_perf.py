@@ -175,8 +175,9 @@ def cmd_train_profile(a):
     batch = training.make_batch(seqs, processor.tokenizer.pad_token_id, training.device())
     banned = []
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
     def one(last: bool) -> float:
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t = time.perf_counter()
         lp = training.sequence_logprobs(policy, batch, 1.0, banned)
@@ -186,7 +187,6 @@ def cmd_train_profile(a):
         return time.perf_counter() - t
 
     def score() -> float:  # the no-grad forward that gives the old log-probs
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t = time.perf_counter()
         with torch.no_grad():
@@ -274,6 +274,13 @@ def _per_step(run: dict | None, steady: bool) -> float | None:
     return run["step_seconds"] if steady else run["first_step_seconds"]
 
 
+def _run_of(seconds: list[float]) -> dict:
+    """Step times of another tool's run, shaped like step_summary's."""
+    steady = seconds[1:] or seconds
+    return {"steps": len(seconds), "steady_steps": len(steady), "step_seconds": sum(steady) / len(steady),
+            "first_step_seconds": seconds[0]}
+
+
 def _has_steady(*runs) -> bool:
     return all(r and r["steady_steps"] < r["steps"] for r in runs)
 
@@ -301,12 +308,11 @@ def cmd_summarize(a):
     trl = load("trl.json")
     profiles = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("tp_*.json"))}
 
-    trl_run = {"steps": len(trl["step_seconds_all"]), "steady_steps": len(trl["step_seconds_all"]) - 1,
-               "step_seconds": trl["step_seconds"], "first_step_seconds": trl["step_seconds_all"][0]} if trl else None
-    trl_own = [x["step_time"] for x in (trl or {}).get("log_history", []) if "step_time" in x]
+    # TRL on two clocks: ours (on_train_begin / on_step_end callbacks) and its own logged step_time
+    trl_own = [x["step_time"] for x in (trl or {}).get("log_history", []) if x.get("step_time") is not None]
+    trl_run = _run_of(trl["step_seconds_all"]) if trl else None
+    trl_own_run = _run_of(trl_own) if trl_own else None
     steady = _has_steady(one, trl_run)
-    trl_own_s = ((sum(trl_own[1:]) / len(trl_own[1:]) if steady else trl_own[0])
-                 if len(trl_own) > 1 or (trl_own and not steady) else None)
 
     def ratio(x, y, both_steady):
         xs, ys = _per_step(x, both_steady), _per_step(y, both_steady)
@@ -331,7 +337,7 @@ def cmd_summarize(a):
         "sync_fraction_of_step": sync["seconds"] / one["step_seconds"] if sync and one else None,
         "trl": {k: v for k, v in trl.items() if k != "log_history"} | {"trl_reported_step_time": trl_own} if trl else None,
         "step_time_ratio_vs_trl": ratio(one, trl_run, steady),
-        "step_time_ratio_vs_trl_reported": _per_step(one, steady) / trl_own_s if one and trl_own_s else None,
+        "step_time_ratio_vs_trl_reported": ratio(one, trl_own_run, _has_steady(one, trl_own_run)),
         "step_time_ratio_vs_trl_first_steps": ratio(one, trl_run, False),
         "step_time_ratio_vs_trl_zero2": ratio(one_z2, trl_run, _has_steady(one_z2, trl_run)),
         "step_time_ratio_vs_trl_basis": ("vlrl ZeRO-3 / TRL ZeRO-3, " + ("steady steps (mean after the first); TRL "
