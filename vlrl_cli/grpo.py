@@ -99,10 +99,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         idx = prompts_for_step(len(train_records), step, r.prompts_per_step, tr.seed, rank, world)
         records = [train_records[i] for i in idx]
 
-        # 1. rollouts with the engine (awake only now); the trainer's cached free blocks go back first, or
-        # vLLM cannot map its weights and KV cache next to them (ZeRO-2 on one H200 ran out of memory)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        # 1. rollouts with the engine (awake only now)
         engine.wake()
         sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, seed=tr.seed * 1_000_003 + step * 7919 + rank,
                             ignore_eos=r.ignore_eos)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import GenRequest, Generation, Sampling, collapse_placeholders, placeholder_token_ids
 
 
@@ -105,5 +107,8 @@ class VLLMEngine:
 
     def wake(self) -> None:
         if self.asleep:
+            # the trainer's cached free blocks go back first, or vLLM cannot map its weights and KV cache
+            # next to them (a 3B model under ZeRO-2 on one H200 ran out of memory here)
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=None if self.weights_asleep else ["kv_cache"])
             self.asleep = self.weights_asleep = False
