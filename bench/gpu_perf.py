@@ -57,7 +57,7 @@ def cmd_data(a):
 
 def requests_for(model: str, data: str, prompts: int):
     from vlrl_cli.engines import GenRequest
-    from vlrl_cli.grpo import load_records
+    from vlrl_cli.records import load_records
     from vlrl_cli.render import load_processor, render_prompt
 
     processor = load_processor(model)
@@ -94,14 +94,16 @@ def cmd_sync(a):
     """ZeRO-3 trainer -> colocated vLLM engine: gather each bucket, load_weights, clear caches."""
     import torch
 
-    from vlrl_cli import training
+    from vlrl_cli.distributed import init_distributed
     from vlrl_cli.engines import Sampling
     from vlrl_cli.engines.vllm import VLLMEngine
+    from vlrl_cli.policy import build_policy
+    from vlrl_cli.weights import export_weights
     from vlrl_cli.render import load_processor
 
-    training.init_distributed()
-    policy = training.build_engine(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=3, offload=False, grad_clip=1.0,
-                                   dtype="bfloat16", gradient_checkpointing=True)
+    init_distributed()
+    policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=3, offload=False, grad_clip=1.0,
+                          dtype="bfloat16", gradient_checkpointing=True)
     processor = load_processor(a.model)
     engine = VLLMEngine(a.model, processor, dtype="bfloat16", gpu_memory_utilization=a.gpu_mem)
     engine.sleep()
@@ -112,7 +114,7 @@ def cmd_sync(a):
         buckets = 0
         torch.cuda.synchronize()
         t = time.perf_counter()
-        it = training.export_weights(policy)
+        it = export_weights(policy)
         while True:
             t0 = time.perf_counter()
             bucket = next(it, None)
@@ -151,14 +153,16 @@ def cmd_train_profile(a):
     """
     import torch
 
-    from vlrl_cli import training
+    from vlrl_cli.batches import make_batch, sequence_logprobs
+    from vlrl_cli.distributed import device, init_distributed
+    from vlrl_cli.policy import backward_step, build_policy
     from vlrl_cli.rollout import Trajectory
 
-    training.init_distributed()
+    init_distributed()
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    policy = training.build_engine(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False,
-                                   grad_clip=1.0, dtype=dtype, gradient_checkpointing=True,
-                                   persistence_threshold=a.persistence, attention=a.attention)
+    policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False,
+                          grad_clip=1.0, dtype=dtype, gradient_checkpointing=True,
+                          persistence_threshold=a.persistence, attention=a.attention)
     policy.train()  # as in a GRPO step: gradient checkpointing is only active in train mode
     processor, reqs = requests_for(a.model, a.data, a.micro_batch)
     from vlrl_cli.engines import placeholder_token_ids
@@ -172,7 +176,7 @@ def cmd_train_profile(a):
         n = len(r.input_ids) + a.tokens
         seqs.append(Trajectory("x", 0, "colors", "colors", r.input_ids + resp, [0] * len(r.input_ids) + [1] * a.tokens,
                                [0.0] * n, r.tensors, len(r.input_ids)))
-    batch = training.make_batch(seqs, processor.tokenizer.pad_token_id, training.device())
+    batch = make_batch(seqs, processor, device())
     banned = []
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -180,9 +184,9 @@ def cmd_train_profile(a):
     def one(last: bool) -> float:
         sync()
         t = time.perf_counter()
-        lp = training.sequence_logprobs(policy, batch, 1.0, banned)
+        lp = sequence_logprobs(policy, batch, 1.0, banned)
         loss = -(lp * batch.loss_mask).sum() / batch.loss_mask.sum()
-        training.backward_step(policy, loss, last)
+        backward_step(policy, loss, last)
         sync()
         return time.perf_counter() - t
 
@@ -190,7 +194,7 @@ def cmd_train_profile(a):
         sync()
         t = time.perf_counter()
         with torch.no_grad():
-            training.sequence_logprobs(policy, batch, 1.0, banned)
+            sequence_logprobs(policy, batch, 1.0, banned)
         sync()
         return time.perf_counter() - t
 
@@ -379,7 +383,7 @@ def main():
     tp.add_argument("--micro-batch", type=int, default=8)
     tp.add_argument("--micro-batches", type=int, default=4)
     tp.add_argument("--persistence", type=int, default=None,
-                    help="ZeRO-3 stage3_param_persistence_threshold (default: vlrl's, training.persistence_for)")
+                    help="ZeRO-3 stage3_param_persistence_threshold (default: vlrl's, policy.persistence_for)")
     tp.add_argument("--profile")
     r = sub.choices["recipe"]
     r.add_argument("--out", required=True)

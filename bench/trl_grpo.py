@@ -51,7 +51,7 @@ def main():
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from vlrl_cli.grpo import load_records
+    from vlrl_cli.records import load_records
     from vlrl_cli.images import image_from_uri
 
     rows = []

@@ -46,3 +46,9 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def pytest_report_header(config):
+    import transformers
+
+    return f"transformers {transformers.__version__} ({transformers.__file__})"

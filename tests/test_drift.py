@@ -7,6 +7,8 @@ import json
 import pytest
 
 from vlrl_cli.drift import DriftOptions, check_drift, drift_stats
+from vlrl_cli.engines import Sampling
+from vlrl_cli.errors import UserError
 from vlrl_cli.render import load_processor
 
 import numpy as np
@@ -50,7 +52,7 @@ def test_different_normalisation_on_the_engine_side_is_caught(tiny_model, colors
     engine_proc = load_processor(str(tiny_model))
     engine_proc.image_processor.image_mean = [0.5, 0.5, 0.5]
     report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
-                         DriftOptions(samples=4, max_new_tokens=8), engine_processor=engine_proc)
+                         DriftOptions(samples=4, sampling=Sampling(max_new_tokens=8)), engine_processor=engine_proc)
     c = checks(report)
     assert c["image_tensors"]["passed"] is False and "max |pixel difference|" in c["image_tensors"]["detail"]
     assert c["prompt_ids"]["passed"] is True  # same grid, so the ids agree: only the pixel check can see it
@@ -61,7 +63,7 @@ def test_a_different_resize_on_the_engine_side_is_caught_and_named(cli, tiny_mod
     engine_proc = load_processor(str(tiny_model))
     engine_proc.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
     report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
-                         DriftOptions(samples=4, max_new_tokens=8), engine_processor=engine_proc)
+                         DriftOptions(samples=4, sampling=Sampling(max_new_tokens=8)), engine_processor=engine_proc)
     c = checks(report)
     assert c["image_tensors"]["passed"] is False and "different resize" in c["image_tensors"]["detail"]
     assert c["prompt_ids"]["passed"] is False and c["image_token_counts"]["passed"] is False
@@ -69,12 +71,11 @@ def test_a_different_resize_on_the_engine_side_is_caught_and_named(cli, tiny_mod
 
 def test_top_p_below_one_is_flagged_with_the_fix(tiny_model, colors_data):
     report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
-                         DriftOptions(samples=3, max_new_tokens=8, top_p=0.9))
+                         DriftOptions(samples=3, sampling=Sampling(top_p=0.9, max_new_tokens=8)))
     c = checks(report)["sampling_truncation"]
     assert c["passed"] is False and c["severity"] == "warning" and "top_p=1.0" in c["fix"]
     assert report["passed"] is True  # a warning, not a failure
-    greedy = check_drift(str(tiny_model), str(colors_data / "train.parquet"), DriftOptions(samples=2, max_new_tokens=4,
-                                                                                          temperature=0.0))
+    greedy = check_drift(str(tiny_model), str(colors_data / "train.parquet"), DriftOptions(samples=2, sampling=Sampling(0.0, 1.0, 4, 0)))
     assert checks(greedy)["sampling_temperature"]["passed"] is False
 
 
@@ -105,7 +106,7 @@ def test_after_update_rechecks_seen_images(tiny_model, colors_data, stale):
     proc = load_processor(str(tiny_model))
     engine = StaleEncoderCacheEngine(str(tiny_model), proc) if stale else None
     report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
-                         DriftOptions(samples=4, max_new_tokens=8, after_update=True, perturb=0.3, zero_stage=3),
+                         DriftOptions(samples=4, sampling=Sampling(max_new_tokens=8), after_update=True, perturb=0.3, zero_stage=3),
                          engine=engine)
     c = checks(report)
     after = report["after_update"]
@@ -140,7 +141,7 @@ def test_after_update_from_a_checkpoint(tiny_model, colors_data, tmp_path):
 
     other = build_tiny_model(tmp_path / "other", "qwen2_5_vl", seed=1)  # the same architecture, other weights
     report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
-                         DriftOptions(samples=3, max_new_tokens=6, after_update=True, update_from=str(other)))
+                         DriftOptions(samples=3, sampling=Sampling(max_new_tokens=6), after_update=True, update_from=str(other)))
     c = checks(report)
     assert "weights of" in report["after_update"]["update"]
     assert c["update_visible"]["passed"] is True and c["after_update_seen_images"]["passed"] is True
@@ -153,7 +154,7 @@ def test_multi_turn_drift_is_split_by_turn(tiny_model, tmp_path):
     prepare(PrepareOptions(source="maze2d", out=tmp_path / "maze", workers=1,
                            source_opts={"rows": 3, "val_rows": 1, "maze_size": 3}))
     report = check_drift(str(tiny_model), str(tmp_path / "maze" / "train.parquet"),
-                         DriftOptions(samples=2, max_new_tokens=6, max_turns=3))
+                         DriftOptions(samples=2, sampling=Sampling(max_new_tokens=6), max_turns=3))
     turns = report["stats"]["by_turn"]
     assert {"turn_1", "turn_2", "turn_3"} <= set(turns)
     # every turn starts after an image (the prompt's, then each observation's frame)
@@ -173,5 +174,5 @@ def test_models_resolve_from_checkpoints_and_run_dirs(tmp_path):
     assert resolve_model(str(tmp_path / "run")) == str(ckpt / "hf")
     assert resolve_model("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="without a finished checkpoint"):
+    with pytest.raises(UserError, match="without a finished checkpoint"):
         resolve_model(str(tmp_path / "empty"))

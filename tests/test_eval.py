@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from vlrl_cli.engines import Generation
+from vlrl_cli.engines import Generation, Sampling
 from vlrl_cli.evaluate import EvalOptions, pass_at_k, run_eval
 
 
@@ -39,12 +39,12 @@ class ScriptedEngine:
 
 
 def test_eval_metrics_match_a_hand_count(tmp_path, tiny_model, colors_data):
-    from vlrl_cli.grpo import load_records
+    from vlrl_cli.records import load_records
     from vlrl_cli.render import load_processor
 
     records = load_records(str(colors_data / "val.parquet"), 8)
     engine = ScriptedEngine(load_processor(str(tiny_model)).tokenizer)
-    m = run_eval(str(tiny_model), str(colors_data / "val.parquet"), tmp_path, EvalOptions(n=3, limit=8, seed=7),
+    m = run_eval(str(tiny_model), str(colors_data / "val.parquet"), tmp_path, EvalOptions(n=3, limit=8, sampling=Sampling(0.0, 1.0, 128, 7)),
                  engine=engine)
     # by hand: record i, sample j answers ANSWERS[(i + j) % 4]
     correct = [[ScriptedEngine.ANSWERS[(i + j) % 4] == r["reward_spec"]["ground_truth"] for j in range(3)]
@@ -87,7 +87,7 @@ def test_report_renders_in_headless_chromium_with_its_images(tmp_path, tiny_mode
     prepare(PrepareOptions(source="maze2d", out=data, workers=1, source_opts={"rows": 4, "val_rows": 3, "maze_size": 3}))
     out = tmp_path / "eval"
     m = run_eval(str(tiny_model), str(data / "val.parquet"), out,
-                 EvalOptions(n=2, temperature=1.0, max_new_tokens=6, max_turns=3))
+                 EvalOptions(n=2, sampling=Sampling(1.0, 1.0, 6, 0), max_turns=3))
     page = out / "report.html"
     html = page.read_text()
     n_imgs = html.count("<img ")

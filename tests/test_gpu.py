@@ -1,6 +1,10 @@
 """GPU tests (marked `gpu`): run on the device with the kit (vLLM + DeepSpeed), never in CI.
 
     . /tmp/kit/env.sh && python3 -m pytest -m gpu -q tests/test_gpu.py
+
+Every family (qwen2_vl, qwen2_5_vl, qwen3_vl): the vLLM engine against the trainer's forward (before and
+after a weight update, on seen images), `vlrl check-drift --engine vllm --after-update`, and GRPO steps
+with the vllm engine. Each writes its figures to $OUT/<test>-<family>.json when OUT is set.
 """
 
 import json
@@ -25,18 +29,41 @@ def colour_records(n, seed=0):
                                         "shapes": ["circle", "square"]}), ctx)[0] for i in range(n)]
 
 
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def gpu_tiny(tmp_path_factory):
+def gpu_tiny(tmp_path_factory, family):
     from vlrl_cli.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("gpu") / "tiny", "qwen2_5_vl")
+    return build_tiny_model(tmp_path_factory.mktemp("gpu") / f"tiny-{family}", family)
+
+
+@pytest.fixture(scope="module")
+def gpu_tiny_qwen2_5(tmp_path_factory):
+    from vlrl_cli.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("gpu") / "tiny-qwen2_5_vl", "qwen2_5_vl")
+
+
+def record(name: str, family: str, figures: dict) -> None:
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"{name}-{family}.json"), "w") as f:
+            json.dump({"family": family, **figures}, f, indent=2)
+    print(name, family, json.dumps(figures))
 
 
 def trainer_logprobs(model, trajs, processor):
     from vlrl_cli.engines import placeholder_token_ids
-    from vlrl_cli.training import make_batch, sequence_logprobs
+    from vlrl_cli.batches import make_batch, sequence_logprobs
 
-    b = make_batch(trajs, processor.tokenizer.pad_token_id, torch.device("cuda"))
+    b = make_batch(trajs, processor, torch.device("cuda"))
     with torch.no_grad():
         lp = sequence_logprobs(model, b, 1.0, placeholder_token_ids(processor))
     m = b.loss_mask
@@ -45,18 +72,17 @@ def trainer_logprobs(model, trajs, processor):
 
 
 @needs_gpu
-def test_vllm_engine_end_to_end(gpu_tiny, tmp_path):
+def test_vllm_engine_end_to_end(gpu_tiny, family, tmp_path):
     """Generation, prompt-id agreement, log-probs vs the trainer, weight sync (seen image), sleep/wake."""
-    from transformers import AutoModelForImageTextToText
-
     from vlrl_cli.engines import Sampling
     from vlrl_cli.engines.vllm import VLLMEngine
+    from vlrl_cli.modeling import load_vlm
     from vlrl_cli.render import load_processor
     from vlrl_cli.rollout import collect
 
     proc = load_processor(str(gpu_tiny))
     engine = VLLMEngine(str(gpu_tiny), proc, dtype="bfloat16", gpu_memory_utilization=0.2)
-    model = AutoModelForImageTextToText.from_pretrained(gpu_tiny, dtype=torch.bfloat16).cuda().eval()
+    model = load_vlm(str(gpu_tiny), torch.bfloat16).cuda().eval()
     seen, unseen = colour_records(8, seed=1), colour_records(8, seed=2)
     s = Sampling(1.0, 1.0, 16, 0)
     trajs = collect(engine, seen, proc, 4, s, 1, 4096)  # raises PromptMismatch if ids differ
@@ -77,16 +103,42 @@ def test_vllm_engine_end_to_end(gpu_tiny, tmp_path):
     unseen_after = trainer_logprobs(model, collect(engine, unseen, proc, 4, s, 1, 4096), proc)
     report.update(seen_after_update=seen_after, unseen_after_update=unseen_after,
                   free_gib_asleep=free_asleep / 2**30, free_gib_awake=torch.cuda.mem_get_info()[0] / 2**30)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gpu_engine.json"), "w") as f:
-            json.dump(report, f, indent=2)
-    print(json.dumps(report))
+    record("engine", family, report)
+    del engine
     assert seen_after[0] < 0.03 and seen_after[0] < 3 * unseen_after[0] + 0.01, report
     assert report["free_gib_asleep"] > report["free_gib_awake"]
 
 
 @needs_gpu
-def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny):
+def test_grpo_steps_with_the_vllm_engine(tmp_path, gpu_tiny, family):
+    """A few GRPO steps, vllm engine, bf16: finite metrics, small engine/trainer drift every step (the
+    weights synced after each step reach the engine), a checkpoint at the end."""
+    from vlrl_cli.runs import read_metrics
+
+    data = tmp_path / "colors"
+    logs = os.environ.get("OUT") or str(tmp_path)
+    assert subprocess.run([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(data), "--rows", "200",
+                           "--image-size", "84"], capture_output=True).returncode == 0
+    with open(os.path.join(logs, f"grpo-{family}.log"), "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", "recipes/colors-tiny.yaml",
+                             "--set", f"model.path={gpu_tiny}", "--set", "rollout.engine=vllm",
+                             "--set", "trainer.steps=5", "--set", "trainer.eval_every=5", "--set", "trainer.save_every=0",
+                             "--set", f"data.train={data / 'train.parquet'}", "--set", f"data.val={data / 'val.parquet'}",
+                             "--set", f"run.dir={tmp_path / 'runs'}", "--set", "model.dtype=bfloat16",
+                             "--set", "rollout.gpu_memory_utilization=0.2"],
+                            stdout=f, stderr=subprocess.STDOUT, timeout=400).returncode
+    assert rc == 0
+    m = read_metrics(tmp_path / "runs" / "colors-grpo")
+    assert [x["step"] for x in m] == [1, 2, 3, 4, 5]
+    record("grpo", family, {"steps": m})
+    assert all(x["drift_abs_mean"] < 0.02 and 0.9 < x["is_ratio_mean"] < 1.1 for x in m), m
+    assert "val_accuracy" in m[-1]
+    assert (tmp_path / "runs" / "colors-grpo" / "checkpoints" / "step_5" / "hf" / "model.safetensors").exists()
+
+
+@needs_gpu
+def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny_qwen2_5):
+    gpu_tiny = gpu_tiny_qwen2_5
     """SFT (format), then GRPO with the vllm engine: the reward must rise."""
     from vlrl_cli.runs import read_metrics
 
@@ -122,7 +174,8 @@ def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nvidia-h200-x2)")
-def test_two_gpu_zero3_grpo_with_one_vllm_engine_per_rank(tmp_path, gpu_tiny):
+def test_two_gpu_zero3_grpo_with_one_vllm_engine_per_rank(tmp_path, gpu_tiny_qwen2_5):
+    gpu_tiny = gpu_tiny_qwen2_5
     """Two ranks through the DeepSpeed launcher, ZeRO-3, each rank with its own colocated vLLM engine."""
     from vlrl_cli.runs import read_metrics
 
@@ -166,17 +219,23 @@ def _check_drift_cli(tmp_path, gpu_tiny, name, *extra):
 
 
 @needs_gpu
-def test_check_drift_with_vllm_including_after_update(tmp_path, gpu_tiny):
-    rc, report = _check_drift_cli(tmp_path, gpu_tiny, "drift_vllm")
+def test_check_drift_with_vllm_including_after_update(tmp_path, gpu_tiny, family):
+    rc, report = _check_drift_cli(tmp_path, gpu_tiny, f"drift_vllm-{family}")
     checks = {c["name"]: c for c in report["checks"]}
+    record("check_drift", family, {"rc": rc, "token_abs_diff": report["token_abs_diff"],
+                                   "after_update": {k: report["after_update"][k]["overall"]["abs_diff"]
+                                                    for k in ("seen", "unseen")},
+                                   "update_effect_abs_mean": report["after_update"]["update_effect_abs_mean"],
+                                   "sync_seconds": report["after_update"]["sync_seconds"],
+                                   "checks": {c["name"]: c["passed"] for c in report["checks"]}})
     for name in ("prompt_ids", "image_tensors", "image_token_counts", "after_update_seen_images", "update_visible"):
         assert checks[name]["passed"] is True, checks[name]
     assert rc == 0 and report["token_abs_diff"]["mean"] < 0.02
 
 
 @needs_gpu
-def test_check_drift_with_vllm_against_a_zero3_trainer(tmp_path, gpu_tiny):
-    rc, report = _check_drift_cli(tmp_path, gpu_tiny, "drift_vllm_zero3", "--zero-stage", "3")
+def test_check_drift_with_vllm_against_a_zero3_trainer(tmp_path, gpu_tiny_qwen2_5):
+    rc, report = _check_drift_cli(tmp_path, gpu_tiny_qwen2_5, "drift_vllm_zero3", "--zero-stage", "3")
     checks = {c["name"]: c for c in report["checks"]}
     assert rc == 0, checks
     assert checks["after_update_seen_images"]["passed"] is True

@@ -70,3 +70,45 @@ def test_k3_kl_is_zero_at_equality_and_positive_otherwise():
     b = torch.tensor([-1.5, -1.0])
     d = b - a
     assert torch.allclose(k3_kl(a, b), torch.exp(d) - d - 1) and (k3_kl(a, b) > 0).all()
+
+
+def test_two_ppo_epochs_by_hand_anchor_clipping_and_kl():
+    """micro_batch_loss over two epochs of one sequence (2 trained tokens, advantage +1), every number by hand.
+
+    Epoch 0: the policy is the anchor (ratio 1), so each token's surrogate is -1. Epoch 1: the policy moved to
+    p = 0.75 (ratio 1.5, clipped at 1 + 0.28) and p = 0.22 (ratio 0.88, inside the band); the anchor stays.
+    KL is k3 to a reference with p_ref = 0.4 and 0.25.
+    """
+    from types import SimpleNamespace
+
+    from vlrl_cli.losses import micro_batch_loss
+
+    algo = SimpleNamespace(clip_low=0.2, clip_high=0.28, mismatch="none", mismatch_cap=2.0, kl_coef=0.1, loss_agg="token-mean")
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    adv = torch.tensor([1.0])
+    anchor = torch.log(torch.tensor([[1.0, 0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[1.0, 0.4, 0.25]]))
+    engine = anchor.clone()
+
+    def k3(p, r):  # exp(log r - log p) - (log r - log p) - 1
+        return r / p - math.log(r / p) - 1
+
+    loss0, clip0, kl0 = micro_batch_loss(anchor.clone(), anchor, engine, ref, adv, mask, algo, 2, 1, 3)
+    assert float(loss0) == pytest.approx((-1 + 0.1 * k3(0.5, 0.4) - 1 + 0.1 * k3(0.25, 0.25)) / 2, abs=1e-6)
+    assert float(clip0.sum()) == 0
+    assert float((kl0 * mask).sum()) == pytest.approx(k3(0.5, 0.4), abs=1e-6)
+
+    train = torch.log(torch.tensor([[1.0, 0.75, 0.22]])).requires_grad_()
+    loss1, clip1, kl1 = micro_batch_loss(train, anchor, engine, ref, adv, mask, algo, 2, 1, 3)
+    assert float(loss1) == pytest.approx((-1.28 + 0.1 * k3(0.75, 0.4) - 0.88 + 0.1 * k3(0.22, 0.25)) / 2, abs=1e-5)
+    assert clip1.tolist() == [[0.0, 1.0, 0.0]]  # against the anchor, not against the current policy
+    loss1.backward()
+    # the clipped token gets gradient from the KL term only: d/dlogp k3 = 1 - p_ref / p
+    assert float(train.grad[0, 1]) == pytest.approx(0.1 * (1 - 0.4 / 0.75) / 2, abs=1e-5)
+    assert float(train.grad[0, 2]) == pytest.approx((-0.88 + 0.1 * (1 - 0.25 / 0.22)) / 2, abs=1e-5)
+
+    # mismatch weights come from anchor vs engine, so they do not move between epochs
+    algo.mismatch = "tis"
+    engine2 = anchor - torch.tensor([[0.0, math.log(1.5), math.log(3.0)]])
+    l_tis, _, _ = micro_batch_loss(anchor.clone(), anchor, engine2, None, adv, mask, algo, 2, 1, 3)
+    assert float(l_tis) == pytest.approx((-1.5 - 2.0) / 2, abs=1e-5)  # weights exp(log 1.5), exp(log 3) capped at 2

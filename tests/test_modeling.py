@@ -10,7 +10,7 @@ from transformers import AttentionInterface, AutoModelForImageTextToText
 
 from vlrl_cli import modeling
 from vlrl_cli.images import to_data_uri
-from vlrl_cli.render import load_processor, render_prompt
+from vlrl_cli.render import load_processor, model_inputs, render_prompt
 
 
 def _uri(rng, w: int, h: int) -> str:
@@ -27,9 +27,9 @@ def models(tmp_path_factory):
     return {f: build_tiny_model(root / f, f) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}
 
 
-def _forward_backward(model, rp):
+def _forward_backward(model, rp, processor):
     ids = torch.tensor([rp.input_ids])
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **rp.tensors)
+    out = model(**model_inputs(processor, ids, torch.ones_like(ids), rp.tensors, "cpu"))
     out.logits.float().pow(2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if "visual" in n and p.grad is not None}
     return out.logits.detach(), grads
@@ -42,7 +42,8 @@ def test_grouped_equals_per_segment(models, family):
     path = models[family]
     rng = np.random.default_rng(0)
     content = [{"type": "image_url", "image_url": {"url": _uri(rng, w, h)}} for w, h in ((112, 84), (200, 140), (56, 56))]
-    rp = render_prompt(load_processor(path), [{"role": "user", "content": content + [{"type": "text", "text": "Which?"}]}])
+    processor = load_processor(path)
+    rp = render_prompt(processor, [{"role": "user", "content": content + [{"type": "text", "text": "Which?"}]}])
 
     plain = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     assert "flash" not in (plain.config.vision_config._attn_implementation or "")
@@ -59,10 +60,10 @@ def test_grouped_equals_per_segment(models, family):
 
     AttentionInterface.register(modeling.NAME, counting)
     try:
-        logits_g, grads_g = _forward_backward(grouped, rp)
+        logits_g, grads_g = _forward_backward(grouped, rp, processor)
     finally:
         AttentionInterface.register(modeling.NAME, real)
-    logits_p, grads_p = _forward_backward(plain, rp)
+    logits_p, grads_p = _forward_backward(plain, rp, processor)
 
     assert len(calls) == len(grouped.model.visual.blocks)  # the grouped function served every vision layer
     assert any(len({b - a for a, b in zip(c[:-1], c[1:])}) > 1 for c in calls)  # several segment lengths

@@ -6,6 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from vlrl_cli.errors import UserError
 from vlrl_cli.images import sniff_mime
 from vlrl_cli.prepare import PrepareOptions, prepare
 from vlrl_cli.records import iter_rows, schema_errors
@@ -161,9 +162,9 @@ def test_generic_jsonl_with_image_paths(tmp_path):
 def test_generic_source_names_missing_flags_and_columns(tmp_path):
     src = tmp_path / "qa.jsonl"
     src.write_text(json.dumps({"img": "x.png", "q": "?", "a": "1"}) + "\n")
-    with pytest.raises(ValueError, match="--image-column"):
+    with pytest.raises(UserError, match="--image-column"):
         prepare(PrepareOptions(source=str(src), out=tmp_path / "o1", workers=1))
-    with pytest.raises(ValueError, match="no column"):
+    with pytest.raises(UserError, match="no column"):
         prepare(PrepareOptions(source=str(src), out=tmp_path / "o2", workers=1, source_opts={
             "image_column": "image", "question_column": "q", "answer_column": "a", "env_class": "colors"}))
 

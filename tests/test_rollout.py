@@ -6,7 +6,7 @@ from vlrl_cli.engines import Sampling, placeholder_token_ids
 from vlrl_cli.engines.hf import HFEngine
 from vlrl_cli.render import load_processor
 from vlrl_cli.rollout import collect
-from vlrl_cli.training import make_batch, sequence_logprobs
+from vlrl_cli.batches import make_batch, sequence_logprobs
 
 
 def maze_record(seed, steps=3):
@@ -23,7 +23,7 @@ def test_multi_turn_masks_images_and_logprobs(tiny_model):
     assert len(trajs) == 4
     for t in trajs:
         assert t.turns == 3 and t.done_reason == "max_steps"  # a random model never reaches the goal
-        assert len(t.token_ids) == len(t.loss_mask) == len(t.old_logp)
+        assert len(t.token_ids) == len(t.loss_mask) == len(t.engine_logp)
         # generated tokens are trained; the prompt and every observation are masked out
         runs, prev = [], 0
         for i, m in enumerate(t.loss_mask):
@@ -38,7 +38,7 @@ def test_multi_turn_masks_images_and_logprobs(tiny_model):
         assert all(tok not in placeholder_token_ids(proc) for tok, m in zip(t.token_ids, t.loss_mask) if m)
     # the trainer's forward on the whole multi-image sequence gives the engine's log-probs, turn after turn
     model = engine.model
-    b = make_batch(trajs, proc.tokenizer.pad_token_id, torch.device("cpu"))
+    b = make_batch(trajs, proc, torch.device("cpu"))
     with torch.no_grad():
         lp = sequence_logprobs(model, b, 1.0, placeholder_token_ids(proc))
     diff = ((lp - b.engine_logp).abs() * b.loss_mask).max()
@@ -53,7 +53,7 @@ def test_context_full_ends_an_episode(tiny_model):
 
 
 def test_prompts_over_the_limit_are_not_rolled_out(tiny_model, colors_data):
-    from vlrl_cli.grpo import load_records
+    from vlrl_cli.records import load_records
 
     proc = load_processor(str(tiny_model))
     engine = HFEngine(str(tiny_model), proc)

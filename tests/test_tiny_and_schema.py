@@ -3,7 +3,8 @@ import torch
 
 from vlrl_cli.images import to_data_uri
 from vlrl_cli.records import RecordWriter, iter_rows, load_schema, schema_errors, write_rows
-from vlrl_cli.render import render_prompt
+from vlrl_cli.errors import UserError
+from vlrl_cli.render import model_inputs, render_prompt
 from vlrl_cli.tiny import FAMILIES, build_tiny_model
 
 
@@ -36,7 +37,7 @@ def test_tiny_model_loads_and_runs_with_an_image(family, tmp_path, cli):
     assert messages[0]["content"][0]["type"] == "image_url"  # the caller's messages are left alone
     ids = torch.tensor([rendered.input_ids])
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **rendered.tensors)
+        out = model(**model_inputs(proc, ids, torch.ones_like(ids), rendered.tensors, "cpu"))
     assert out.logits.shape == (1, len(rendered.input_ids), model.config.text_config.vocab_size)
     assert torch.isfinite(out.logits).all()
 
@@ -91,5 +92,5 @@ def test_writer_refuses_fields_its_first_rows_lacked(tmp_path):
     base = {"prompt": [{"role": "user", "content": "x"}], "env_class": "colors",
             "reward_spec": {"method": "rule", "ground_truth": "a"}}
     w.write({**base, "extra_info": {"a": 1}})
-    with pytest.raises(RuntimeError, match="fields"):
+    with pytest.raises(UserError, match="fields"):
         w.write({**base, "extra_info": {"a": 1, "b": 2}})

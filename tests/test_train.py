@@ -207,7 +207,7 @@ def test_placeholder_tokens_are_never_sampled(tiny_model, tmp_path):
 def _all_ranks_worker(rank, port, out):
     import torch.distributed as dist
 
-    from vlrl_cli.training import all_ranks
+    from vlrl_cli.distributed import all_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     out[rank] = (all_ranks({"a": rank + 1.0, "b": 10.0}), all_ranks({"m": float(rank * 5)}, op="max"))
@@ -232,15 +232,79 @@ def test_step_metrics_are_over_all_ranks():
 def test_zero3_keeps_parameters_whole_on_one_rank_by_default(tiny_model):
     """persistence_for: every parameter whole on one rank (a one-rank partition is the whole model, and each
     partitioned parameter costs a fetch per pass); DeepSpeed's 100k on several; an explicit value wins."""
-    from vlrl_cli import training
+    from vlrl_cli import distributed, policy as pol
 
-    assert training.persistence_for(1, None) >= 10**12
-    assert training.persistence_for(2, None) == 100_000
-    assert training.persistence_for(1, 0) == 0
-    training.init_distributed()
+    assert pol.persistence_for(1, None) >= 10**12
+    assert pol.persistence_for(2, None) == 100_000
+    assert pol.persistence_for(1, 0) == 0
+    distributed.init_distributed()
     kinds = {}
     for threshold in (None, 0):
-        engine = training.build_engine(str(tiny_model), lr=1e-3, weight_decay=0.0, warmup=0, stage=3, offload=False,
+        engine = pol.build_policy(str(tiny_model), lr=1e-3, weight_decay=0.0, warmup=0, stage=3, offload=False,
                                        grad_clip=1.0, dtype="float32", persistence_threshold=threshold)
         kinds[threshold] = {bool(p.ds_persist) for p in engine.module.parameters()}
     assert kinds == {None: {True}, 0: {False}}
+
+
+def test_ppo_epochs_log_the_first_epochs_kl_and_score_the_reference_once(tmp_path, tiny_model, colors_data, monkeypatch):
+    """Two PPO epochs vs one, same seed. Step 1 starts from the reference's own weights, so its KL (taken
+    before the step's first update) is 0 however many epochs follow, and its rollouts and drift are the
+    same in both runs; step 2 (the policy has moved) has KL > 0. The reference forward runs once per
+    micro-batch and step, not once per epoch."""
+    from vlrl_cli import batches
+    from vlrl_cli.grpo import train_grpo
+
+    (tmp_path / "userenvs.py").write_text(USER_ENV)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = batches.sequence_logprobs
+    ref_calls = []
+
+    def counting(model, b, *args):
+        if not hasattr(model, "zero_optimization_stage"):  # not the DeepSpeed policy: the KL reference
+            ref_calls.append(b.input_ids.shape[0])
+        return real(model, b, *args)
+
+    monkeypatch.setattr(batches, "sequence_logprobs", counting)
+    out = {}
+    for epochs in (1, 2):
+        rec_path = write_recipe(tmp_path, tiny_model, colors_data, f"ppo{epochs}", trainer={"steps": 2, "micro_batch": 8},
+                                algorithm={"name": "grpo", "kl_coef": 0.1, "ppo_epochs": epochs})
+        with open(rec_path, "a") as f:
+            f.write("envs: {colors: 'userenvs:ParityEnv'}\n")
+        ref_calls.clear()
+        train_grpo(load_recipe(rec_path))
+        out[epochs] = read_metrics(tmp_path / "runs" / f"ppo{epochs}")
+        assert ref_calls == [8, 8, 8, 8], ref_calls  # 16 sequences a step in micro-batches of 8, two steps
+    for epochs in (1, 2):
+        assert out[epochs][0]["kl"] == pytest.approx(0.0, abs=1e-7), out[epochs][0]
+        assert out[epochs][1]["kl"] > 1e-6, out[epochs][1]
+    for key in ("drift_abs_mean", "reward_mean", "entropy"):
+        assert out[2][0][key] == pytest.approx(out[1][0][key], rel=1e-5, abs=1e-8), key
+    assert out[2][0]["clip_frac"] == 0.0  # epoch 0 is on the anchor itself: nothing is clipped
+
+
+BROKEN_ENV = """
+from vlrl_cli.envs.base import Env
+
+class BrokenEnv(Env):
+    def score(self, text):
+        raise RuntimeError("reward server exploded")
+"""
+
+
+def test_an_internal_error_exits_1_with_the_traceback_in_the_run_dir(tmp_path, tiny_model, colors_data):
+    (tmp_path / "userenvs.py").write_text(BROKEN_ENV)
+    rec = write_recipe(tmp_path, tiny_model, colors_data, "broken", trainer={"steps": 1})
+    with open(rec, "a") as f:
+        f.write("envs: {colors: 'userenvs:BrokenEnv'}\n")
+    r = run_cli(["train", rec], env_extra={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "internal error: RuntimeError: reward server exploded" in r.stderr
+    assert "bad usage" not in r.stderr and "error: " not in r.stderr.replace("internal error: ", "")
+    [log] = (tmp_path / "runs" / "broken").glob("vlrl-error-*.log")
+    assert str(log) in r.stderr.replace("\n", "")
+    text = log.read_text()
+    assert "Traceback" in text and "reward server exploded" in text and "train" in text.splitlines()[0]
+    # a usage error stays exit 2, one line naming the key
+    r = run_cli(["train", rec, "--set", "trainer.stepz=3"])
+    assert r.returncode == 2 and "trainer" in r.stderr and "stepz" in r.stderr and "Traceback" not in r.stderr

@@ -2,13 +2,18 @@
 
 Heavy packages (torch, transformers, datasets) are imported inside commands, so `vlrl --help` is instant.
 Human output and progress go to stderr; `--json FILE` (or `-` for stdout) writes what machines read.
-Exit codes: 0 ok, 1 the data or run failed a check, 2 bad usage or an unreadable input.
+Exit codes: 0 ok; 1 the data or run failed a check, or an internal error (its traceback goes to a file
+the message names); 2 bad usage or input (errors.UserError: one line naming the file, row, field or
+flag); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,8 +34,52 @@ if not err.is_terminal:  # logs and pipes: rich would assume 80 columns and trun
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print("[bold red]error:[/] " + _escape(message), highlight=False)
     raise typer.Exit(code)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+# where an unexpected error's traceback is written: a command that has a run or output folder sets it
+crash_dir: Path | None = None
+
+
+def guarded(command):
+    """Exit codes for a command: UserError -> 2 with its message; Ctrl-C -> 130; any other exception is a
+    failure of the run, not of the usage -> 1, with the traceback in <crash_dir or a temp dir>/vlrl-error-*.log."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        import click
+
+        from .errors import UserError
+
+        global crash_dir
+        crash_dir = None
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except UserError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+        except Exception as e:
+            where = crash_dir if crash_dir is not None and crash_dir.is_dir() else Path(tempfile.gettempdir())
+            fd, path = tempfile.mkstemp(prefix="vlrl-error-", suffix=".log", dir=where)
+            with open(fd, "w") as f:
+                f.write(f"vlrl {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            err.print("[bold red]internal error:[/] " + _escape(f"{type(e).__name__}: {first}"), highlight=False)
+            err.print(f"the traceback is in {path}; please include it when you report this", highlight=False)
+            raise typer.Exit(1)
+
+    return run
 
 
 def write_json(target: str, payload: dict) -> None:
@@ -67,6 +116,7 @@ PREPARE_EPILOG = """[bold]Examples[/]
 
 
 @app.command(epilog=PREPARE_EPILOG)
+@guarded
 def prepare(
     source: Annotated[str, typer.Argument(help="geometry3k, colors, maze2d, or a dataset (folder, file, hub id).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
@@ -122,10 +172,7 @@ def prepare(
         spec=CanonicalSpec(factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, image_format=image_format,
                            jpeg_quality=jpeg_quality),
         source_opts=source_opts)
-    try:
-        result = _run_with_progress(f"prepare {source}", None, lambda cb: run_prepare(opts, progress=cb))
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        fail(str(e))
+    result = _run_with_progress(f"prepare {source}", None, lambda cb: run_prepare(opts, progress=cb))
     err.print(f"[bold]prepare {source}[/] -> {out}")
     table = Table()
     table.add_column("split")
@@ -158,6 +205,7 @@ Exit status: 0 no errors, 1 errors found, 2 a file cannot be read at all.
 
 
 @app.command(epilog=VALIDATE_EPILOG)
+@guarded
 def validate(
     paths: Annotated[list[Path], typer.Argument(help="Record files: .parquet, .jsonl or .json.")],
     processor: Annotated[Optional[str], typer.Option(help="Model dir or hub id: count prompt tokens exactly.")] = None,
@@ -173,7 +221,6 @@ def validate(
     """Check records against the schema, decode every image, count prompt tokens exactly."""
     import os
 
-    from .records import RecordFileError
     from .validate import ValidateOptions, total_rows, validate_paths
     from .validate import write_clean as do_write_clean
 
@@ -182,13 +229,8 @@ def validate(
     opts = ValidateOptions(processor=processor, max_prompt_tokens=max_prompt_tokens, max_images=max_images,
                            allow_remote=allow_remote, env_classes=tuple(env_class or ()),
                            workers=workers or min(4, os.cpu_count() or 1))
-    try:
-        total = total_rows(paths)
-        report = _run_with_progress("validate", total, lambda cb: validate_paths(paths, opts, progress=cb))
-    except RecordFileError as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"cannot load the processor {processor!r}: {e}")
+    total = total_rows(paths)
+    report = _run_with_progress("validate", total, lambda cb: validate_paths(paths, opts, progress=cb))
 
     if report.problems:
         err.print("[bold]problems by kind[/]")
@@ -212,11 +254,8 @@ def validate(
     if json_out:
         write_json(json_out, report.to_json())
     if write_clean:
-        try:
-            for dest, n in do_write_clean(report, write_clean).items():
-                err.print(f"wrote {n} clean rows to {dest}")
-        except ValueError as e:
-            fail(str(e))
+        for dest, n in do_write_clean(report, write_clean).items():
+            err.print(f"wrote {n} clean rows to {dest}")
     raise typer.Exit(1 if report.errors else 0)
 
 
@@ -224,6 +263,7 @@ def validate(
 
 
 @app.command("tiny-model", epilog="[bold]Example[/]\n\n  vlrl tiny-model models/tiny --family qwen2_5_vl")
+@guarded
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
     family: Annotated[str, typer.Option(help="qwen2_vl, qwen2_5_vl or qwen3_vl.")] = "qwen2_5_vl",
@@ -252,6 +292,7 @@ Writes runs/<run.name>/: recipe.yaml, metrics.jsonl, checkpoints/step_N/{hf,ds}.
 
 
 @app.command(epilog=TRAIN_EPILOG)
+@guarded
 def train(
     recipe: Annotated[Path, typer.Argument(help="A recipe YAML (see recipes/).")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value (repeatable).")] = None,
@@ -262,23 +303,20 @@ def train(
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the final metrics here (- for stdout).")] = None,
 ) -> None:
     """SFT and GRPO-family RL with DeepSpeed ZeRO and a colocated rollout engine."""
-    from .config import RecipeError, load_recipe
+    from .config import load_recipe
 
+    global crash_dir
     overrides = list(set_ or [])
-    try:
-        rec = load_recipe(recipe, overrides)
-    except RecipeError as e:
-        fail(str(e))
+    rec = load_recipe(recipe, overrides)
     if gpus > 1 or nprocs > 1 or hostfile:
         from .launch import relaunch
 
         raise typer.Exit(relaunch(recipe, overrides, resume, gpus=gpus, nprocs=nprocs, hostfile=hostfile))
     from .train import run_training
 
-    try:
-        final = run_training(rec, resume=resume, console=err)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    rec.run_dir.mkdir(parents=True, exist_ok=True)
+    crash_dir = rec.run_dir  # a crash's traceback goes next to the run's metrics
+    final = run_training(rec, resume=resume, console=err)
     if json_out:
         write_json(json_out, final)
 
@@ -288,6 +326,7 @@ def train(
 
 @app.command("eval", epilog="[bold]Examples[/]\n\n  vlrl eval runs/colors-grpo/checkpoints/step_60/hf demo-out/colors/val.parquet --out evals/colors\n"
                             "  vlrl eval Qwen/Qwen2.5-VL-3B-Instruct data/geo3k/test.parquet --engine vllm --n 8 --temperature 1.0 --out evals/geo")
+@guarded
 def eval_(
     model: Annotated[str, typer.Argument(help="Hub id, model dir, checkpoint (runs/x/checkpoints/step_N) or run dir (its latest).")],
     data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
@@ -303,18 +342,18 @@ def eval_(
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
 ) -> None:
     """Evaluation rollouts in the training environments: metrics.json (accuracy, pass@k), rollouts.jsonl, report.html."""
+    from .engines import Sampling
     from .evaluate import EvalOptions, run_eval
+    from .records import count_rows
 
-    opts = EvalOptions(engine=engine, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                       max_turns=max_turns, limit=limit, seed=seed)
-    try:
-        from .records import count_rows
-
-        total = count_rows(data)
-        total = min(total, limit) if total and limit else total
-        metrics = _run_with_progress("eval", total, lambda cb: run_eval(model, str(data), out, opts, progress=cb))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        fail(str(e))
+    global crash_dir
+    opts = EvalOptions(engine=engine, n=n, sampling=Sampling(temperature, top_p, max_new_tokens, seed),
+                       max_turns=max_turns, limit=limit)
+    total = count_rows(data)
+    total = min(total, limit) if total and limit else total
+    out.mkdir(parents=True, exist_ok=True)
+    crash_dir = out
+    metrics = _run_with_progress("eval", total, lambda cb: run_eval(model, str(data), out, opts, progress=cb))
     table = Table()
     for col in ("records", "samples", "accuracy", "reward_mean", "format_rate", f"pass@{n}"):
         table.add_column(col, justify="right")
@@ -342,6 +381,7 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "bfloat16": 
 
 
 @app.command("check-drift", epilog=DRIFT_EPILOG)
+@guarded
 def check_drift_cmd(
     model: Annotated[str, typer.Argument(help="Hub id, model dir, checkpoint (runs/x/checkpoints/step_N) or run dir (its latest).")],
     data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
@@ -366,19 +406,17 @@ def check_drift_cmd(
 ) -> None:
     """Diff the inference engine's log-probs against the training forward, and say why they differ."""
     from .drift import DriftOptions, check_drift, finite, write_plot
+    from .engines import Sampling
 
     dtypes = [DTYPES.get(x) for x in (train_dtype, engine_dtype or train_dtype)]
     if None in dtypes:
         fail(f"--train-dtype / --engine-dtype: use one of {', '.join(DTYPES)}")
     opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage,
-                        samples=samples, temperature=temperature, top_p=top_p, top_k=top_k,
-                        max_new_tokens=max_new_tokens, max_turns=max_turns, after_update=after_update,
-                        update_from=update_from, perturb=perturb, max_mean=max_mean, max_abs=max_abs, seed=seed)
-    try:
-        with err.status("check-drift") as status:
-            report = check_drift(model, str(data), opts, progress=lambda msg: status.update(f"check-drift: {msg}"))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        fail(str(e))
+                        samples=samples, sampling=Sampling(temperature, top_p, max_new_tokens, seed, top_k),
+                        max_turns=max_turns, after_update=after_update, update_from=update_from, perturb=perturb,
+                        max_mean=max_mean, max_abs=max_abs)
+    with err.status("check-drift") as status:
+        report = check_drift(model, str(data), opts, progress=lambda msg: status.update(f"check-drift: {msg}"))
     print_drift(report)
     if json_out:
         write_json(json_out, finite(report))

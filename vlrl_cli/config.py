@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 
 @dataclass
 class ModelCfg:
@@ -42,6 +44,14 @@ class RolloutCfg:
     gpu_memory_utilization: float = 0.3  # vllm
     eval_temperature: float = 0.0  # greedy
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks: fixed-length rollouts)
+
+    def sampling(self, seed: int, evaluation: bool = False):
+        """The engines' Sampling for training rollouts, or for validation (eval_temperature, no ignore_eos)."""
+        from .engines import Sampling
+
+        if evaluation:
+            return Sampling(self.eval_temperature, 1.0, self.max_new_tokens, seed)
+        return Sampling(self.temperature, self.top_p, self.max_new_tokens, seed, ignore_eos=self.ignore_eos)
 
 
 @dataclass
@@ -106,8 +116,8 @@ class Recipe:
         return asdict(self)
 
 
-class RecipeError(ValueError):
-    pass
+class RecipeError(UserError):
+    """A recipe file or --set override is wrong; the message names the key."""
 
 
 def parse_value(text: str) -> Any:
@@ -188,9 +198,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
         raise RecipeError(f"{where}: model.path is required")
     if not recipe.data.train:
         raise RecipeError(f"{where}: data.train is required")
-    m = recipe.model.path
-    if not Path(m).exists() and (m.startswith((".", "/", "~")) or m.count("/") != 1 or Path(m.split("/")[0]).is_dir()):
-        raise RecipeError(f"{where}: model.path {m} is neither a local folder nor a hub id (org/name)")
+    from .modeling import check_model_name
+
+    try:
+        check_model_name(recipe.model.path)
+    except UserError as e:
+        raise RecipeError(f"{where}: model.path {e}") from None
     for key in ("train", "val"):
         p = getattr(recipe.data, key)
         if p and not Path(p).is_file():

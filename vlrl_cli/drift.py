@@ -3,7 +3,7 @@
 1. Generate with the inference engine through the training rollout path (rollout.collect), keeping each
    sampled token's engine log-prob.
 2. Score the same token ids with the same image tensors through the trainer's forward
-   (training.sequence_logprobs; optionally inside DeepSpeed at a ZeRO stage).
+   (batches.sequence_logprobs; optionally inside DeepSpeed at a ZeRO stage).
 3. Statistics of the per-token differences, overall and split by prompt kind, turn and token position.
 4. Agreement checks that name the cause: engine prompt ids, the pixels the engine's vision encoder
    received (captured by a hook, hashed per image), image-token counts, sampling settings.
@@ -26,7 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .engines import split_by_grid
+from .engines import Sampling
+from .errors import UserError
+from .render import image_token_counts, per_image
 
 AFTER_IMAGE_TOKENS = 4  # "first tokens after an image": this many generated tokens after context holding an image
 
@@ -38,10 +40,7 @@ class DriftOptions:
     engine_dtype: str | None = None  # default: the trainer's dtype
     zero_stage: int | None = None  # None: the plain transformers forward; 0-3: wrapped by DeepSpeed
     samples: int = 16  # records (one rollout each); after_update also uses the next `samples` as unseen
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
+    sampling: Sampling = field(default_factory=lambda: Sampling(1.0, 1.0, 64, 0))  # its seed seeds the whole check
     max_turns: int = 1
     max_context_tokens: int = 8192
     after_update: bool = False
@@ -49,7 +48,6 @@ class DriftOptions:
     perturb: float = 0.1  # relative noise: each tensor += perturb * rms(tensor) * N(0, 1)
     max_mean: float | None = None
     max_abs: float | None = None
-    seed: int = 0
     gpu_memory_utilization: float = 0.3
     micro_batch: int = 8
 
@@ -149,18 +147,20 @@ class RecordingEngine:
 
 def load_trainer(model_path: str, dtype: str, zero_stage: int | None):
     """The training forward: a transformers model, or the same inside a DeepSpeed engine (ZeRO-S)."""
-    from . import training
+    from .distributed import device, init_distributed
 
     if zero_stage is None:
         from .modeling import load_vlm
 
         model = load_vlm(model_path, getattr(torch, dtype))
-        return model.to(training.device()).eval()
-    training.init_distributed()
-    engine = training.build_engine(model_path, lr=0.0, weight_decay=0.0, warmup=0, stage=zero_stage, offload=False,
-                                   grad_clip=1.0, dtype=dtype, persistence_threshold=0)
-    engine.eval()
-    return engine
+        return model.to(device()).eval()
+    from .policy import build_policy
+
+    init_distributed()
+    policy = build_policy(model_path, lr=0.0, weight_decay=0.0, warmup=0, stage=zero_stage, offload=False,
+                          grad_clip=1.0, dtype=dtype, persistence_threshold=0)
+    policy.eval()
+    return policy
 
 
 def _params(trainer):
@@ -175,14 +175,16 @@ def apply_update(trainer, perturb: float, update_from: str | None, seed: int) ->
     if update_from:
         from transformers import AutoModelForImageTextToText
 
-        source = dict(AutoModelForImageTextToText.from_pretrained(update_from, dtype=torch.float32).named_parameters())
+        from .modeling import from_pretrained
+
+        source = dict(from_pretrained(AutoModelForImageTextToText, update_from, dtype=torch.float32).named_parameters())
     gen = torch.Generator().manual_seed(seed + 1)
     for name, p in _params(trainer):
         ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if hasattr(p, "ds_id") else contextlib.nullcontext()
         with ctx, torch.no_grad():
             if source is not None:
                 if name not in source:
-                    raise ValueError(f"--update-from {update_from}: no parameter {name}")
+                    raise UserError(f"--update-from {update_from}: no parameter {name}")
                 p.copy_(source[name].to(p.device, p.dtype))
             else:
                 noise = torch.randn(p.shape, generator=gen).to(p.device, torch.float32)
@@ -193,15 +195,16 @@ def apply_update(trainer, perturb: float, update_from: str | None, seed: int) ->
 
 def score(trainer, trajs, processor, temperature: float, banned: list[int], micro_batch: int) -> list[np.ndarray]:
     """Trainer log-probs [len(token_ids)] per trajectory, through the training code path."""
-    from . import training
+    from .batches import make_batch, sequence_logprobs
+    from .distributed import device
 
-    dev = training.device()
+    dev = device()
     out = []
     with torch.no_grad():
         for i in range(0, len(trajs), micro_batch):
             chunk = trajs[i:i + micro_batch]
-            b = training.make_batch(chunk, processor.tokenizer.pad_token_id, dev)
-            lp = training.sequence_logprobs(trainer, b, 1.0 if temperature == 0 else temperature, banned)
+            b = make_batch(chunk, processor, dev)
+            lp = sequence_logprobs(trainer, b, 1.0 if temperature == 0 else temperature, banned)
             out += [lp[j, :len(t.token_ids)].float().cpu().numpy() for j, t in enumerate(chunk)]
     return out
 
@@ -219,7 +222,7 @@ def token_rows(trajs, trainer_lps: list[np.ndarray], image_token_id: int) -> Tok
                 continue
             if not in_response:  # a new turn starts
                 turn, pos, after, saw_image, in_response = turn + 1, 0, saw_image, False, True
-            for key, v in (("engine", t.old_logp[k]), ("trainer", float(tlp[k])), ("seq", s), ("turn", turn),
+            for key, v in (("engine", t.engine_logp[k]), ("trainer", float(tlp[k])), ("seq", s), ("turn", turn),
                            ("pos", pos), ("with_images", has_images), ("after_image", after and pos < AFTER_IMAGE_TOKENS)):
                 cols[key].append(v)
             where.append((s, k))
@@ -249,13 +252,7 @@ def worst_tokens(rows: TokenRows, trajs, tokenizer, k: int = 10, context: int = 
 
 def trainer_images(trajs) -> list[tuple[str, int, tuple, torch.Tensor]]:
     """(record id, image index, grid, pixel rows) for every image the trainer scores, in order."""
-    out = []
-    for t in trajs:
-        grid, pix = t.tensors.get("image_grid_thw"), t.tensors.get("pixel_values")
-        if grid is None or pix is None:
-            continue
-        out += [(t.record_id, j, g, rows) for j, (g, rows) in enumerate(split_by_grid(pix, grid.tolist()))]
-    return out
+    return [(t.record_id, j, g, rows) for t in trajs for j, (g, rows) in enumerate(per_image(t.tensors))]
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -302,19 +299,18 @@ def check_prompt_ids(prompts: list[tuple[list[int], list[int]]]) -> Check:
 
 def check_image_token_counts(trajs, prompts, processor) -> Check:
     pad = processor.image_token_id
-    merge = int(getattr(processor.image_processor, "merge_size", 1))
     problems, n = [], 0
     first_engine = {}  # the engine ids of each trajectory's first request (requests follow trajectories' order)
     for (a, b) in prompts:
         first_engine.setdefault(tuple(a), b)
     for t in trajs:
-        grid = t.tensors.get("image_grid_thw")
-        if grid is None:
+        counts = image_token_counts(processor, t.tensors)
+        if not counts:
             continue
         n += 1
         # only the prompt's images count here; observation images come later in the sequence
         prompt_images = _count_runs(t.token_ids[:t.prompt_len], pad)
-        expected_prompt = int((grid[:prompt_images].prod(-1) // (merge * merge)).sum())
+        expected_prompt = sum(counts[:prompt_images])
         got = t.token_ids[:t.prompt_len].count(pad)
         engine_ids = first_engine.get(tuple(t.token_ids[:t.prompt_len]))
         eng = engine_ids.count(pad) if engine_ids is not None else got
@@ -332,16 +328,16 @@ def _count_runs(ids: list[int], tok: int) -> int:
     return sum(1 for k, t in enumerate(ids) if t == tok and (k == 0 or ids[k - 1] != tok))
 
 
-def sampling_checks(o: DriftOptions) -> list[Check]:
+def sampling_checks(s: Sampling) -> list[Check]:
     checks = []
-    if o.temperature == 0:
+    if s.temperature == 0:
         checks.append(Check("sampling_temperature", False, "greedy decoding (temperature 0): log-probs are those of the "
                             "T=1 softmax while the sampler took the argmax; RL's importance ratios assume sampling",
                             "warning", "use temperature > 0 (1.0 for GRPO) in rollouts"))
     else:
-        checks.append(Check("sampling_temperature", True, f"both sides use softmax(logits / {o.temperature}) "
+        checks.append(Check("sampling_temperature", True, f"both sides use softmax(logits / {s.temperature}) "
                             "(vLLM: processed_logprobs; trainer: logits divided by the rollout temperature)"))
-    trunc = [f"top_p={o.top_p}"] * (o.top_p < 1) + [f"top_k={o.top_k}"] * (o.top_k > 0)
+    trunc = [f"top_p={s.top_p}"] * (s.top_p < 1) + [f"top_k={s.top_k}"] * (s.top_k > 0)
     if trunc:
         checks.append(Check("sampling_truncation", False, f"{', '.join(trunc)}: the engine samples from a truncated, "
                             "renormalised distribution while the trainer scores the full softmax, so their log-probs differ "
@@ -369,12 +365,12 @@ def threshold_checks(phases: dict[str, dict], o: DriftOptions) -> list[Check]:
 
 
 def _rollouts(engine, records, processor, o: DriftOptions, seed: int):
-    from .engines import Sampling
+    import dataclasses
+
     from .rollout import collect
 
     rec = RecordingEngine(engine)
-    s = Sampling(o.temperature, o.top_p, o.max_new_tokens, seed, o.top_k)
-    trajs = collect(rec, records, processor, 1, s, o.max_turns, o.max_context_tokens)
+    trajs = collect(rec, records, processor, 1, dataclasses.replace(o.sampling, seed=seed), o.max_turns, o.max_context_tokens)
     return [t for t in trajs if t.response_len > 0], rec.prompts
 
 
@@ -386,10 +382,10 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     engine: a ready engine instead of `o.engine` (tests inject faulty ones).
     """
     from .engines import VisionInputProbe, make_engine, placeholder_token_ids
-    from .grpo import load_records, sync_weights
+    from .records import load_records
     from .render import load_processor
-
     from .runs import resolve_model
+    from .weights import sync_weights
 
     say = progress or (lambda msg: None)
     model = resolve_model(model)
@@ -399,13 +395,13 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     banned = placeholder_token_ids(processor)
     engine_dtype = o.engine_dtype or o.train_dtype
     if o.zero_stage is not None:  # as in training: the process group first, so a vLLM engine joins it
-        from .training import init_distributed
+        from .distributed import init_distributed
 
         init_distributed()
     say(f"loading the {o.engine} engine ({engine_dtype})")
     if engine is None:
         engine = make_engine(o.engine, model, engine_processor or load_processor(model), dtype=engine_dtype,
-                             seed=o.seed, own_preprocessing=True, gpu_memory_utilization=o.gpu_memory_utilization)
+                             seed=o.sampling.seed, own_preprocessing=True, gpu_memory_utilization=o.gpu_memory_utilization)
     if hasattr(engine, "strict_prompts"):
         engine.strict_prompts = False  # report a prompt mismatch instead of raising
     probe = VisionInputProbe()
@@ -414,16 +410,16 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     trainer = load_trainer(model, o.train_dtype, o.zero_stage)
 
     say(f"generating {len(seen)} rollouts")
-    trajs, prompts = _rollouts(engine, seen, processor, o, o.seed)
+    trajs, prompts = _rollouts(engine, seen, processor, o, o.sampling.seed)
     if not trajs:
-        raise ValueError(f"{data}: the engine generated no tokens for any of {len(seen)} records")
+        raise UserError(f"{data}: the engine generated no tokens for any of {len(seen)} records")
     say("scoring with the trainer")
-    lps = score(trainer, trajs, processor, o.temperature, banned, o.micro_batch)
+    lps = score(trainer, trajs, processor, o.sampling.temperature, banned, o.micro_batch)
     rows = token_rows(trajs, lps, processor.image_token_id)
     stats = split_stats(rows)
     phases = {"before_update": stats}
     checks = [check_prompt_ids(prompts), check_image_tensors(trajs, probe.images),
-              check_image_token_counts(trajs, prompts, processor), *sampling_checks(o)]
+              check_image_token_counts(trajs, prompts, processor), *sampling_checks(o.sampling)]
     report = {
         "settings": {"model": model, "data": data, **asdict(o), "engine_dtype": engine_dtype},
         "token_abs_diff": stats["overall"].get("abs_diff", {}),
@@ -433,22 +429,22 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     }
 
     if o.after_update:
-        update = apply_update(trainer, o.perturb, o.update_from, o.seed)
+        update = apply_update(trainer, o.perturb, o.update_from, o.sampling.seed)
         say(f"update: {update}; syncing through the training path")
         engine.sleep()  # as in training: the update arrives while the engine sleeps
         sync_s = sync_weights(trainer, engine)
         engine.wake()
         # how much the update moved the trainer on the tokens scored before: a stale cache must be visible
-        moved = score(trainer, trajs, processor, o.temperature, banned, o.micro_batch)
+        moved = score(trainer, trajs, processor, o.sampling.temperature, banned, o.micro_batch)
         effect = float(np.mean(np.concatenate([np.abs(a - b)[np.array(t.loss_mask, dtype=bool)]
                                                for a, b, t in zip(moved, lps, trajs)])))
         after = {"update": update, "sync_seconds": sync_s, "update_effect_abs_mean": effect}
-        for name, recs, seed in (("seen", seen, o.seed + 1), ("unseen", unseen, o.seed + 2)):
+        for name, recs, seed in (("seen", seen, o.sampling.seed + 1), ("unseen", unseen, o.sampling.seed + 2)):
             if not recs:
                 continue
             say(f"after the update: {len(recs)} {name} records")
             t2, p2 = _rollouts(engine, recs, processor, o, seed)
-            r2 = token_rows(t2, score(trainer, t2, processor, o.temperature, banned, o.micro_batch), processor.image_token_id)
+            r2 = token_rows(t2, score(trainer, t2, processor, o.sampling.temperature, banned, o.micro_batch), processor.image_token_id)
             after[name] = split_stats(r2)
             phases[f"after_update_{name}"] = after[name]
             if name == "seen":

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from math import comb
 from pathlib import Path
 from typing import Callable
 
+from .engines import Sampling
 from .report import write_report
 
 
@@ -28,13 +29,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 class EvalOptions:
     engine: str = "hf"
     n: int = 1
-    temperature: float = 0.0  # greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 128
+    sampling: Sampling = field(default_factory=lambda: Sampling(0.0, 1.0, 128, 0))  # greedy by default
     max_turns: int = 1
     max_context_tokens: int = 4096
     limit: int | None = None
-    seed: int = 0
     dtype: str = "float32"
 
 
@@ -63,18 +61,17 @@ def summarize(trajs, n: int) -> dict:
 def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions(),
              env_registry: dict | None = None, progress: Callable[[int], None] | None = None, engine=None) -> dict:
     """engine: a ready engine instead of `opts.engine` (tests script one)."""
-    from .engines import Sampling, make_engine
-    from .grpo import load_records
+    from .engines import make_engine
+    from .records import load_records
     from .render import load_processor
     from .rollout import collect
-
     from .runs import resolve_model
 
     model = resolve_model(model)
     records = load_records(data, opts.limit)
     processor = load_processor(model)
-    engine = engine or make_engine(opts.engine, model, processor, dtype=opts.dtype, seed=opts.seed)
-    sampling = Sampling(opts.temperature, opts.top_p, opts.max_new_tokens, opts.seed)
+    engine = engine or make_engine(opts.engine, model, processor, dtype=opts.dtype, seed=opts.sampling.seed)
+    sampling = opts.sampling
     trajs = []
     for i in range(0, len(records), 16):  # chunks: progress, and bounded memory
         chunk = collect(engine, records[i:i + 16], processor, opts.n, sampling, opts.max_turns,
@@ -90,7 +87,8 @@ def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions()
         for t in trajs:
             groups[getattr(t, key)].append(t)
         metrics[f"by_{key}"] = {name: summarize(ts, opts.n) for name, ts in sorted(groups.items())}
-    metrics["settings"] = {"model": model, "data": data, **asdict(opts)}
+    metrics["settings"] = {"model": model, "data": data, **{k: v for k, v in asdict(opts).items() if k != "sampling"},
+                           **asdict(opts.sampling)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

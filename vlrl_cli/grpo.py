@@ -8,75 +8,46 @@ Variant (all recipe fields, one loop):
   * rollout/train mismatch correction: truncated importance weights (`tis`) or sequence masking (`mask`).
 Deviations from the papers: none intended; DAPO's overlong shaping is not implemented.
 
+Data flow: records (records.py) -> rollouts (rollout.py, an engine from engines/) -> batches and
+log-probs (batches.py) -> updates (losses.py, policy.py) -> weight sync (weights.py).
+
 Launch: `vlrl train recipes/colors-tiny.yaml` (one process; CPU or one GPU), `vlrl train RECIPE --gpus N`
 (DeepSpeed's launcher, one rank per GPU, each with its own colocated engine and its own prompts).
 """
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import batches, policy as pol
 from .config import Recipe
-from .engines import Sampling, make_engine
-from .losses import aggregate, group_advantages, k3_kl, keep_informative_groups, mismatch_weights, policy_loss
-from .records import iter_rows
+from .distributed import all_ranks
+from .engines import RolloutEngine, make_engine
+from .losses import group_advantages, keep_informative_groups, micro_batch_loss
+from .records import load_records, prompts_for_step
 from .rollout import collect
-from . import training
+from .runs import checkpoint_due, setup_run
+from .weights import sync_weights
 
 
-def load_records(path: str, limit: int | None = None) -> list[dict]:
-    rows = []
-    for row in iter_rows(path):
-        if isinstance(row, dict):
-            rows.append(row)
-        if limit and len(rows) >= limit:
-            break
-    if not rows:
-        raise ValueError(f"{path}: no records")
-    return rows
-
-
-def prompts_for_step(n_records: int, step: int, per_step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Record indices of a step: a seeded permutation per epoch, so the order depends on the step alone
-    (what makes --resume reproduce an uninterrupted run). Each rank takes its own slice."""
-    out = []
-    start = (step * world + rank) * per_step
-    for k in range(start, start + per_step):
-        epoch, pos = divmod(k, n_records)
-        perm = list(range(n_records))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[pos])
-    return out
-
-
-def evaluate(engine, records: list[dict], processor, recipe: Recipe, seed: int) -> dict:
+def validation_metrics(engine: RolloutEngine, records: list[dict], processor, recipe: Recipe, seed: int) -> dict:
     """Greedy (by default) rollouts on validation records: accuracy and mean reward."""
     r = recipe.rollout
-    engine.wake()  # between steps the engine sleeps (vllm: no KV cache); generating then would hang
-    trajs = collect(engine, records, processor, 1, Sampling(r.eval_temperature, 1.0, r.max_new_tokens, seed),
-                    r.max_turns, r.max_context_tokens, recipe.envs)
+    trajs = collect(engine, records, processor, 1, r.sampling(seed, evaluation=True), r.max_turns,
+                    r.max_context_tokens, recipe.envs)
     engine.sleep()
     return {"val_accuracy": sum(bool(t.info.get("correct")) for t in trajs) / len(trajs),
             "val_reward_mean": sum(t.reward for t in trajs) / len(trajs)}
 
 
-def sync_weights(policy, engine) -> float:
-    t = time.perf_counter()
-    for bucket in training.export_weights(policy):
-        engine.update_weights(bucket)
-    return time.perf_counter() - t
-
-
 def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
     a, r, tr = recipe.algorithm, recipe.rollout, recipe.trainer
-    run = training.setup_run(recipe, resume)
+    run = setup_run(recipe, resume)
     rank, world, processor, banned, policy, dev = run.rank, run.world, run.processor, run.banned, run.policy, run.dev
-    pad = processor.tokenizer.pad_token_id
     ref = None
     if a.kl_coef > 0:
         from .modeling import load_vlm
@@ -100,11 +71,8 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         records = [train_records[i] for i in idx]
 
         # 1. rollouts with the engine (awake only now)
-        engine.wake()
-        sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, seed=tr.seed * 1_000_003 + step * 7919 + rank,
-                            ignore_eos=r.ignore_eos)
-        trajs = collect(engine, records, processor, r.n, sampling, r.max_turns, r.max_context_tokens, recipe.envs,
-                        recipe.data.max_prompt_tokens)
+        trajs = collect(engine, records, processor, r.n, r.sampling(tr.seed * 1_000_003 + step * 7919 + rank),
+                        r.max_turns, r.max_context_tokens, recipe.envs, recipe.data.max_prompt_tokens)
         engine.sleep()
         t_gen = time.perf_counter() - t0
 
@@ -115,60 +83,59 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         keep = keep_informative_groups(rewards, groups) if a.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
         batch = [(t, float(adv[i])) for i, t in enumerate(trajs) if keep[i] and t.response_len > 0]
 
-        # 3. score with the trainer (old log-probs), then update; micro-batches accumulate gradients
+        # 3. micro-batches, built once; the PPO anchor (several epochs) and the KL reference, once per step
         t1 = time.perf_counter()
-        stats = {"clip": 0.0, "drift_sum": 0.0, "drift_max": 0.0, "ratio_sum": 0.0, "ent": 0.0, "kl": 0.0, "tok": 0.0}
-        grad_norm = None
         n_tok = sum(t.response_len for t, _ in batch)
         n_seq = len(batch)
         micro = [batch[i:i + tr.micro_batch] for i in range(0, len(batch), tr.micro_batch)]
-        batches = [training.make_batch([t for t, _ in mb], pad, dev) for mb in micro]  # once, reused per epoch
+        mbs = [batches.make_batch([t for t, _ in mb], processor, dev) for mb in micro]
+        mb_adv = [torch.tensor([x for _, x in mb], device=dev) for mb in micro]
         policy.train()
-        old = {}
-        if a.ppo_epochs > 1:  # the PPO anchor must be the weights before this step's first update
-            with torch.no_grad():
-                for m, b in enumerate(batches):
-                    old[m] = training.sequence_logprobs(policy, b, r.temperature, banned).detach()
-        t_score = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        for epoch in range(a.ppo_epochs if batch else 0):
-            for m, (mb, b) in enumerate(zip(micro, batches)):
-                mb_adv = torch.tensor([x for _, x in mb], device=dev)
-                train_logp = training.sequence_logprobs(policy, b, r.temperature, banned)
-                old_logp = old.get(m, train_logp.detach())
-                weights = mismatch_weights(old_logp, b.engine_logp, b.loss_mask, a.mismatch, a.mismatch_cap)
-                tok_loss, clip_flags = policy_loss(train_logp, old_logp, mb_adv, b.loss_mask, weights, a.clip_low, a.clip_high)
+        anchors, refs = {}, {}
+        with torch.no_grad():
+            for m, b in enumerate(mbs):
+                if a.ppo_epochs > 1:  # the anchor must be the weights before this step's first update
+                    anchors[m] = batches.sequence_logprobs(policy, b, r.temperature, banned)
                 if ref is not None:
-                    with torch.no_grad():
-                        ref_logp = training.sequence_logprobs(ref, b, r.temperature, banned)
-                    kl = k3_kl(train_logp, ref_logp)
-                    tok_loss = tok_loss + a.kl_coef * kl
-                    stats["kl"] += float((kl * b.loss_mask).sum())
-                loss = aggregate(tok_loss, b.loss_mask, a.loss_agg, max(n_tok, 1), max(n_seq, 1), max_len)
-                training.backward_step(policy, loss, last=(m == len(micro) - 1))
-                if epoch == 0:
-                    d = (old_logp - b.engine_logp).abs() * b.loss_mask
+                    refs[m] = batches.sequence_logprobs(ref, b, r.temperature, banned)
+        t_score = time.perf_counter() - t1
+
+        # 4. updates: gradients accumulate over micro-batches, one optimizer step per epoch
+        t2 = time.perf_counter()
+        stats = {"clip": 0.0, "drift_sum": 0.0, "drift_max": 0.0, "ratio_sum": 0.0, "ent": 0.0, "kl": 0.0, "tok": 0.0}
+        grad_norm = None
+        for epoch in range(a.ppo_epochs if batch else 0):
+            for m, b in enumerate(mbs):
+                train_logp = batches.sequence_logprobs(policy, b, r.temperature, banned)
+                anchor_logp = anchors.get(m, train_logp.detach())
+                loss, clip_flags, kl = micro_batch_loss(train_logp, anchor_logp, b.engine_logp, refs.get(m), mb_adv[m],
+                                                        b.loss_mask, a, max(n_tok, 1), max(n_seq, 1), max_len)
+                pol.backward_step(policy, loss, last=(m == len(mbs) - 1))
+                if epoch == 0:  # the step's statistics: the policy as it sampled, before any update
+                    mask = b.loss_mask
+                    d = (anchor_logp - b.engine_logp).abs() * mask
                     stats["drift_sum"] += float(d.sum())
                     stats["drift_max"] = max(stats["drift_max"], float(d.max()))
-                    stats["ratio_sum"] += float((torch.exp(old_logp - b.engine_logp) * b.loss_mask).sum())
-                    stats["ent"] += float((-train_logp.detach() * b.loss_mask).sum())  # sampled-token entropy estimate
+                    stats["ratio_sum"] += float((torch.exp(anchor_logp - b.engine_logp) * mask).sum())
+                    stats["ent"] += float((-train_logp.detach() * mask).sum())  # sampled-token entropy estimate
                     stats["clip"] += float(clip_flags.sum())
-                    stats["tok"] += float(b.loss_mask.sum())
-            grad_norm = training.optimizer_step(policy)
+                    stats["kl"] += float((kl.detach() * mask).sum()) if kl is not None else 0.0
+                    stats["tok"] += float(mask.sum())
+            grad_norm = pol.optimizer_step(policy)
         t_train = time.perf_counter() - t2
 
-        # 4. push the new weights into the engine (every step: the next rollout must be on-policy)
+        # 5. push the new weights into the engine (every step: the next rollout must be on-policy)
         t_sync = sync_weights(policy, engine) if batch else 0.0
 
         step_s = time.perf_counter() - t0
         # the step's numbers over all ranks (each rank rolled out its own prompts)
-        g = training.all_ranks({
+        g = all_ranks({
             **{k: v for k, v in stats.items() if k != "drift_max"},
             "seqs": len(trajs), "reward": float(rewards.sum()), "correct": sum(bool(t.info.get("correct")) for t in trajs),
             "format": sum(bool(t.info.get("format_ok")) for t in trajs), "gen_tokens": sum(t.response_len for t in trajs),
             "prompt_tokens": sum(t.prompt_len for t in trajs), "groups_kept": int(keep.sum()) // r.n,
             "too_long": sum(t.done_reason == "prompt_too_long" for t in trajs) // r.n})
-        drift_max = training.all_ranks({"m": stats["drift_max"]}, op="max")["m"]
+        drift_max = all_ranks({"m": stats["drift_max"]}, op="max")["m"]
         tok, seqs = max(g["tok"], 1.0), g["seqs"]
         metrics = {
             "step": step + 1,
@@ -197,6 +164,8 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         if torch.cuda.is_available():  # the trainer's peak (vLLM's own pool is not counted here)
             metrics["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if val_records and tr.eval_every and (step + 1) % tr.eval_every == 0:
-            metrics.update(evaluate(engine, val_records, processor, recipe, tr.seed))
-        run.end_step(recipe, metrics, on_step)
+            metrics.update(validation_metrics(engine, val_records, processor, recipe, tr.seed))
+        if checkpoint_due(step + 1, tr):
+            run.save(recipe, step + 1)
+        run.log_step(metrics, on_step)
     return recipe.run_dir

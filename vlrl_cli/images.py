@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
+from .errors import UserError
 
 # Qwen's own processor defaults (min 56*56, max 28*28*1280): stored images then need no further resize.
 DEFAULT_FACTOR = 28
@@ -233,7 +234,7 @@ def canonicalize(image: bytes | Image.Image, spec: CanonicalSpec = CanonicalSpec
         ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality])
         mime = "image/jpeg"
     else:
-        raise ValueError(f"unknown image format {spec.image_format!r} (png or jpeg)")
+        raise UserError(f"unknown image format {spec.image_format!r} (png or jpeg)")
     if not ok:
         raise ImageError("image_encode", f"could not encode a {w}x{h} image as {spec.image_format}")
     data = buf.tobytes()

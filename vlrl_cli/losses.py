@@ -1,8 +1,9 @@
 """GRPO-family advantages and policy loss, as plain tensor functions (tested against hand-computed values).
 
 Shapes: B sequences, T tokens. `mask` is 1 on tokens the loss trains (generated tokens).
-Vocabulary: `engine_logp` = log-probs the rollout engine reported when sampling; `old_logp` = the
-trainer's log-probs before this step's update (the PPO anchor); `train_logp` = current, with grad.
+Vocabulary: `engine_logp` = log-probs the rollout engine reported when sampling; `anchor_logp` = the
+trainer's log-probs before this step's first update (PPO's "old" policy); `train_logp` = current, with grad;
+`ref_logp` = a frozen reference model's (KL penalty).
 """
 
 from __future__ import annotations
@@ -32,23 +33,23 @@ def keep_informative_groups(rewards: torch.Tensor, groups: torch.Tensor) -> torc
     return keep
 
 
-def mismatch_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+def mismatch_weights(anchor_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str,
                      cap: float) -> torch.Tensor:
     """Correction for rollout/train mismatch (the engine sampled from a slightly different policy).
 
-    tis:  per-token importance weight exp(old - engine), truncated at `cap` (no gradient).
+    tis:  per-token importance weight exp(anchor - engine), truncated at `cap` (no gradient).
     mask: a sequence whose mean per-token log-ratio leaves [-log cap, log cap] gets weight 0.
     none: all ones.
     """
-    log_ratio = (old_logp - engine_logp).detach() * mask
+    log_ratio = (anchor_logp - engine_logp).detach() * mask
     if mode == "none":
-        return torch.ones_like(old_logp)
+        return torch.ones_like(anchor_logp)
     if mode == "tis":
         return torch.exp(log_ratio).clamp(max=cap)
     if mode == "mask":
         seq = log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)
-        ok = (seq.abs() <= torch.log(torch.tensor(cap))).to(old_logp.dtype)
-        return ok[:, None].expand_as(old_logp)
+        ok = (seq.abs() <= torch.log(torch.tensor(cap))).to(anchor_logp.dtype)
+        return ok[:, None].expand_as(anchor_logp)
     raise ValueError(f"unknown mismatch correction {mode!r}")
 
 
@@ -72,12 +73,29 @@ def k3_kl(train_logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def policy_loss(train_logp, old_logp, adv, mask, weights, clip_low: float, clip_high: float):
-    """Per-token clipped surrogate -min(r A, clip(r, 1-lo, 1+hi) A), times mismatch weights; and clip flags."""
-    ratio = torch.exp(train_logp - old_logp)
+def policy_loss(train_logp, anchor_logp, adv, mask, weights, clip_low: float, clip_high: float):
+    """Per-token clipped surrogate -min(r A, clip(r, 1-lo, 1+hi) A), r = exp(train - anchor), times
+    mismatch weights; and clip flags."""
+    ratio = torch.exp(train_logp - anchor_logp)
     a = adv[:, None]
     unclipped = ratio * a
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * a
     loss = -torch.minimum(unclipped, clipped) * weights
     clip_flags = (clipped < unclipped).to(train_logp.dtype) * mask
     return loss, clip_flags
+
+
+def micro_batch_loss(train_logp, anchor_logp, engine_logp, ref_logp, adv, mask, algo, n_tokens: float,
+                     n_seqs: float, max_len: int):
+    """One micro-batch's share of the step's loss: clipped surrogate against the anchor, mismatch weights
+    (anchor vs engine), optional k3 KL to the reference. Returns (loss, clip flags [B, T], kl [B, T] or None).
+
+    `algo`: the recipe's algorithm section (clip_low/high, mismatch, mismatch_cap, kl_coef, loss_agg).
+    """
+    weights = mismatch_weights(anchor_logp, engine_logp, mask, algo.mismatch, algo.mismatch_cap)
+    tok_loss, clip_flags = policy_loss(train_logp, anchor_logp, adv, mask, weights, algo.clip_low, algo.clip_high)
+    kl = None
+    if ref_logp is not None:
+        kl = k3_kl(train_logp, ref_logp)
+        tok_loss = tok_loss + algo.kl_coef * kl
+    return aggregate(tok_loss, mask, algo.loss_agg, n_tokens, n_seqs, max_len), clip_flags, kl

@@ -56,6 +56,35 @@ def grouped_segment_attention(module, query, key, value, attention_mask=None, sc
     return packed.index_select(1, inverse).transpose(0, 1).unsqueeze(0), None
 
 
+def check_model_name(name: str) -> str:
+    """A model argument that looks local (starts with . / ~, or its first folder exists here) must exist:
+    a typo is a one-line error naming it, not a hub lookup that retries online or blames huggingface.co."""
+    from pathlib import Path
+
+    from .errors import UserError
+
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists():
+            raise UserError(f"{name}: a folder without config.json (not a model directory)")
+        return str(p)
+    first = Path(name).parts[0] if Path(name).parts else ""
+    if name.startswith((".", "/", "~")) or (first and Path(first).is_dir()) or name.count("/") != 1:
+        raise UserError(f"{name}: no such model folder (and not a hub id of the form org/name)")
+    return name
+
+
+def from_pretrained(loader, name: str, **kwargs):
+    """loader.from_pretrained(name) with a user's mistake (unknown hub id, offline, no weights) as a UserError."""
+    from .errors import UserError
+
+    name = check_model_name(name)
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as e:  # transformers' "not a valid model identifier" / offline / missing files
+        raise UserError(f"cannot load {name}: {str(e).strip().splitlines()[0]}") from None
+
+
 def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
     """The model from a hub id or folder, on the CPU.
 
@@ -66,8 +95,8 @@ def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
     from transformers import AutoModelForImageTextToText
 
     if attention != "auto":
-        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attention)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        return from_pretrained(AutoModelForImageTextToText, path, dtype=dtype, attn_implementation=attention)
+    model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype)
     use_grouped_vision_attention(model)
     return model
 

@@ -8,6 +8,8 @@ stays flat and outputs never depend on timing.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 
@@ -16,8 +18,33 @@ def mp_context():
     return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
 
 
-def worker_pool(workers: int, initializer, initargs: tuple):
-    return mp_context().Pool(workers, initializer, initargs)
+def _start_worker(initializer, initargs: tuple) -> None:
+    # Ctrl-C goes to the whole process group: the parent handles it (terminates the pool); a worker
+    # must not die mid-row with a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    initializer(*initargs)
+
+
+@contextmanager
+def row_workers(workers: int, initializer, initargs: tuple):
+    """Yields a pool of `workers` processes, each set up by initializer(*initargs), for `ordered_map`.
+
+    One worker: no pool at all (yields None); the initializer runs here and rows are handled in this
+    process. On an error or Ctrl-C in the caller the pool is terminated, not waited for.
+    """
+    if workers <= 1:
+        initializer(*initargs)
+        yield None
+        return
+    pool = mp_context().Pool(workers, _start_worker, (initializer, initargs))
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
 
 
 def chunks(items: Iterable, size: int) -> Iterator[list]:

@@ -17,9 +17,10 @@ from typing import Callable
 
 from . import __version__
 from .images import CanonicalSpec, ImageError, ImageLimits
-from .parallel import ordered_map, worker_pool
+from .parallel import ordered_map, row_workers
 from .records import SCHEMA_VERSION, RecordWriter
 from .sources import ConvertContext, Item, Reject, get_source
+from .errors import UserError
 
 CHUNK = 128  # items per pool.map call: bounds memory (raw bytes + encoded images of one chunk)
 
@@ -57,9 +58,9 @@ def parse_split(split: str) -> dict[str, float] | str:
         try:
             ratios[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--split {split!r}: expected auto, source or name=ratio pairs like train=0.9,val=0.1") from None
+            raise UserError(f"--split {split!r}: expected auto, source or name=ratio pairs like train=0.9,val=0.1") from None
     if any(v < 0 for v in ratios.values()) or sum(ratios.values()) <= 0:
-        raise ValueError(f"--split {split!r}: ratios must be >= 0 and not all zero")
+        raise UserError(f"--split {split!r}: ratios must be >= 0 and not all zero")
     total = sum(ratios.values())
     return {k: v / total for k, v in ratios.items()}
 
@@ -70,7 +71,7 @@ def assign_split(item: Item, split: dict | str, seed: int) -> str:
     Hashing the id (not shuffling) keeps a row in the same split when the dataset grows or is re-read.
     """
     if split == "source" and item.split is None:
-        raise ValueError(f"--split source: row {item.source_id} has no source split; give ratios instead")
+        raise UserError(f"--split source: row {item.source_id} has no source split; give ratios instead")
     if isinstance(split, str) and item.split is not None:
         return item.split
     ratios = split if isinstance(split, dict) else {"train": 0.9, "val": 0.1}
@@ -146,7 +147,7 @@ def _clear_previous(out: Path, overwrite: bool) -> None:
     if not old.exists():
         return
     if not overwrite:
-        raise FileExistsError(f"{out} already holds a prepared dataset (manifest.json); pass --overwrite to replace it")
+        raise UserError(f"{out} already holds a prepared dataset (manifest.json); pass --overwrite to replace it")
     try:
         names = list(json.loads(old.read_text()).get("files", {}))
     except (json.JSONDecodeError, OSError):
@@ -172,13 +173,9 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
     rows_in = rejected = 0
     rejects_tmp = out / "rejects.jsonl.partial"
 
-    pool = None
-    if opts.workers > 1:
-        pool = worker_pool(opts.workers, _init_worker, (source.name, ctx))
-    else:
-        _init_worker(source.name, ctx)
     try:
-        with open(rejects_tmp, "w", encoding="utf-8") as rejects:
+        with row_workers(opts.workers, _init_worker, (source.name, ctx)) as pool, \
+                open(rejects_tmp, "w", encoding="utf-8") as rejects:
             for chunk, results in ordered_map(pool, _convert_one, items, CHUNK):
                 for item, res in zip(chunk, results):
                     split_name = assign_split(item, split, opts.seed)
@@ -197,10 +194,11 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
                         stats.add(w, h, nbytes)
                 if progress:
                     progress(rows_in)
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
+    except BaseException:  # Ctrl-C or a failure: no *.partial file stays behind
+        for w in writers.values():
+            w.abort()
+        rejects_tmp.unlink(missing_ok=True)
+        raise
     # train and val always exist (an empty file is clearer to downstream tools than a missing one)
     for name in ("train", "val"):
         writers.setdefault(name, RecordWriter(out / f"{name}.parquet"))

@@ -16,11 +16,13 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import UserError
+
 SCHEMA_VERSION = 1
 KNOWN_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
-class RecordFileError(Exception):
+class RecordFileError(UserError):
     """A whole file cannot be read (missing, not parquet/JSONL, corrupt footer...)."""
 
 
@@ -229,7 +231,7 @@ class RecordWriter:
         for r in self.pending:
             unknown = set(r) - known - {"extra_info"} | set(r.get("extra_info") or {}) - extra_known
             if unknown:
-                raise RuntimeError(f"{self.path}: row {r.get('id')} has fields {sorted(unknown)} the first rows lacked")
+                raise UserError(f"{self.path}: row {r.get('id')} has fields {sorted(unknown)} the first rows lacked")
         self.writer.write_table(pa.Table.from_pylist(self.pending, schema=self.schema))
         self.rows += len(self.pending)
         self.pending = []
@@ -244,6 +246,12 @@ class RecordWriter:
         else:
             self.writer.close()
         self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file (an interrupted or failed run leaves no output behind)."""
+        if self.writer is not None:
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_rows(path: str | Path, rows) -> int:
@@ -264,3 +272,34 @@ def write_rows(path: str | Path, rows) -> int:
         w.write(row)
     w.close()
     return w.rows
+
+
+# --- records of a run -----------------------------------------------------------------------------
+
+
+def load_records(path: str, limit: int | None = None) -> list[dict]:
+    """The rows of a record file as dicts (at most `limit`), for training, eval and check-drift."""
+    rows = []
+    for row in iter_rows(path):
+        if isinstance(row, dict):
+            rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise UserError(f"{path}: no records")
+    return rows
+
+
+def prompts_for_step(n_records: int, step: int, per_step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Record indices of a step: a seeded permutation per epoch, so the order depends on the step alone
+    (what makes --resume reproduce an uninterrupted run). Each rank takes its own slice."""
+    import random
+
+    out = []
+    start = (step * world + rank) * per_step
+    for k in range(start, start + per_step):
+        epoch, pos = divmod(k, n_records)
+        perm = list(range(n_records))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[pos])
+    return out

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from .engines import GenRequest, Generation, Sampling
+from .engines import GenRequest, Generation, RolloutEngine, Sampling
 from .envs import resolve_env
-from .render import render_prompt, split_messages
+from .render import RenderedPrompt, concat_image_inputs, render_prompt, render_text, split_messages
+from .errors import UserError
 
 
 @dataclass
@@ -28,8 +29,8 @@ class Trajectory:
     data_source: str
     token_ids: list[int]
     loss_mask: list[int]  # 1 on generated tokens
-    old_logp: list[float]  # engine log-probs on generated tokens, 0 elsewhere
-    tensors: dict[str, Any]  # image tensors of every image in the sequence, in order
+    engine_logp: list[float]  # the engine's log-probs of generated tokens (as it sampled them), 0 elsewhere
+    tensors: dict[str, Any]  # per-image tensors of every image in the sequence, in order (render.image_inputs)
     prompt_len: int
     reward: float = 0.0
     turns: int = 0
@@ -41,15 +42,6 @@ class Trajectory:
     @property
     def response_len(self) -> int:
         return sum(self.loss_mask)
-
-
-def _cat_tensors(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
-            continue
-        out[k] = torch.cat([out[k], v], dim=0) if k in out else v
-    return out
 
 
 def _image_urls(messages: list[dict]) -> list[str]:
@@ -68,11 +60,15 @@ def _text_of(messages: list[dict]) -> str:
 class Episode:
     """One environment episode and its growing token sequence."""
 
-    def __init__(self, record: dict, group: int, processor, env_registry: dict | None, max_context: int):
+    def __init__(self, record: dict, group: int, processor, env_registry: dict | None, max_context: int,
+                 first: tuple[list[dict], RenderedPrompt] | None = None):
+        """first: (messages, rendered prompt) of another sample's reset of this record: reused (the prompt
+        is rendered once for its n samples) when this reset returned the same messages."""
         self.env = resolve_env(record["env_class"], env_registry)()
         self.record, self.processor, self.max_context = record, processor, max_context
-        self.messages = [dict(m) for m in self.env.reset(record)]
-        rendered = render_prompt(processor, self.messages)
+        messages = self.env.reset(record)  # also sets the env's episode state, so every sample resets
+        rendered = first[1] if first is not None and first[0] == messages else render_prompt(processor, messages)
+        self.messages = [dict(m) for m in messages]
         self.traj = Trajectory(record.get("id", ""), group, record["env_class"], record.get("data_source", ""),
                                list(rendered.input_ids), [0] * rendered.length, [0.0] * rendered.length,
                                rendered.tensors, rendered.length, images=_image_urls(self.messages))
@@ -87,7 +83,7 @@ class Episode:
         t = self.traj
         t.token_ids += gen.token_ids
         t.loss_mask += [1] * len(gen.token_ids)
-        t.old_logp += gen.logprobs
+        t.engine_logp += gen.logprobs
         text = self.processor.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
         result = self.env.step(text)
         t.turns += 1
@@ -109,8 +105,8 @@ class Episode:
         t.images += _image_urls(result.observation)
         t.token_ids += ids
         t.loss_mask += [0] * len(ids)
-        t.old_logp += [0.0] * len(ids)
-        t.tensors = _cat_tensors(t.tensors, tensors)
+        t.engine_logp += [0.0] * len(ids)
+        t.tensors = concat_image_inputs([t.tensors, tensors])
 
     def _render_delta(self, observation: list[dict], ended_with_eos: bool) -> tuple[list[int], dict]:
         """Token ids of what the chat template puts between the generated turn and the next generation.
@@ -124,15 +120,14 @@ class Episode:
         before = self.processor.apply_chat_template(before_msgs, add_generation_prompt=False, tokenize=False)
         after = self.processor.apply_chat_template(before_msgs + after_msgs, add_generation_prompt=True, tokenize=False)
         if not after.startswith(before) or self.eos_text not in before:
-            raise RuntimeError("the chat template does not render multi-turn conversations as a prefix-extension; "
+            raise UserError("the chat template does not render multi-turn conversations as a prefix-extension; "
                                "multi-turn environments need a Qwen-format template")
         tail = before[before.rfind(self.eos_text) + len(self.eos_text):]  # e.g. the "\n" after <|im_end|>
         delta = ("" if ended_with_eos else self.eos_text) + tail + after[len(before):]
-        batch = self.processor(text=[delta], images=obs_images or None, return_tensors="pt")
-        return batch["input_ids"][0].tolist(), {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        return render_text(self.processor, delta, obs_images)
 
 
-def collect(engine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int,
+def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int,
             max_context: int, env_registry: dict | None = None, max_prompt: int | None = None) -> list[Trajectory]:
     """n episodes per record, run to the end; returns trajectories grouped by record, in order.
 
@@ -141,7 +136,9 @@ def collect(engine, records: list[dict], processor, n: int, sampling: Sampling, 
     """
     groups = []
     for g, record in enumerate(records):
-        eps = [Episode(record, g, processor, env_registry, max_context) for _ in range(n)]
+        first = Episode(record, g, processor, env_registry, max_context)
+        shared = (list(first.messages), RenderedPrompt(first.traj.token_ids, [], first.traj.tensors, 0, 0))
+        eps = [first] + [Episode(record, g, processor, env_registry, max_context, shared) for _ in range(n - 1)]
         if max_prompt is not None and eps[0].traj.prompt_len > max_prompt:
             for ep in eps:
                 ep.done, ep.traj.done_reason = True, "prompt_too_long"

@@ -15,6 +15,7 @@ import json
 import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(engine, processor, run_dir: Path, step: int, client_state: dict, rank: int) -> Path:
+def checkpoint_due(step: int, trainer_cfg) -> bool:
+    """After optimizer step `step` (1-based): every `save_every` steps, and at the end (`save_final`)."""
+    tr = trainer_cfg
+    return bool(tr.save_every and step % tr.save_every == 0) or (step == tr.steps and tr.save_final)
+
+
+def save_checkpoint(policy, processor, run_dir: Path, step: int, client_state: dict, rank: int) -> Path:
     """Both formats of step `step`, atomically. All ranks call this (ZeRO shards are saved per rank)."""
     import torch.distributed as dist
 
@@ -89,13 +96,13 @@ def save_checkpoint(engine, processor, run_dir: Path, step: int, client_state: d
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state=client_state)
-    state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+    policy.save_checkpoint(str(tmp / "ds"), tag="state", client_state=client_state)
+    state = policy._zero3_consolidated_16bit_state_dict() if policy.zero_optimization_stage() == 3 else None
     if rank == 0:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        module = engine.module
+        module = policy.module
         module.save_pretrained(str(tmp / "hf"), state_dict=state)
         processor.save_pretrained(str(tmp / "hf"))
         shutil.rmtree(final, ignore_errors=True)
@@ -123,11 +130,75 @@ def resolve_model(model: str) -> str:
     if (path / "checkpoints").is_dir():
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{model}: a run directory without a finished checkpoint")
+            from .errors import UserError
+
+            raise UserError(f"{model}: a run directory without a finished checkpoint")
         return str(ckpt / "hf")
     return model
 
 
-def load_checkpoint(engine, ckpt: Path) -> dict:
-    _, client_state = engine.load_checkpoint(str(ckpt / "ds"), tag="state")
+def load_checkpoint(policy, ckpt: Path) -> dict:
+    _, client_state = policy.load_checkpoint(str(ckpt / "ds"), tag="state")
     return client_state or {}
+
+
+# --- starting (or resuming) a run -----------------------------------------------------------------
+
+
+@dataclass
+class RunSetup:
+    """What every training loop starts from (grpo.py, sft.py)."""
+
+    rank: int
+    world: int
+    processor: object
+    banned: list[int]  # token ids never sampled (image placeholders)
+    policy: object  # the DeepSpeed engine of the policy
+    dev: torch.device
+    start: int  # first step to run (after --resume: the checkpoint's step)
+    state: dict  # the checkpoint's client state ({} on a fresh run)
+    log: MetricsLog | None  # rank 0 only
+
+    def save(self, recipe, step: int) -> None:
+        """A checkpoint of optimizer step `step` (all ranks take part)."""
+        save_checkpoint(self.policy, self.processor, recipe.run_dir, step, {"step": step, "rng": rng_state()}, self.rank)
+
+    def log_step(self, metrics: dict, on_step=None) -> None:
+        """The step's metrics to metrics.jsonl (and TensorBoard / W&B), and to the progress callback."""
+        if self.log:
+            self.log.write(metrics)
+        if on_step and self.rank == 0:
+            on_step(metrics)
+
+
+def setup_run(recipe, resume: bool) -> RunSetup:
+    """Distributed init, seeds, processor, the DeepSpeed policy, --resume, the run directory and its log."""
+    import yaml
+
+    from .distributed import device, init_distributed, seed_everything
+    from .engines import placeholder_token_ids
+    from .errors import UserError
+    from .policy import build_policy
+    from .render import load_processor
+
+    tr, a = recipe.trainer, recipe.algorithm
+    rank, world = init_distributed()
+    seed_everything(tr.seed + rank)
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    processor = load_processor(recipe.model.path)
+    total = tr.steps * (a.ppo_epochs if a.name == "grpo" else 1)  # optimizer steps, for the lr schedule
+    policy = build_policy(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage, tr.offload,
+                          tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing, total, tr.lr_schedule,
+                          tr.zero3_persistence_threshold, recipe.model.attention)
+    ckpt = latest_checkpoint(recipe.run_dir) if resume else None
+    if resume and ckpt is None:
+        raise UserError(f"--resume: no checkpoint in {recipe.run_dir}/checkpoints")
+    state = load_checkpoint(policy, ckpt) if ckpt else {}
+    if state.get("rng"):
+        set_rng_state(state["rng"])
+    start = state.get("step", 0)
+    log = None
+    if rank == 0:
+        (recipe.run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        log = MetricsLog(recipe.run_dir, start if ckpt else None, recipe.run.tensorboard, recipe.run.wandb)
+    return RunSetup(rank, world, processor, placeholder_token_ids(processor), policy, device(), start, state, log)

@@ -17,16 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import training
+from . import batches, policy as pol
 from .config import Recipe
+from .distributed import all_ranks
+from .errors import UserError
+from .records import load_records, prompts_for_step
 from .render import render_prompt
+from .runs import checkpoint_due, setup_run
 
 
 @dataclass
 class SFTSeq:
     token_ids: list[int]
     loss_mask: list[int]
-    old_logp: list[float]
+    engine_logp: list[float]  # no engine in SFT: zeros (the batch layout is the rollouts')
     tensors: dict = field(default_factory=dict)
 
 
@@ -40,12 +44,12 @@ def target_text(record: dict, mode: str, rng: random.Random) -> tuple[list[dict]
             return prompt[:-1], c if isinstance(c, str) else "".join(p.get("text", "") for p in c)
         if extra.get("reference"):
             return prompt, str(extra["reference"])
-        raise ValueError(f"record {record.get('id')}: sft_target=reference but it has no reference answer")
+        raise UserError(f"record {record.get('id')}: sft_target=reference but it has no reference answer")
     gt = str(record["reward_spec"].get("ground_truth"))
     if mode == "random_choice":
         options = extra.get("colors") or extra.get("choices")
         if not options:
-            raise ValueError(f"record {record.get('id')}: sft_target=random_choice needs extra_info.colors or choices")
+            raise UserError(f"record {record.get('id')}: sft_target=random_choice needs extra_info.colors or choices")
         gt = rng.choice(list(options))
     return prompt, f"\\boxed{{{gt}}}" if record["env_class"] == "geometry3k" else gt
 
@@ -59,10 +63,8 @@ def build_seq(record: dict, processor, mode: str, rng: random.Random) -> SFTSeq:
 
 
 def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
-    from .grpo import load_records, prompts_for_step
-
     tr, a = recipe.trainer, recipe.algorithm
-    run = training.setup_run(recipe, resume)
+    run = setup_run(recipe, resume)
     rank, world, processor, banned, policy, dev = run.rank, run.world, run.processor, run.banned, run.policy, run.dev
     records = load_records(recipe.data.train)
     per_step = recipe.rollout.prompts_per_step
@@ -76,14 +78,16 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
         policy.train()
         total = 0.0
         for m, mb in enumerate(micro):
-            b = training.make_batch(mb, processor.tokenizer.pad_token_id, dev)
-            logp = training.sequence_logprobs(policy, b, 1.0, banned)
+            b = batches.make_batch(mb, processor, dev)
+            logp = batches.sequence_logprobs(policy, b, 1.0, banned)
             loss = -(logp * b.loss_mask).sum() / n_tok
-            training.backward_step(policy, loss, last=m == len(micro) - 1)
+            pol.backward_step(policy, loss, last=m == len(micro) - 1)
             total += loss.item()
-        grad_norm = training.optimizer_step(policy)
-        g = training.all_ranks({"nll": total * n_tok, "tok": n_tok})  # token-mean loss over all ranks
+        grad_norm = pol.optimizer_step(policy)
+        g = all_ranks({"nll": total * n_tok, "tok": n_tok})  # token-mean loss over all ranks
         metrics = {"step": step + 1, "loss": g["nll"] / max(g["tok"], 1), "grad_norm": grad_norm, "tokens": int(g["tok"]),
                    "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
-        run.end_step(recipe, metrics, on_step)
+        if checkpoint_due(step + 1, tr):
+            run.save(recipe, step + 1)
+        run.log_step(metrics, on_step)
     return recipe.run_dir

@@ -10,6 +10,7 @@ accept them.
 from __future__ import annotations
 
 from pathlib import Path
+from .errors import UserError
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -86,7 +87,7 @@ def _configs(family: str, vocab: int, ids: dict[str, int]):
         vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
                       num_position_embeddings=256, deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
-    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    raise UserError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
 def _processor(family: str, tokenizer, min_pixels: int | None, max_pixels: int | None):
@@ -121,7 +122,7 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_5_vl", seed: int = 0,
     hf_logging.disable_progress_bar()
 
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+        raise UserError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     out = Path(out)
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}

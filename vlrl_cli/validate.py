@@ -16,8 +16,9 @@ from typing import Callable
 
 from .envs import known_env_classes
 from .images import ImageError, ImageLimits, decode_data_uri, is_remote_url, open_image
-from .parallel import ordered_map, worker_pool
+from .parallel import ordered_map, row_workers
 from .records import BadLine, count_rows, image_urls, iter_rows, schema_errors
+from .errors import UserError
 
 CHUNK = 64
 
@@ -193,12 +194,7 @@ def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOpti
     problems: list[Problem] = []
     bad_rows: dict[str, set[int]] = {str(p): set() for p in paths}
     rows = 0
-    pool = None
-    if opts.workers > 1:
-        pool = worker_pool(opts.workers, _init_worker, (opts,))
-    else:
-        _init_worker(opts)
-    try:
+    with row_workers(opts.workers, _init_worker, (opts,)) as pool:
         for p in paths:
             index = 0
             for chunk, results in ordered_map(pool, _check, iter_rows(p), CHUNK):
@@ -211,10 +207,6 @@ def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOpti
                 rows += len(chunk)
                 if progress:
                     progress(rows)
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
     return ValidationReport([str(p) for p in paths], rows, problems, bad_rows)
 
 
@@ -234,7 +226,7 @@ def write_clean(report: ValidationReport, out: str | Path) -> dict[str, int]:
         src = Path(f)
         dest = out / src.name if multi else out
         if dest.resolve() == src.resolve():
-            raise ValueError(f"--write-clean {dest} would overwrite its input")
+            raise UserError(f"--write-clean {dest} would overwrite its input")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".partial")
         bad = report.bad_rows[f]

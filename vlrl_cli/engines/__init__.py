@@ -1,4 +1,5 @@
-"""Rollout engines, one interface: generate (ids + log-probs of sampled tokens), update weights, sleep/wake.
+"""Rollout engines, one interface (`RolloutEngine`): generate (ids + log-probs of sampled tokens), update
+weights, sleep/wake.
 
 - `hf`: transformers generation; runs anywhere (CPU tests, the demo).
 - `vllm`: an in-process vLLM engine per GPU rank, colocated with the trainer (GPU only).
@@ -9,11 +10,15 @@ trainer never re-tokenises what the engine saw.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Protocol
+
+from ..render import split_by_grid
 
 
 @dataclass
 class Sampling:
+    """Decoding settings: the one type for training rollouts, validation, eval and check-drift."""
+
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     max_new_tokens: int = 128
@@ -37,7 +42,29 @@ class Generation:
     finish_reason: str  # stop | length
 
 
-def make_engine(name: str, model_path: str, processor, **kwargs):
+class RolloutEngine(Protocol):
+    """What the rollout loop, eval and check-drift need from an engine.
+
+    Sleep/wake: `sleep()` frees what generation holds (vllm: KV cache and weights) while the trainer
+    works; `generate` on a sleeping engine wakes it first, so a caller can never hang on one.
+    `update_weights` may be called asleep or awake, and drops every cache that could serve results of
+    the old weights (prefix, multimodal, vision encoder).
+    """
+
+    last_prompt_ids: list[list[int]]  # the prompt ids generation started from, per request of the last call
+
+    def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def attach_vision_probe(self, probe: "VisionInputProbe") -> None: ...
+
+
+def make_engine(name: str, model_path: str, processor, **kwargs) -> RolloutEngine:
     if name == "hf":
         from .hf import HFEngine
 
@@ -46,7 +73,9 @@ def make_engine(name: str, model_path: str, processor, **kwargs):
         from .vllm import VLLMEngine
 
         return VLLMEngine(model_path, processor, **kwargs)
-    raise ValueError(f"unknown rollout engine {name!r} (hf or vllm)")
+    from ..errors import UserError
+
+    raise UserError(f"unknown rollout engine {name!r} (hf or vllm)")
 
 
 def placeholder_token_ids(processor) -> list[int]:
@@ -76,17 +105,6 @@ def expand_placeholders(ids: list[int], pad_id: int, counts: list[int]) -> list[
             k += 1
         else:
             out.append(t)
-    return out
-
-
-def split_by_grid(pixels, grid) -> list[tuple[tuple[int, int, int], Any]]:
-    """Concatenated patch rows -> (grid, rows) per image; an image of grid (t, h, w) has t*h*w rows."""
-    out, start = [], 0
-    for g in grid:
-        g = tuple(int(v) for v in g)
-        rows = g[0] * g[1] * g[2]
-        out.append((g, pixels[start:start + rows]))
-        start += rows
     return out
 
 

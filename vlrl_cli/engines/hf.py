@@ -2,7 +2,7 @@
 
 Its own copy (not the trainer's module) because that is how the vLLM engine works too: after every
 optimizer step the trainer pushes its weights in (`update_weights`), through the same gather path.
-Log-probs are computed from the raw logits exactly as the trainer does (logits / T, placeholder tokens
+Log-probs are computed from the raw logits with the trainer's formula (batches.token_logprobs) (logits / T, placeholder tokens
 masked), so with identical weights the two agree up to float rounding.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..batches import token_logprobs
+from ..render import image_inputs, image_token_counts, model_inputs, split_messages
 from . import GenRequest, Generation, Sampling, collapse_placeholders, expand_placeholders, placeholder_token_ids
 
 
@@ -47,26 +49,23 @@ class HFEngine:
     def _inputs(self, req: GenRequest) -> tuple[list[int], dict]:
         if not self.own_preprocessing or not req.messages:
             return req.input_ids, req.tensors
-        from ..render import split_messages
-
         _, images = split_messages(req.messages)
         if not images:
             return req.input_ids, req.tensors
-        tensors = dict(self.processor.image_processor(images=images, return_tensors="pt"))
-        merge = int(getattr(self.processor.image_processor, "merge_size", 1))
-        counts = (tensors["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+        tensors = image_inputs(self.processor.image_processor(images=images, return_tensors="pt"))
         pad = self.processor.image_token_id
+        counts = image_token_counts(self.processor, tensors)
         return expand_placeholders(collapse_placeholders(req.input_ids, pad), pad, counts), tensors
 
     def _one(self, req: GenRequest, s: Sampling) -> list[Generation]:
         prompt_ids, req_tensors = self._inputs(req)
         self.last_prompt_ids.append(list(prompt_ids))
-        ids = torch.tensor([prompt_ids], device=self.device)
-        tensors = {k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
-                   for k, v in req_tensors.items() if k != "mm_token_type_ids"}
+        ids = torch.tensor([prompt_ids])
+        inputs = model_inputs(self.processor, ids, torch.ones_like(ids), req_tensors, self.device, self.dtype)
+        ids = inputs["input_ids"]
         greedy = s.temperature == 0
         out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), **tensors,
+            **inputs,
             do_sample=not greedy, temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p,
             top_k=None if greedy else s.top_k,  # 0 = off; None would mean the model's default (often 50)
             max_new_tokens=s.max_new_tokens, min_new_tokens=s.max_new_tokens if s.ignore_eos else None,
@@ -97,13 +96,3 @@ class HFEngine:
     def wake(self) -> None:
         pass
 
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, banned: list[int]) -> torch.Tensor:
-    """log softmax(logits / T) at `tokens`, with never-sampled tokens removed from the distribution.
-
-    The one formula for both sides: engine log-probs (here) and trainer log-probs (training.py).
-    """
-    logits = logits / temperature
-    if banned:
-        logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -54,6 +54,7 @@ class VLLMEngine:
 
         from ..render import split_messages
 
+        self.wake()  # generating on a sleeping engine (no KV cache) would hang
         greedy = sampling.temperature == 0
         prompts, params = [], []
         for i, r in enumerate(requests):

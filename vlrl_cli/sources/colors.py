@@ -12,6 +12,7 @@ from typing import Iterator
 from PIL import Image, ImageDraw
 
 from . import ConvertContext, Item, Source, canonical, image_part, text_part
+from ..errors import UserError
 
 COLORS = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30),
@@ -45,7 +46,7 @@ def draw(rng: random.Random, color: tuple[int, int, int], shape: str, size: int)
 def color_names(opts: dict) -> list[str]:
     n = int(opts.get("num_colors", 4))
     if not 2 <= n <= len(COLORS):
-        raise ValueError(f"--num-colors must be between 2 and {len(COLORS)}, got {n}")
+        raise UserError(f"--num-colors must be between 2 and {len(COLORS)}, got {n}")
     return list(COLORS)[:n]
 
 
@@ -53,7 +54,7 @@ def items(path: str | None, opts: dict) -> Iterator[Item]:
     shapes = opts.get("shapes") or list(SHAPES)
     bad = [s for s in shapes if s not in SHAPES]
     if bad:
-        raise ValueError(f"unknown shapes {bad}; choose from {', '.join(SHAPES)}")
+        raise UserError(f"unknown shapes {bad}; choose from {', '.join(SHAPES)}")
     names = color_names(opts)
     for i in range(int(opts.get("rows", 1000))):
         yield Item(source_id=str(i), split=None, payload={"index": i, "colors": names, "shapes": shapes})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import ConvertContext, Item, Reject, Source, canonical, interleave
+from ..errors import UserError
 
 DEFAULT_TEMPLATE = "{question}"
 
@@ -19,11 +20,11 @@ def items(path: str | None, opts: dict) -> Iterator[Item]:
     from .loading import iter_dataset_rows
 
     if path is None:
-        raise ValueError("a dataset path or hub id is needed")
+        raise UserError("a dataset path or hub id is needed")
     missing = [k for k in ("image_column", "question_column", "answer_column", "env_class") if not opts.get(k)]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
-        raise ValueError(f"source {path!r} is not a named source ({', '.join(('geometry3k', 'colors', 'maze2d'))}); "
+        raise UserError(f"source {path!r} is not a named source ({', '.join(('geometry3k', 'colors', 'maze2d'))}); "
                          f"a generic dataset needs {flags}")
     cols = [opts["image_column"], opts["question_column"], opts["answer_column"]]
     first = True
@@ -31,7 +32,7 @@ def items(path: str | None, opts: dict) -> Iterator[Item]:
         if first:
             absent = [c for c in cols if c not in row]
             if absent:
-                raise ValueError(f"{path}: no column(s) {absent}; columns are {sorted(k for k in row if k != '_base_dir')}")
+                raise UserError(f"{path}: no column(s) {absent}; columns are {sorted(k for k in row if k != '_base_dir')}")
             first = False
         payload = {c: row.get(c) for c in cols}
         payload["_base_dir"] = row.get("_base_dir")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import SPLIT_DIRS, ConvertContext, Item, Reject, Source, canonical, interleave
+from ..errors import UserError
 
 INSTRUCTION = "Solve the problem step by step, then give the final answer inside \\boxed{}."
 ENV_CLASS = "geometry3k"
@@ -40,7 +41,7 @@ def is_original_layout(root: Path) -> bool:
 
 def items(path: str | None, opts: dict) -> Iterator[Item]:
     if path is None:
-        raise ValueError("geometry3k needs a path (a folder in the original layout, a local dataset, or a hub id)")
+        raise UserError("geometry3k needs a path (a folder in the original layout, a local dataset, or a hub id)")
     root = Path(path)
     if is_original_layout(root):
         for split, d in _problem_dirs(root):

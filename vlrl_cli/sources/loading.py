@@ -7,12 +7,12 @@ parquet/jsonl file, or a hub id (only when the machine is online). Image columns
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import SPLIT_DIRS, Reject
-from ..images import is_remote_url
+from ..images import ImageError, decode_data_uri, is_remote_url
+from ..errors import UserError
 
 
 def load_dataset_dict(path: str):
@@ -25,12 +25,12 @@ def load_dataset_dict(path: str):
     if p.is_file():
         kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(p.suffix)
         if kind is None:
-            raise ValueError(f"{p}: unsupported file type {p.suffix!r} (parquet, jsonl, json, csv)")
+            raise UserError(f"{p}: unsupported file type {p.suffix!r} (parquet, jsonl, json, csv)")
         return datasets.load_dataset(kind, data_files={"train": str(p)})
     if p.is_dir():
         return datasets.load_dataset(str(p))  # parquet/jsonl folders and imagefolder, by datasets' rules
     if p.exists() or path.startswith((".", "/")):
-        raise ValueError(f"{path}: not a dataset file or folder")
+        raise UserError(f"{path}: not a dataset file or folder")
     return datasets.load_dataset(path)  # a hub id: works only online
 
 
@@ -67,10 +67,10 @@ def image_bytes(value: Any, base_dir: str | None = None) -> bytes:
         if is_remote_url(value):
             raise Reject("image_remote", f"remote image URL {value[:80]} (nothing is fetched)")
         if value.startswith("data:"):
-            try:
-                return base64.b64decode(value.split(",", 1)[1], validate=True)
-            except Exception:
-                raise Reject("image_bad_base64", "image data URI does not decode") from None
+            try:  # the one checked decoder: size limit before decoding, MIME must match the bytes
+                return decode_data_uri(value)[1]
+            except ImageError as e:
+                raise Reject(e.code, str(e)) from None
         p = Path(value)
         if not p.is_absolute() and base_dir:
             p = Path(base_dir) / p

@@ -10,6 +10,7 @@ import random
 from typing import Iterator
 
 from . import ConvertContext, Item, Source
+from ..errors import UserError
 
 ENV_CLASS = "maze2d"
 VAL_SEED_BASE = 1_000_000  # validation seeds are VAL_SEED_BASE + i
@@ -18,7 +19,7 @@ VAL_SEED_BASE = 1_000_000  # validation seeds are VAL_SEED_BASE + i
 def items(path: str | None, opts: dict) -> Iterator[Item]:
     size, max_steps = int(opts.get("maze_size", 5)), int(opts.get("max_steps", 20))
     if not 2 <= size <= 32:
-        raise ValueError(f"--maze-size must be between 2 and 32, got {size}")
+        raise UserError(f"--maze-size must be between 2 and 32, got {size}")
     for i in range(int(opts.get("val_rows", 50))):
         yield Item(f"val/{i}", "val", {"seed": VAL_SEED_BASE + i, "size": size, "max_steps": max_steps})
     rng = random.Random(f"maze2d:{opts.get('seed', 0)}")

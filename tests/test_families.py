@@ -1,0 +1,150 @@
+"""Every Qwen-VL family through every model-facing path: rendering, the trainer's forward, the hf engine,
+SFT, GRPO and check-drift (qwen2_vl, qwen2_5_vl, qwen3_vl)."""
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from vlrl_cli.images import to_data_uri
+from vlrl_cli.render import image_inputs, load_processor, model_inputs, split_messages
+
+pytestmark = pytest.mark.model
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    from vlrl_cli.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_tiny_model(root / f, f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def maze_data(tmp_path_factory):
+    from vlrl_cli.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("maze")
+    prepare(PrepareOptions(source="maze2d", out=out, workers=1,
+                           source_opts={"rows": 8, "val_rows": 4, "maze_size": 3, "max_steps": 3, "image_size": 56}))
+    return out
+
+
+def _uri(rng, w, h):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return to_data_uri(buf.getvalue(), "image/png")
+
+
+def _image(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_inputs_equal_the_processors_own_on_a_multi_turn_multi_image_sequence(family_models, family):
+    """The trainer scores prompt + response + observation (+ its image) as one sequence. The inputs vlrl
+    builds for it (render.model_inputs) must be exactly what the processor makes of the whole conversation,
+    mm_token_type_ids included, and give the same logits."""
+    from vlrl_cli.modeling import load_vlm
+
+    path = family_models[family]
+    processor = load_processor(path)
+    rng = np.random.default_rng(1)
+    messages = [
+        {"role": "user", "content": [_image(_uri(rng, 112, 84)), _image(_uri(rng, 56, 84)), {"type": "text", "text": "Which?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "left"}]},
+        {"role": "user", "content": [_image(_uri(rng, 84, 84)), {"type": "text", "text": "And now?"}]},
+    ]
+    template, images = split_messages(messages)
+    text = processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
+    ref = processor(text=[text], images=images, return_tensors="pt")
+    assert (ref["input_ids"] == processor.image_token_id).any()
+
+    ours = model_inputs(processor, ref["input_ids"], ref["attention_mask"], image_inputs(ref), "cpu")
+    assert set(ours) == set(ref.keys())
+    for k in ref.keys():
+        assert torch.equal(ours[k], ref[k]), k
+
+    model = load_vlm(str(path), torch.float32).eval()
+    with torch.no_grad():
+        logits_ours = model(**ours).logits
+        logits_ref = model(**dict(ref)).logits
+        torch.testing.assert_close(logits_ours, logits_ref, rtol=0, atol=0)
+        # what happened before: the per-token input dropped. Qwen2-VL / Qwen3-VL refuse; Qwen2.5-VL silently
+        # falls back to 1-D positions and computes other logits
+        without = {k: v for k, v in ours.items() if k != "mm_token_type_ids"}
+        if family == "qwen2_5_vl":
+            assert (model(**without).logits - logits_ref).abs().max() > 1e-4
+        else:
+            with pytest.raises(ValueError, match="mm_token_type_ids"):
+                model(**without)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_engine_and_trainer_agree_on_every_family_multi_turn_and_after_an_update(family_models, maze_data, family):
+    """check-drift's numbers for the hf engine (fp32 both sides): the engine's incremental decoding with a
+    KV cache and the trainer's one forward over the whole multi-turn sequence agree to float rounding, on
+    every turn (every turn adds a maze frame), before and after a weight update."""
+    from vlrl_cli.drift import DriftOptions, check_drift
+    from vlrl_cli.engines import Sampling
+
+    report = check_drift(str(family_models[family]), str(maze_data / "train.parquet"),
+                         DriftOptions(samples=2, sampling=Sampling(1.0, 1.0, 6, 0), max_turns=3, after_update=True,
+                                      perturb=0.3))
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in ("prompt_ids", "image_tensors", "image_token_counts", "after_update_seen_images"):
+        assert checks[name]["passed"] is True, checks[name]
+    assert report["passed"]
+    turns = report["stats"]["by_turn"]
+    assert len(turns) >= 2, turns  # several turns, each with a new image in context
+    for name, s in turns.items():
+        assert s["abs_diff"]["max"] < 1e-4, (name, s["abs_diff"])
+    assert report["after_update"]["seen"]["overall"]["abs_diff"]["max"] < 1e-4
+
+
+def _run(args, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_grpo_and_check_drift_through_the_cli_on_every_family(tmp_path, family_models, colors_data, family):
+    model = family_models[family]
+    runs = tmp_path / "runs"
+    base = {"model": {"path": str(model)},
+            "data": {"train": str(colors_data / "train.parquet"), "val": str(colors_data / "val.parquet"), "val_limit": 4},
+            "rollout": {"n": 4, "prompts_per_step": 4, "max_new_tokens": 4},
+            "trainer": {"steps": 2, "lr": 1e-3, "micro_batch": 8, "eval_every": 2},
+            "run": {"dir": str(runs)}}
+    sft = {**base, "algorithm": {"name": "sft", "sft_target": "ground_truth"}, "run": {**base["run"], "name": "sft"}}
+    grpo = {**base, "algorithm": {"name": "grpo", "ppo_epochs": 2, "kl_coef": 0.05}, "run": {**base["run"], "name": "grpo"}}
+    for name, recipe in (("sft", sft), ("grpo", grpo)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        r = _run(["train", tmp_path / f"{name}.yaml"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines = [json.loads(l) for l in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in lines] == [1, 2]
+        key = "loss" if name == "sft" else "drift_abs_max"
+        assert all(math.isfinite(m[key]) for m in lines), lines
+    sft_losses = [json.loads(l)["loss"] for l in (runs / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft_losses[1] < sft_losses[0]  # it learns
+    grpo_metrics = [json.loads(l) for l in (runs / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert grpo_metrics[0]["drift_abs_max"] < 1e-4 and "val_accuracy" in grpo_metrics[1]
+    assert grpo_metrics[0]["kl"] is not None and grpo_metrics[0]["kl"] >= 0
+
+    report = tmp_path / "drift.json"
+    r = _run(["check-drift", runs / "grpo", colors_data / "val.parquet", "--samples", "4", "--max-new-tokens", "6",
+              "--after-update", "--max-mean", "1e-4", "--json", report])
+    assert r.returncode == 0, r.stderr[-3000:]
+    checks = {c["name"]: c["passed"] for c in json.loads(report.read_text())["checks"]}
+    assert checks["image_tensors"] and checks["prompt_ids"] and checks["after_update_seen_images"], checks

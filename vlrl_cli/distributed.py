@@ -1,0 +1,53 @@
+"""Processes and ranks: the process group (DeepSpeed's launcher or a one-rank world), seeds, the device,
+and sums of metrics over ranks."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Single process: fake a one-rank world so DeepSpeed runs unchanged."""
+    import deepspeed
+
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port:
+        import socket
+
+        with socket.socket() as s:  # a free port: two runs on one machine must not collide
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    if own_port:  # our store holds it now; a process started from this one must not inherit (and reuse) it
+        os.environ.pop("MASTER_PORT")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_ranks(values: dict[str, float], op: str = "sum") -> dict[str, float]:
+    """Sum (or max) each value over all ranks; unchanged in a one-process run."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))

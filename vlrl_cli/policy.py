@@ -1,0 +1,100 @@
+"""The policy under training: a transformers VLM inside a DeepSpeed engine (ZeRO 0-3), its optimizer
+and lr schedule, and the two calls a loop makes on it (backward per micro-batch, optimizer step)."""
+
+from __future__ import annotations
+
+import torch
+
+from .modeling import load_vlm
+
+
+def persistence_for(world: int, threshold: int | None) -> int:
+    """ZeRO-3's stage3_param_persistence_threshold: parameters with fewer elements stay whole on every rank.
+
+    Default (None): DeepSpeed's 100k on several ranks; on one rank every parameter. A one-rank partition is
+    the whole model anyway, so partitioning saves no memory there and only adds a gather per module per
+    pass. (Measured on an H200 it is not where ZeRO-3's cost lies: its per-module hooks are; see README,
+    Performance. One GPU is better served by stage 2.)
+    """
+    if threshold is not None:
+        return threshold
+    return 10**15 if world == 1 else 100_000
+
+
+def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, persistence_threshold: int | None = None) -> dict:
+    zero: dict = {"stage": stage}
+    if offload and stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if stage == 3:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        zero.update(stage3_param_persistence_threshold=persistence_for(world, persistence_threshold),
+                    stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        # we feed our own micro-batches and mark the accumulation boundary ourselves (see backward_step)
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then constant or linear decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "linear" and total > warmup:
+        return 1.0 - 0.9 * (step - warmup) / max(1, total - warmup - 1)
+    return 1.0
+
+
+def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
+                 grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
+                 schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto"):
+    """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine)."""
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    cfg = deepspeed_config(stage, offload, grad_clip, dtype, persistence_threshold)
+    # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full copy per
+    # rank) while this object lives. It is process-global, so it is switched off again below: models
+    # loaded later (the hf engine's copy, a KL reference) must load whole.
+    hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 else None
+    model = load_vlm(model_path, getattr(torch, dtype), attention)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if offload and stage > 0:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, schedule))
+    policy, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
+    if hf_ds is not None:
+        unset_hf_deepspeed_config()
+    return policy
+
+
+def backward_step(policy, loss: torch.Tensor, last: bool) -> None:
+    """Accumulate gradients over a variable number of micro-batches; the optimizer steps on the last."""
+    policy.set_gradient_accumulation_boundary(last)
+    policy.backward(loss, scale_wrt_gas=False)
+
+
+def optimizer_step(policy) -> float | None:
+    """Step the optimizer; returns the global gradient norm (before clipping).
+
+    DeepSpeed reports the norm for ZeRO 1-3 and bf16; for plain fp32 ZeRO-0 it does not, so we take it
+    from the gradients first.
+    """
+    norm = None
+    if policy.zero_optimization_stage() == 0 and not policy.bfloat16_enabled():
+        grads = [p.grad.detach().float().norm() for p in policy.module.parameters() if p.grad is not None]
+        norm = float(torch.stack(grads).norm()) if grads else 0.0
+    policy.step()
+    reported = policy.get_global_grad_norm()
+    return float(reported) if reported is not None else norm

@@ -1,0 +1,46 @@
+"""Trainer -> rollout engine: the policy's full weights in buckets, and the sync after every update."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+
+def export_weights(policy, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The trainer's full weights as buckets of (HF name, tensor), never the whole model at once.
+
+    Under ZeRO-3 each bucket's shards are gathered (all ranks take part), copied out, and released.
+    `policy`: a DeepSpeed engine, or a plain module (check-drift without DeepSpeed).
+    """
+    import deepspeed
+
+    module = getattr(policy, "module", policy)
+    params = list(module.named_parameters())
+    zero3 = any(hasattr(p, "ds_id") for _, p in params)
+    bucket, size = [], 0
+    for name, p in params:
+        numel = p.ds_numel if zero3 else p.numel()
+        bucket.append((name, p))
+        size += numel * p.element_size()
+        if size >= bucket_bytes:
+            yield _gather(bucket, zero3, deepspeed)
+            bucket, size = [], 0
+    if bucket:
+        yield _gather(bucket, zero3, deepspeed)
+
+
+def _gather(bucket, zero3: bool, deepspeed) -> list[tuple[str, torch.Tensor]]:
+    if not zero3:
+        return [(n, p.detach()) for n, p in bucket]
+    with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+        return [(n, p.detach().clone()) for n, p in bucket]
+
+
+def sync_weights(policy, engine) -> float:
+    """Push the policy's weights into the rollout engine (which drops every cache of old results); seconds."""
+    t = time.perf_counter()
+    for bucket in export_weights(policy):
+        engine.update_weights(bucket)
+    return time.perf_counter() - t
