@@ -8,8 +8,12 @@ Input: synthetic diagram-like images (lines, circles, labels on white, 300-640 p
 in a parquet with an Image feature -- the Hugging Face layout of Geometry3K and most VQA datasets.
 
     python bench/prepare_validate.py [--images 2000] [--rss-images 10000]
+    python bench/prepare_validate.py --png-only      # only the PNG size / speed table (seconds)
 
-Writes bench/results/prepare_validate.json.
+Writes bench/results/prepare_validate.json. The PNG table: size and encode time of the canonical PNG
+(vlrl's OpenCV settings, as images.canonicalize encodes) against PIL's default PNG, on three kinds of
+image: the real Geometry3K sample's diagrams, flat colours (the colours / maze tasks, GUI-like) and
+photo-like images (smooth colour fields with sensor-like noise; no photo ships offline).
 """
 
 from __future__ import annotations
@@ -132,14 +136,71 @@ def prepare_args(src: Path, out: Path) -> list[str]:
             "--answer-column", "answer", "--env-class", "geometry3k", "--split", "train=1", "--overwrite"]
 
 
+def png_table() -> dict:
+    """Bytes and encode ms per image, PIL default vs vlrl's encoder, on three kinds of image."""
+    import glob
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from vlrl_cli.images import CanonicalSpec, canonicalize, fit_size
+
+    rng = random.Random(0)
+    nrng = np.random.default_rng(0)
+    diagrams = []
+    for f in sorted(glob.glob(str(ROOT.parent / "shared" / "data" / "geometry3k-sample" / "*" / "img_diagram.png"))):
+        im = Image.open(f).convert("RGB")
+        diagrams.append(im.resize(fit_size(*im.size), Image.BICUBIC))
+    flat = []
+    for _ in range(10):
+        im = Image.new("RGB", (448, 448), tuple(rng.randint(0, 255) for _ in range(3)))
+        ImageDraw.Draw(im).ellipse([100, 100, 300, 300], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        flat.append(im)
+    photos = []
+    for _ in range(10):
+        field = Image.fromarray((nrng.random((14, 14, 3)) * 255).astype(np.uint8)).resize((448, 448), Image.BICUBIC)
+        noisy = np.asarray(field).astype(np.float64) + nrng.normal(0, 8, (448, 448, 3))
+        photos.append(Image.fromarray(noisy.clip(0, 255).astype(np.uint8)))
+
+    def pil_png(im):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return buf.getvalue()
+
+    spec = CanonicalSpec()  # the images are already on the grid: canonicalize only encodes
+    encoders = {"pil_default": pil_png, "vlrl": lambda im: canonicalize(im, spec).data}
+    out = {}
+    for kind, images in (("diagrams_geometry3k_sample", diagrams), ("flat_colours_448px", flat), ("photo_like_448px", photos)):
+        row = {}
+        for name, enc in encoders.items():
+            enc(images[0])  # warm-up
+            t = time.perf_counter()
+            sizes = [len(enc(im)) for _ in range(3) for im in images]
+            ms = (time.perf_counter() - t) / len(sizes) * 1000
+            row[name] = {"kb_per_image": round(sum(sizes) / len(sizes) / 1024, 1), "ms_per_image": round(ms, 2)}
+        row["size_vs_pil"] = round(row["vlrl"]["kb_per_image"] / row["pil_default"]["kb_per_image"], 2)
+        row["speed_vs_pil"] = round(row["pil_default"]["ms_per_image"] / row["vlrl"]["ms_per_image"], 2)
+        row["images"] = len(images)
+        out[kind] = row
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--rss-images", type=int, default=10000)
     ap.add_argument("--baseline", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--png-only", action="store_true", help="only the PNG size / speed table")
     a = ap.parse_args()
     if a.baseline:
         return baseline(Path(a.baseline[0]), Path(a.baseline[1]))
+    results = HERE / "results" / "prepare_validate.json"
+    if a.png_only:
+        result = json.loads(results.read_text()) if results.exists() else {}
+        result["png_encoding"] = png_table()
+        results.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["png_encoding"], indent=2))
+        return
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     print("building inputs and running both pipelines (a few minutes) ...", file=sys.stderr)
@@ -183,6 +244,7 @@ def main() -> None:
         "baseline_peak_rss_mb_small_run": round(base_rss / 2**20, 1),
         "notes": "wall time of whole CLI runs (start-up, imports and worker pools included); "
                  "peak RSS summed over the process and its workers",
+        "png_encoding": png_table(),
     }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "prepare_validate.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -51,6 +51,14 @@ def gpu_tiny_qwen2_5(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("gpu") / "tiny-qwen2_5_vl", "qwen2_5_vl")
 
 
+def vllm_grpo_sets(model, data, tmp_path, *extra: str) -> list[str]:
+    """--set arguments of a colours GRPO run with the vllm engine in bf16 (plus `extra` key=value pairs)."""
+    pairs = [f"model.path={model}", "rollout.engine=vllm", f"data.train={data / 'train.parquet'}",
+             f"data.val={data / 'val.parquet'}", f"run.dir={tmp_path / 'runs'}", "model.dtype=bfloat16",
+             "rollout.gpu_memory_utilization=0.2", *extra]
+    return [a for kv in pairs for a in ("--set", kv)]
+
+
 def record(name: str, family: str, figures: dict) -> None:
     out = os.environ.get("OUT")
     if out:
@@ -121,11 +129,8 @@ def test_grpo_steps_with_the_vllm_engine(tmp_path, gpu_tiny, family):
                            "--image-size", "84"], capture_output=True).returncode == 0
     with open(os.path.join(logs, f"grpo-{family}.log"), "w") as f:
         rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", "recipes/colors-tiny.yaml",
-                             "--set", f"model.path={gpu_tiny}", "--set", "rollout.engine=vllm",
-                             "--set", "trainer.steps=5", "--set", "trainer.eval_every=5", "--set", "trainer.save_every=0",
-                             "--set", f"data.train={data / 'train.parquet'}", "--set", f"data.val={data / 'val.parquet'}",
-                             "--set", f"run.dir={tmp_path / 'runs'}", "--set", "model.dtype=bfloat16",
-                             "--set", "rollout.gpu_memory_utilization=0.2"],
+                             *vllm_grpo_sets(gpu_tiny, data, tmp_path, "trainer.steps=5", "trainer.eval_every=5",
+                                             "trainer.save_every=0")],
                             stdout=f, stderr=subprocess.STDOUT, timeout=400).returncode
     assert rc == 0
     m = read_metrics(tmp_path / "runs" / "colors-grpo")
@@ -185,12 +190,8 @@ def test_two_gpu_zero3_grpo_with_one_vllm_engine_per_rank(tmp_path, gpu_tiny_qwe
                           capture_output=True).returncode == 0
     with open(os.path.join(logs, "grpo_2gpu.log"), "w") as f:
         rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", "recipes/colors-tiny.yaml", "--gpus", "2",
-                             "--set", f"model.path={gpu_tiny}", "--set", "rollout.engine=vllm",
-                             "--set", "trainer.zero_stage=3", "--set", "trainer.steps=6", "--set", "trainer.eval_every=3",
-                             "--set", "trainer.zero3_persistence_threshold=0",
-                             "--set", f"data.train={data / 'train.parquet'}", "--set", f"data.val={data / 'val.parquet'}",
-                             "--set", f"run.dir={tmp_path / 'runs'}", "--set", "model.dtype=bfloat16",
-                             "--set", "rollout.gpu_memory_utilization=0.2"],
+                             *vllm_grpo_sets(gpu_tiny, data, tmp_path, "trainer.zero_stage=3", "trainer.steps=6",
+                                             "trainer.eval_every=3", "trainer.zero3_persistence_threshold=0")],
                             stdout=f, stderr=subprocess.STDOUT, timeout=420).returncode
     assert rc == 0
     m = read_metrics(tmp_path / "runs" / "colors-grpo")

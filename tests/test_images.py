@@ -2,6 +2,7 @@ import base64
 import io
 import random
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -100,3 +101,66 @@ def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(ImageError) as e:
         decode_data_uri(to_data_uri(data, "image/png"), ImageLimits(max_bytes=20))
     assert e.value.code == "image_too_large"
+
+
+def _gradient(mode: str):
+    """A left-to-right ramp over the mode's natural range, as a PIL image of that mode."""
+    ramp = np.tile(np.linspace(0, 1, 112), (56, 1))
+    if mode.startswith("I;16"):
+        samples = (ramp * 65535).astype(">u2" if mode == "I;16B" else "<u2")
+        return Image.frombytes(mode, (112, 56), samples.tobytes())
+    if mode == "1":
+        return Image.fromarray(ramp > 0.5)
+    if mode == "I":
+        return Image.fromarray((ramp * 65535).astype(np.int32))
+    if mode == "F":
+        return Image.fromarray(ramp.astype(np.float32))
+    return Image.fromarray((ramp * 255).astype(np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("mode,fmt", [("I;16", "PNG"), ("I;16", "TIFF"), ("I", "TIFF"), ("F", "TIFF"), ("L", "PNG"),
+                                      ("1", "PNG"), ("P", "PNG"), ("LA", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"),
+                                      ("CMYK", "JPEG"), ("CMYK", "TIFF"), ("YCbCr", "JPEG"), ("I;16B", "TIFF"),
+                                      ("I;16L", "TIFF")])
+def test_every_mode_becomes_rgb_with_its_values_in_proportion(mode, fmt):
+    """16-bit, 32-bit and float ramps keep their shape (PIL's own convert clips them to all-white or
+    all-black); every 8-bit mode round-trips its ramp."""
+    import io
+
+    from vlrl_cli.images import CanonicalSpec, canonicalize, open_image
+
+    buf = io.BytesIO()
+    _gradient(mode).save(buf, fmt)
+    rgb = np.asarray(open_image(buf.getvalue()), dtype=np.float64)
+    assert rgb.shape == (56, 112, 3)
+    row = rgb[28, :, :].mean(axis=1)
+    if mode == "CMYK":  # a grey ramp through CMYK comes back as a (possibly inverted) ramp
+        row = row if row[-1] > row[0] else 255 - row
+    if mode == "1":
+        assert row[:40].max() == 0 and row[-40:].min() == 255
+    else:
+        assert row[0] < 12 and row[-1] > 243, (mode, row[0], row[-1])
+        assert np.all(np.diff(row) >= -3), mode  # monotonic up to codec noise
+        assert abs(row[56] - 128) < 12, (mode, row[56])
+    out = canonicalize(buf.getvalue(), CanonicalSpec())
+    assert out.width == 112 and out.height == 56
+
+
+def test_nonstandard_float_ranges_are_stretched_and_nan_is_rejected():
+    from vlrl_cli.images import ImageError, to_rgb
+
+    hdr = Image.fromarray(np.tile(np.linspace(-5, 900, 64), (8, 1)).astype(np.float32))
+    row = np.asarray(to_rgb(hdr))[4, :, 0]
+    assert row[0] == 0 and row[-1] == 255
+    bad = np.zeros((8, 8), np.float32)
+    bad[0, 0] = np.nan
+    with pytest.raises(ImageError):
+        to_rgb(Image.fromarray(bad))
+
+
+def test_lab_is_colour_converted():
+    from vlrl_cli.images import to_rgb
+
+    red = to_rgb(Image.new("LAB", (4, 4), (136, 208, 195)))  # L 53, a +80, b +67: sRGB red
+    r, g, b = red.getpixel((0, 0))
+    assert r > 200 and g < 60 and b < 60, (r, g, b)

@@ -1,4 +1,5 @@
 import hashlib
+import os
 import io
 import json
 import shutil
@@ -149,10 +150,10 @@ def test_generic_jsonl_with_image_paths(tmp_path):
     res = prepare(PrepareOptions(source=str(src), out=tmp_path / "out", workers=1, split="train=1", source_opts={
         "image_column": "img", "question_column": "q", "answer_column": "a", "env_class": "geometry3k",
         "prompt_template": "{question}\nAnswer in \\boxed{}."}))
-    assert res.rows_in == 6 and res.rows_out["train"] == 4 and res.rejected == 2
+    assert res.rows_in == 6 and res.rows_out["train"] + res.rows_out["val"] == 4 and res.rejected == 2
     codes = [json.loads(x)["code"] for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert codes == ["image_remote", "missing_field"]
-    r = rows_of(tmp_path / "out" / "train.parquet")[0]
+    r = next(r for split in ("train", "val") for r in rows_of(tmp_path / "out" / f"{split}.parquet") if r["id"].endswith("-0"))
     assert r["prompt"][0]["content"][1]["text"] == "How red is it? (0)\nAnswer in \\boxed{}."
     _, data = __import__("vlrl_cli.images", fromlist=["decode_data_uri"]).decode_data_uri(
         r["prompt"][0]["content"][0]["image_url"]["url"])
@@ -175,3 +176,165 @@ def test_refuses_to_overwrite_without_flag(tmp_path, cli):
     assert r.exit_code == 2 and "--overwrite" in r.output
     r = cli("prepare", "colors", "--out", tmp_path, "--rows", 12, "--workers", 1, "--overwrite", "--json", "-")
     assert r.exit_code == 0 and "in = out + rejected: 12 = 12 + 0" in r.output
+
+
+def _qa_rows(tmp_path, ids):
+    img = tmp_path / "x.png"
+    if not img.exists():
+        Image.new("RGB", (64, 48), (200, 10, 10)).save(img)
+    return [{"id": i, "img": "x.png", "q": f"question {i}", "a": "1"} for i in ids]
+
+
+GENERIC = {"image_column": "img", "question_column": "q", "answer_column": "a", "env_class": "geometry3k"}
+
+
+def _splits(out):
+    return {split: {r["id"] for r in rows_of(out / f"{split}.parquet")} for split in ("train", "val")}
+
+
+def test_a_single_file_is_hash_split_by_its_id_and_splits_survive_a_prepended_row(tmp_path):
+    src = tmp_path / "qa.jsonl"
+    rows = _qa_rows(tmp_path, [f"q{i}" for i in range(60)])
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = prepare(PrepareOptions(source=str(src), out=tmp_path / "a", workers=1, source_opts=GENERIC))
+    before = _splits(tmp_path / "a")
+    assert before["val"] and before["train"], res.rows_out  # a lone file is not all "train"
+    assert "hash of the row id" in res.manifest["split_method"]
+    assert all(i.startswith("qa-q") for i in before["train"] | before["val"])  # the source's ids are kept
+    src.write_text("".join(json.dumps(r) + "\n" for r in _qa_rows(tmp_path, ["new"]) + rows))
+    prepare(PrepareOptions(source=str(src), out=tmp_path / "b", workers=1, source_opts=GENERIC))
+    after = _splits(tmp_path / "b")
+    assert before["val"] <= after["val"] and before["train"] <= after["train"]  # nobody moved
+
+
+def test_rows_without_ids_say_their_split_is_positional(tmp_path, cli):
+    src = tmp_path / "noid.jsonl"
+    src.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "id"}) + "\n" for r in _qa_rows(tmp_path, range(20))))
+    r = cli("prepare", src, "--out", tmp_path / "o", "--workers", 1, "--image-column", "img", "--question-column", "q",
+            "--answer-column", "a", "--env-class", "geometry3k")
+    assert r.exit_code == 0, r.output
+    assert "row position" in r.output and "--id-column" in r.output.replace("\n", " ")
+
+
+def test_duplicate_or_empty_ids_are_rejected_with_a_reason(tmp_path):
+    src = tmp_path / "qa.jsonl"
+    rows = _qa_rows(tmp_path, ["a", "b", "a", ""])
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = prepare(PrepareOptions(source=str(src), out=tmp_path / "o", workers=1, source_opts=GENERIC))
+    assert res.rows_in == 4 and res.rejected == 2
+    reasons = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert [x["code"] for x in reasons] == ["bad_id", "bad_id"]
+    assert "duplicate id 'a'" in reasons[0]["reason"] and "empty" in reasons[1]["reason"]
+
+
+def test_rejects_are_byte_identical_between_runs(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image at all" * 10)  # PIL: "cannot identify image file <BytesIO at 0x...>"
+    src = tmp_path / "qa.jsonl"
+    rows = _qa_rows(tmp_path, ["ok", "bad"])
+    rows[1]["img"] = "broken.png"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("r1", "r2"):
+        prepare(PrepareOptions(source=str(src), out=tmp_path / name, workers=1, source_opts=GENERIC))
+    a, b = ((tmp_path / n / "rejects.jsonl").read_bytes() for n in ("r1", "r2"))
+    assert a == b and b"0x" not in a and b"image_decode" in a
+    m1, m2 = (json.loads((tmp_path / n / "manifest.json").read_text())["files"] for n in ("r1", "r2"))
+    assert m1 == m2
+
+
+def test_a_malformed_jsonl_line_is_a_reject_not_an_abort(tmp_path):
+    src = tmp_path / "qa.jsonl"
+    good = _qa_rows(tmp_path, ["a", "b"])
+    src.write_text(json.dumps(good[0]) + "\n" + '{"id": "c", "img": "x.png", "q": oops}\n' + "[1, 2]\n" + json.dumps(good[1]) + "\n")
+    res = prepare(PrepareOptions(source=str(src), out=tmp_path / "o", workers=1, source_opts=GENERIC))
+    assert res.rows_in == 4 and res.rejected == 2 and sum(res.rows_out.values()) == 2
+    reasons = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["code"] for r in reasons] == ["bad_json", "bad_json"]
+    assert "line 2" in reasons[0]["reason"] and "line 3" in reasons[1]["reason"]
+    assert not list((tmp_path / "o").glob("*.partial"))
+
+
+def test_ctrl_c_during_prepare_ends_quickly_cleanly_and_with_130(tmp_path):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does) while worker processes convert."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(out), "--rows", "200000",
+                          "--workers", "2", "--image-size", "224"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.partial")):
+        time.sleep(0.1)
+    time.sleep(1.0)  # well inside the work
+    os.killpg(p.pid, signal.SIGINT)
+    t = time.time()
+    _, stderr = p.communicate(timeout=30)
+    assert time.time() - t < 10, "Ctrl-C must end prepare within seconds"
+    assert p.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert not list(out.glob("*.partial")) and not (out / "manifest.json").exists()
+
+
+def test_flags_are_checked_before_any_row(tmp_path, cli):
+    src = tmp_path / "qa.jsonl"
+    src.write_text(json.dumps(_qa_rows(tmp_path, ["a"])[0]) + "\n")
+    generic = ["--image-column", "img", "--question-column", "q", "--answer-column", "a"]
+    cases = [
+        (["colors", "--rows", "-3"], "--rows"),
+        (["colors", "--image-size", "0"], "--image-size"),
+        (["colors", "--factor", "0"], "--factor"),
+        (["colors", "--min-pixels", "100", "--max-pixels", "50"], "--min-pixels"),
+        (["colors", "--min-pixels", "10000", "--max-pixels", "5000"], "--max-pixels"),
+        ([str(src), *generic, "--env-class", "geometry3K"], "--env-class"),
+        ([str(src), *generic, "--env-class", "geometry3k", "--prompt-template", "Solve it."], "{question}"),
+    ]
+    for args, flag in cases:
+        out = tmp_path / f"o{len(flag)}"
+        r = cli("prepare", *args, "--out", out, "--workers", 1)
+        assert r.exit_code == 2 and flag in r.output, (args, r.output)
+        assert not out.exists() or not any(out.iterdir()), args  # nothing written
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("mine")
+    r = cli("tiny-model", tmp_path / "model")
+    assert r.exit_code == 2 and "--overwrite" in r.output and (tmp_path / "model" / "keep.txt").exists()
+
+
+def test_messages_name_the_real_cause(tmp_path, cli):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "adir.png").mkdir()
+    rows = _qa_rows(tmp_path, ["a", "b", "c"])
+    rows[0]["img"], rows[1]["img"], rows[2]["img"] = "empty.png", "adir.png", "gone.png"
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare(PrepareOptions(source=str(src), out=tmp_path / "o", workers=1, source_opts=GENERIC))
+    reasons = {json.loads(x)["source_id"]: json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()}
+    assert reasons["a"]["code"] == "image_empty" and "empty" in reasons["a"]["reason"]
+    assert reasons["b"]["code"] == "image_unreadable" and "directory" in reasons["b"]["reason"]
+    assert reasons["c"]["code"] == "missing_file" and "does not exist" in reasons["c"]["reason"]
+    (tmp_path / "empty.jsonl").write_text("")
+    for target, words in ((tmp_path / "o", "a directory"), (tmp_path / "empty.jsonl", "empty file"), (tmp_path / "nope.jsonl", "no such file")):
+        r = cli("validate", target)
+        assert r.exit_code == 2 and words in r.output, (target, r.output)
+
+
+def test_write_clean_writes_the_format_its_extension_names_and_json_stdout_is_only_json(tmp_path, colors_data):
+    import subprocess
+    import sys
+
+    src = colors_data / "val.parquet"
+    for ext in ("jsonl", "parquet", "json"):
+        dest = tmp_path / f"clean.{ext}"
+        r = subprocess.run([sys.executable, "-m", "vlrl_cli", "validate", str(src), "--write-clean", str(dest), "--json", "-"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-1500:]
+        assert json.loads(r.stdout)["rows"] > 0  # stdout is exactly one JSON document
+        n = len(rows_of(src))
+        if ext == "json":
+            assert len(json.loads(dest.read_text())) == n
+        else:
+            assert len(rows_of(dest)) == n
+    r = subprocess.run([sys.executable, "-m", "vlrl_cli", "validate", str(src), "--write-clean", str(tmp_path / "clean.csv")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and ".parquet, .jsonl, .json" in r.stderr

@@ -252,7 +252,7 @@ def test_ppo_epochs_log_the_first_epochs_kl_and_score_the_reference_once(tmp_pat
     same in both runs; step 2 (the policy has moved) has KL > 0. The reference forward runs once per
     micro-batch and step, not once per epoch."""
     from vlrl_cli import batches
-    from vlrl_cli.grpo import train_grpo
+    from vlrl_cli.train import run_training
 
     (tmp_path / "userenvs.py").write_text(USER_ENV)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -272,7 +272,7 @@ def test_ppo_epochs_log_the_first_epochs_kl_and_score_the_reference_once(tmp_pat
         with open(rec_path, "a") as f:
             f.write("envs: {colors: 'userenvs:ParityEnv'}\n")
         ref_calls.clear()
-        train_grpo(load_recipe(rec_path))
+        run_training(load_recipe(rec_path))
         out[epochs] = read_metrics(tmp_path / "runs" / f"ppo{epochs}")
         assert ref_calls == [8, 8, 8, 8], ref_calls  # 16 sequences a step in micro-batches of 8, two steps
     for epochs in (1, 2):

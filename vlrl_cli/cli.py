@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -34,7 +35,7 @@ if not err.is_terminal:  # logs and pipes: rich would assume 80 columns and trun
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print("[bold red]error:[/] " + _escape(message), highlight=False)
+    err.print("[bold red]error:[/] " + _escape(message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -42,6 +43,15 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+def check_engine_name(engine: str) -> None:
+    from .engines import require_vllm
+
+    if engine not in ("hf", "vllm"):
+        fail(f"--engine must be hf or vllm, not {engine!r}")
+    if engine == "vllm":
+        require_vllm()
 
 
 # where an unexpected error's traceback is written: a command that has a run or output folder sets it
@@ -58,8 +68,16 @@ def guarded(command):
 
         from .errors import UserError
 
-        global crash_dir
+        global crash_dir, _json_stdout
         crash_dir = None
+        try:
+            real_stdout = sys.stdout.fileno() == 1
+        except (AttributeError, OSError, ValueError):  # an in-process runner's stand-in (tests)
+            real_stdout = False
+        if kwargs.get("json_out") == "-" and real_stdout:
+            sys.stdout.flush()
+            _json_stdout = os.dup(1)
+            os.dup2(2, 1)
         try:
             return command(*args, **kwargs)
         except (typer.Exit, click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
@@ -75,17 +93,31 @@ def guarded(command):
             with open(fd, "w") as f:
                 f.write(f"vlrl {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            err.print("[bold red]internal error:[/] " + _escape(f"{type(e).__name__}: {first}"), highlight=False)
-            err.print(f"the traceback is in {path}; please include it when you report this", highlight=False)
+            err.print("[bold red]internal error:[/] " + _escape(f"{type(e).__name__}: {first}"), highlight=False, soft_wrap=True)
+            err.print(f"the traceback is in {path}; please include it when you report this", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
+        finally:
+            if _json_stdout is not None:
+                sys.stdout.flush()
+                os.dup2(_json_stdout, 1)
+                os.close(_json_stdout)
+                _json_stdout = None
 
     return run
+
+
+# `--json -`: while the command runs, file descriptor 1 points at stderr, so whatever libraries print
+# (DeepSpeed's logger, op builds, warnings) cannot mix into the JSON; the JSON goes to the saved stdout
+_json_stdout: int | None = None
 
 
 def write_json(target: str, payload: dict) -> None:
     text = json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n"
     if target == "-":
-        sys.stdout.write(text)
+        if _json_stdout is not None:
+            os.write(_json_stdout, text.encode())
+        else:
+            sys.stdout.write(text)
     else:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text(text)
@@ -140,6 +172,8 @@ def prepare(
     maze_size: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 5,
     max_steps: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 20,
     image_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="Stable row ids (default: an `id` column when there is one); "
+                                                     "splits are a hash of the id", rich_help_panel="Any dataset")] = None,
     question_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
     answer_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
     env_class: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
@@ -164,7 +198,7 @@ def prepare(
     source_opts = {k: v for k, v in dict(
         rows=rows, num_colors=num_colors, shapes=[s.strip() for s in shapes.split(",") if s.strip()],
         image_size=image_size, val_rows=val_rows, maze_size=maze_size, max_steps=max_steps,
-        image_column=image_column, question_column=question_column, answer_column=answer_column,
+        image_column=image_column, id_column=id_column, question_column=question_column, answer_column=answer_column,
         env_class=env_class, prompt_template=prompt_template, data_source=data_source).items() if v is not None}
     opts = PrepareOptions(
         source=source, out=out, path=path, split=split, limit=limit, seed=seed, overwrite=overwrite,
@@ -186,6 +220,9 @@ def prepare(
         err.print(f"images: {img['count']} ({img['format']}), mean {img['width']['mean']}x{img['height']['mean']} px, "
                   f"{img['bytes_total'] / 1e6:.1f} MB")
     err.print(f"in = out + rejected: {result.rows_in} = {sum(result.rows_out.values())} + {result.rejected}")
+    method = result.manifest["split_method"]
+    err.print(("[yellow]splits: " if "position" in method else "splits: ") + _escape(method) + ("[/]" if "position" in method else ""),
+              highlight=False)
     if result.rejected:
         err.print(f"[yellow]{result.rejected} rows rejected; reasons in {out / 'rejects.jsonl'}[/]")
     if json_out:
@@ -268,12 +305,20 @@ def tiny_model(
     out: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
     family: Annotated[str, typer.Option(help="qwen2_vl, qwen2_5_vl or qwen3_vl.")] = "qwen2_5_vl",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace what OUT holds.")] = False,
 ) -> None:
     """Build a random few-MB VLM of a real Qwen-VL architecture, offline (for tests, demos, smoke tests)."""
     from .tiny import FAMILIES, build_tiny_model
 
     if family not in FAMILIES:
         fail(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite or not out.is_dir():
+            fail(f"{out} already exists{' and is not a folder' if not out.is_dir() else ' and is not empty'}"
+                 f"{'; pass --overwrite to replace it' if out.is_dir() else ''}")
+        import shutil
+
+        shutil.rmtree(out)
     path = build_tiny_model(out, family=family, seed=seed)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     err.print(f"wrote a tiny {family} model to {path} ({size / 1e6:.1f} MB)")
@@ -297,6 +342,8 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="A recipe YAML (see recipes/).")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint, same data order and RNG.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in the same run directory (its metrics and checkpoints).")] = False,
+    allow_changes: Annotated[bool, typer.Option(help="With --resume: accept a recipe that differs from the run's.")] = False,
     gpus: Annotated[int, typer.Option(help="GPUs on this machine; > 1 relaunches through the DeepSpeed launcher.")] = 1,
     nprocs: Annotated[int, typer.Option(help="Ranks on the CPU (gloo), through the DeepSpeed launcher; for tests.")] = 1,
     hostfile: Annotated[Optional[Path], typer.Option(help="DeepSpeed hostfile for several machines.")] = None,
@@ -305,12 +352,26 @@ def train(
     """SFT and GRPO-family RL with DeepSpeed ZeRO and a colocated rollout engine."""
     from .config import load_recipe
 
+    import os
+
+    from .runs import claim_run_dir
+
     global crash_dir
     overrides = list(set_ or [])
     rec = load_recipe(recipe, overrides)
+    if not os.environ.get("VLRL_RUN_CLAIMED"):  # a rank relaunched below: the parent already decided
+        done = claim_run_dir(rec, resume, overwrite, allow_changes)
+        if done:
+            err.print(done, highlight=False)
+            return
+        if rec.rollout.engine == "vllm" and rec.algorithm.name == "grpo":
+            from .engines import require_vllm
+
+            require_vllm()
     if gpus > 1 or nprocs > 1 or hostfile:
         from .launch import relaunch
 
+        os.environ["VLRL_RUN_CLAIMED"] = "1"  # the ranks inherit it
         raise typer.Exit(relaunch(recipe, overrides, resume, gpus=gpus, nprocs=nprocs, hostfile=hostfile))
     from .train import run_training
 
@@ -337,7 +398,7 @@ def eval_(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     max_turns: Annotated[int, typer.Option(min=1)] = 1,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N records.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N records.", min=1)] = None,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
 ) -> None:
@@ -347,6 +408,7 @@ def eval_(
     from .records import count_rows
 
     global crash_dir
+    check_engine_name(engine)
     opts = EvalOptions(engine=engine, n=n, sampling=Sampling(temperature, top_p, max_new_tokens, seed),
                        max_turns=max_turns, limit=limit)
     total = count_rows(data)
@@ -408,6 +470,7 @@ def check_drift_cmd(
     from .drift import DriftOptions, check_drift, finite, write_plot
     from .engines import Sampling
 
+    check_engine_name(engine)
     dtypes = [DTYPES.get(x) for x in (train_dtype, engine_dtype or train_dtype)]
     if None in dtypes:
         fail(f"--train-dtype / --engine-dtype: use one of {', '.join(DTYPES)}")

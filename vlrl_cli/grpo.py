@@ -63,6 +63,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     val_records = load_records(recipe.data.val, recipe.data.val_limit) if recipe.data.val else []
 
     max_len = r.max_new_tokens * r.max_turns
+    trained_steps = 0
     for step in range(run.start, tr.steps):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -124,6 +125,16 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             grad_norm = pol.optimizer_step(policy)
         t_train = time.perf_counter() - t2
 
+        trained = all_ranks({"n": len(batch)})["n"] > 0
+        trained_steps += trained
+        if not trained:
+            too_long = sum(t.done_reason == "prompt_too_long" for t in trajs)
+            why = (f"{too_long} of {len(trajs)} samples had prompts over data.max_prompt_tokens "
+                   f"({recipe.data.max_prompt_tokens})" if too_long else
+                   "every group's rewards were equal (dynamic sampling dropped them)" if a.dynamic_sampling and not keep.any()
+                   else "no sample generated a token")
+            run.nothing_trained(recipe, step + 1, why, trained_steps)
+
         # 5. push the new weights into the engine (every step: the next rollout must be on-policy)
         t_sync = sync_weights(policy, engine) if batch else 0.0
 
@@ -151,6 +162,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "drift_abs_max": drift_max,
             "is_ratio_mean": g["ratio_sum"] / tok,
             "groups_kept": int(g["groups_kept"]),
+            "trained_sequences": int(all_ranks({"n": n_seq})["n"]),
             "prompts_too_long": int(g["too_long"]),
             "time_generate_s": round(t_gen, 4),
             "time_score_s": round(t_score, 4),

@@ -144,18 +144,50 @@ def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("image_too_large", str(e)) from None
     except Exception as e:  # PIL raises many types for corrupt data
-        raise ImageError("image_decode", f"image does not decode: {type(e).__name__}: {e}") from None
-    img = ImageOps.exif_transpose(img)
-    if img.mode != "RGB":
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            # composite on white: transparent diagrams must not turn black
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGB", rgba.size, (255, 255, 255))
-            bg.paste(rgba, mask=rgba.getchannel("A"))
-            img = bg
-        else:
-            img = img.convert("RGB")
-    return img
+        # PIL's messages name the in-memory file object ("<_io.BytesIO object at 0x7f...>"): an address that
+        # would make reject files differ between identical runs
+        msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+        raise ImageError("image_decode", f"image does not decode: {type(e).__name__}: {msg}") from None
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode PIL opens -> 8-bit RGB, the values kept in proportion.
+
+    PIL's own convert("RGB") clips wide samples: a 16-bit gradient becomes almost all white and a float
+    image in [0, 1] all black. Here 16-bit samples are scaled by 255/65535, floats in [0, 1] by 255, and
+    anything else outside 0-255 is stretched from its own min-max. Transparency is composited on white
+    (transparent diagrams must not turn black); LAB goes through a real colour transform.
+    """
+    import numpy as np
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ImageError("image_decode", f"a {mode} image with NaN or infinite samples")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+            a = a * (255 / 65535)
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255
+        elif lo < 0 or hi > 255:
+            a = (a - lo) * (255 / (hi - lo))
+        return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        lab_to_srgb = ImageCms.buildTransformFromOpenProfiles(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return ImageCms.applyTransform(img, lab_to_srgb)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")
 
 
 # --- canonicalisation -----------------------------------------------------------------------------
@@ -208,17 +240,18 @@ def canonicalize(image: bytes | Image.Image, spec: CanonicalSpec = CanonicalSpec
                  limits: ImageLimits = ImageLimits()) -> CanonicalImage:
     """Decode, EXIF-transpose, RGB, resize to the model's grid, encode. The one place images change.
 
-    PIL decodes (it knows every format, EXIF, palettes and transparency); OpenCV resizes and encodes PNG,
-    about 2.5x faster than PIL here. PNG rows are written unfiltered with zlib's RLE strategy: on
-    diagrams that is both the fastest and the smallest of the settings measured (bench/).
+    PIL decodes (it knows every format, EXIF, palettes and transparency); OpenCV resizes and encodes PNG.
+    PNG: every row filter tried (adaptive, as libpng chooses) with zlib's RLE strategy at level 1. Unfiltered
+    RLE, the earlier choice, only compresses runs of one repeated byte: a flat non-grey colour (r, g, b,
+    r, g, b, ...) came out 75x PIL's size. Measured against PIL's default PNG (bench/prepare_validate.py
+    --png-only): about PIL's size on diagrams, flat colours and photo-like images, and faster to encode.
     """
     import numpy as np
 
     cv2 = _cv2()
     img = image if isinstance(image, Image.Image) else open_image(image, limits)
     if isinstance(image, Image.Image):
-        img = ImageOps.exif_transpose(img)
-        img = img if img.mode == "RGB" else img.convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(img))
     w, h = fit_size(img.width, img.height, spec.factor, spec.min_pixels, spec.max_pixels)
     bgr = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR)
     if (w, h) != img.size:
@@ -227,7 +260,7 @@ def canonicalize(image: bytes | Image.Image, spec: CanonicalSpec = CanonicalSpec
         bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
     if spec.image_format == "png":
         ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, spec.png_compress_level,
-                                             cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+                                             cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_ALL_FILTERS,
                                              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
         mime = "image/png"
     elif spec.image_format in ("jpeg", "jpg"):

@@ -29,11 +29,13 @@ def _start_worker(initializer, initargs: tuple) -> None:
 def row_workers(workers: int, initializer, initargs: tuple):
     """Yields a pool of `workers` processes, each set up by initializer(*initargs), for `ordered_map`.
 
-    One worker: no pool at all (yields None); the initializer runs here and rows are handled in this
-    process. On an error or Ctrl-C in the caller the pool is terminated, not waited for.
+    One worker: no pool at all (yields None); rows are handled in this process. The initializer always
+    runs here first: a worker whose initializer raises is replaced by the pool, forever (a hang), so
+    whatever it raises (a model that cannot load, say) must come out here. On an error or Ctrl-C in
+    the caller the pool is terminated, not waited for.
     """
+    initializer(*initargs)
     if workers <= 1:
-        initializer(*initargs)
         yield None
         return
     pool = mp_context().Pool(workers, _start_worker, (initializer, initargs))

@@ -9,6 +9,7 @@ output or in rejects.jsonl, and the counts are checked before the manifest is wr
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,20 @@ def assign_split(item: Item, split: dict | str, seed: int) -> str:
     return list(ratios)[-1]
 
 
+def split_method(how: dict, split) -> str:
+    """One sentence for the manifest and the CLI: where the rows' splits came from."""
+    ratios = split if isinstance(split, dict) else {"train": 0.9, "val": 0.1}
+    parts = []
+    if how["source"]:
+        parts.append(f"{how['source']} rows kept their source split")
+    if how["hash"]:
+        ids = "row position (no id column: rows move between splits if rows are inserted; give --id-column)" \
+            if how["positional_ids"] else "row id"
+        parts.append(f"{how['hash']} rows split by a hash of the {ids}, "
+                     + ", ".join(f"{k}={v:g}" for k, v in ratios.items()))
+    return "; ".join(parts) or "no rows"
+
+
 # worker state: set once per process by the pool initializer (or directly when workers == 1)
 _CONVERT: Callable | None = None
 _CTX: ConvertContext | None = None
@@ -103,7 +118,8 @@ def _convert_one(item: Item):
     except ImageError as e:
         return "reject", e.code, str(e)
     except Exception as e:  # a bug or odd data: keep the row's reason, never take the run down
-        return "reject", "error", f"{type(e).__name__}: {e}"
+        msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()  # no memory addresses in rejects
+        return "reject", "error", f"{type(e).__name__}: {msg}"
 
 
 def _limited(items, limit):
@@ -156,8 +172,36 @@ def _clear_previous(out: Path, overwrite: bool) -> None:
         (out / Path(name).name).unlink(missing_ok=True)
 
 
+def check_options(opts: PrepareOptions) -> None:
+    """Every option that can be wrong, before a row is read (UserError naming the flag)."""
+    from .envs import BUILTIN_ENVS
+
+    sp, so = opts.spec, opts.source_opts
+    if sp.factor < 1:
+        raise UserError(f"--factor must be a positive integer (28 for Qwen2/2.5-VL, 32 for Qwen3-VL), got {sp.factor}")
+    if sp.min_pixels < sp.factor * sp.factor:
+        raise UserError(f"--min-pixels {sp.min_pixels} is below one {sp.factor}x{sp.factor} patch ({sp.factor * sp.factor})")
+    if sp.max_pixels < sp.min_pixels:
+        raise UserError(f"--max-pixels {sp.max_pixels} is below --min-pixels {sp.min_pixels}")
+    for key in ("rows", "val_rows", "num_colors", "image_size", "maze_size", "max_steps"):
+        if key in so and so[key] < (0 if key in ("rows", "val_rows") else 1):
+            raise UserError(f"--{key.replace('_', '-')} must be {'>= 0' if key in ('rows', 'val_rows') else '>= 1'}, got {so[key]}")
+    if "image_size" in so and so["image_size"] < 16:
+        raise UserError(f"--image-size {so['image_size']} is too small to draw on (>= 16)")
+    template = so.get("prompt_template")
+    if template is not None and "{question}" not in template:
+        raise UserError(f"--prompt-template {template!r} has no {{question}} placeholder: every row would get the same text")
+    env = so.get("env_class")
+    if env is not None and env not in BUILTIN_ENVS and ":" not in env:
+        raise UserError(f"--env-class {env!r} is not a built-in environment ({', '.join(sorted(BUILTIN_ENVS))}); "
+                        "for your own environment give its import path, e.g. mypkg.envs:MyEnv")
+    if opts.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {opts.workers}")
+
+
 def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None) -> PrepareResult:
     """Run the whole conversion. `progress(n)` is called after each chunk with the rows done so far."""
+    check_options(opts)
     source = get_source(opts.source)
     split = parse_split(opts.split)
     path = opts.path if opts.path is not None else (None if source.name != "generic" else opts.source)
@@ -171,6 +215,7 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
     writers: dict[str, RecordWriter] = {}
     stats = _ImageStats()
     rows_in = rejected = 0
+    how = {"source": 0, "hash": 0, "positional_ids": 0}  # how rows got their split (the manifest says)
     rejects_tmp = out / "rejects.jsonl.partial"
 
     try:
@@ -180,6 +225,8 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
                 for item, res in zip(chunk, results):
                     split_name = assign_split(item, split, opts.seed)
                     rows_in += 1
+                    how["source" if isinstance(split, str) and item.split is not None else "hash"] += 1
+                    how["positional_ids"] += item.positional
                     if res[0] == "reject":
                         rejected += 1
                         rejects.write(json.dumps({"source_id": item.source_id, "split": split_name,
@@ -217,6 +264,7 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
         "options": {"split": opts.split, "limit": opts.limit, "seed": opts.seed, **asdict(opts.spec),
                     **{k: v for k, v in opts.source_opts.items() if k in source.options}},
         "counts": {"in": rows_in, "out": rows_out, "rejected": rejected},
+        "split_method": split_method(how, split),
         "images": stats.summary(opts.spec.image_format),
         "files": {p.name: _sha256_file(p) for p in sorted([w.path for w in writers.values()] + [out / "rejects.jsonl"])},
     }

@@ -120,8 +120,12 @@ class BadLine:
 
 def _open(path: Path) -> pq.ParquetFile | None:
     """Check that a records file can be read at all; the ParquetFile for parquet, else None."""
-    if not path.is_file():
+    if path.is_dir():
+        raise RecordFileError(f"{path}: a directory, not a record file (.parquet, .jsonl or .json)")
+    if not path.exists():
         raise RecordFileError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise RecordFileError(f"{path}: an empty file (0 bytes)")
     if path.suffix not in KNOWN_SUFFIXES:
         raise RecordFileError(f"{path}: unknown file type (expected {', '.join(KNOWN_SUFFIXES)})")
     if path.suffix == ".parquet":

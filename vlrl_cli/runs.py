@@ -145,6 +145,63 @@ def load_checkpoint(policy, ckpt: Path) -> dict:
 # --- starting (or resuming) a run -----------------------------------------------------------------
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every key whose value differs between two resolved recipes."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def claim_run_dir(recipe, resume: bool, overwrite: bool = False, allow_changes: bool = False) -> str | None:
+    """Decide, before any work, what a run may do with its directory. Raises UserError when it must not
+    start; returns a message when there is nothing to do (a finished run resumed), else None.
+
+    New directory: fine. Old metrics or checkpoints without --resume: refused unless --overwrite (which
+    removes them: metrics.jsonl, checkpoints/, tensorboard/), so two runs never mix in one directory.
+    --resume: the recipe must equal the run's saved recipe.yaml unless --allow-changes.
+    """
+    import yaml
+
+    from .errors import UserError
+
+    d, steps = recipe.run_dir, recipe.trainer.steps
+    if steps == 0:
+        raise UserError("trainer.steps is 0: nothing to train")
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: pass one of them")
+    if resume:
+        ckpt = latest_checkpoint(d)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint in {d}/checkpoints")
+        saved = d / "recipe.yaml"
+        if saved.exists():
+            changed = recipe_changes(yaml.safe_load(saved.read_text()) or {}, recipe.to_dict())
+            if changed and not allow_changes:
+                raise UserError(f"--resume: the recipe differs from the one {d} was trained with: " + "; ".join(changed)
+                                + " (pass --allow-changes to resume with these changes)")
+        done = int(ckpt.name.rsplit("_", 1)[1])
+        if done >= steps:
+            return (f"{d} already finished: its last checkpoint is step {done} and trainer.steps is {steps}; nothing "
+                    f"to do (to train further: --resume --set trainer.steps=N --allow-changes)")
+        return None
+    old = [name for name in ("metrics.jsonl", "checkpoints") if (d / name).exists()]
+    if old and not overwrite:
+        raise UserError(f"{d} already holds a run ({', '.join(old)}): --resume to continue it, --overwrite to "
+                        f"replace it, or another run.name")
+    if old:
+        shutil.rmtree(d / "checkpoints", ignore_errors=True)
+        shutil.rmtree(d / "tensorboard", ignore_errors=True)
+        (d / "metrics.jsonl").unlink(missing_ok=True)
+    return None
+
+
 @dataclass
 class RunSetup:
     """What every training loop starts from (grpo.py, sft.py)."""
@@ -162,6 +219,18 @@ class RunSetup:
     def save(self, recipe, step: int) -> None:
         """A checkpoint of optimizer step `step` (all ranks take part)."""
         save_checkpoint(self.policy, self.processor, recipe.run_dir, step, {"step": step, "rng": rng_state()}, self.rank)
+
+    def nothing_trained(self, recipe, step: int, why: str, trained_steps: int) -> None:
+        """A step (1-based `step`) that trained on nothing: a loud warning; the last step of a run in which
+        no step trained: an error, before any checkpoint of the untouched weights is written."""
+        import sys
+
+        from .errors import UserError
+
+        if step == recipe.trainer.steps and trained_steps == 0:
+            raise UserError(f"the run trained on nothing in {step - self.start} step(s): {why}; no checkpoint written")
+        if self.rank == 0:
+            print(f"warning: step {step} trained on nothing: {why}", file=sys.stderr, flush=True)
 
     def log_step(self, metrics: dict, on_step=None) -> None:
         """The step's metrics to metrics.jsonl (and TensorBoard / W&B), and to the progress callback."""

@@ -54,9 +54,12 @@ def target_text(record: dict, mode: str, rng: random.Random) -> tuple[list[dict]
     return prompt, f"\\boxed{{{gt}}}" if record["env_class"] == "geometry3k" else gt
 
 
-def build_seq(record: dict, processor, mode: str, rng: random.Random) -> SFTSeq:
+def build_seq(record: dict, processor, mode: str, rng: random.Random, max_prompt: int | None = None) -> SFTSeq | None:
+    """The record's prompt + target as one training sequence; None when the prompt is over `max_prompt` tokens."""
     prompt, text = target_text(record, mode, rng)
     rendered = render_prompt(processor, prompt)
+    if max_prompt is not None and rendered.length > max_prompt:
+        return None
     target = processor.tokenizer(text, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
     return SFTSeq(rendered.input_ids + target, [0] * rendered.length + [1] * len(target),
                   [0.0] * (rendered.length + len(target)), rendered.tensors)
@@ -68,11 +71,19 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
     rank, world, processor, banned, policy, dev = run.rank, run.world, run.processor, run.banned, run.policy, run.dev
     records = load_records(recipe.data.train)
     per_step = recipe.rollout.prompts_per_step
+    trained_steps = 0
     for step in range(run.start, tr.steps):
         t0 = time.perf_counter()
         idx = prompts_for_step(len(records), step, per_step, tr.seed, rank, world)
         rng = random.Random(tr.seed * 1_000_003 + step)  # random_choice targets: reproducible per step
-        seqs = [build_seq(records[i], processor, a.sft_target, rng) for i in idx]
+        built = [build_seq(records[i], processor, a.sft_target, rng, recipe.data.max_prompt_tokens) for i in idx]
+        seqs = [s for s in built if s is not None]
+        too_long = len(built) - len(seqs)
+        trained = all_ranks({"n": len(seqs)})["n"] > 0
+        trained_steps += trained
+        if not trained:
+            run.nothing_trained(recipe, step + 1, f"all {len(built)} prompts were over data.max_prompt_tokens "
+                                f"({recipe.data.max_prompt_tokens})", trained_steps)
         n_tok = sum(sum(s.loss_mask) for s in seqs)
         micro = [seqs[i:i + tr.micro_batch] for i in range(0, len(seqs), tr.micro_batch)]
         policy.train()
@@ -83,10 +94,10 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
             loss = -(logp * b.loss_mask).sum() / n_tok
             pol.backward_step(policy, loss, last=m == len(micro) - 1)
             total += loss.item()
-        grad_norm = pol.optimizer_step(policy)
-        g = all_ranks({"nll": total * n_tok, "tok": n_tok})  # token-mean loss over all ranks
+        grad_norm = pol.optimizer_step(policy) if trained else None
+        g = all_ranks({"nll": total * n_tok, "tok": n_tok, "too_long": too_long})  # token-mean loss over all ranks
         metrics = {"step": step + 1, "loss": g["nll"] / max(g["tok"], 1), "grad_norm": grad_norm, "tokens": int(g["tok"]),
-                   "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
+                   "prompts_too_long": int(g["too_long"]), "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
         if checkpoint_due(step + 1, tr):
             run.save(recipe, step + 1)
         run.log_step(metrics, on_step)

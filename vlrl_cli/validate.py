@@ -210,17 +210,38 @@ def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOpti
     return ValidationReport([str(p) for p in paths], rows, problems, bad_rows)
 
 
+def check_run_data(paths: list[str], env_classes: tuple[str, ...] = (), show: int = 20) -> int:
+    """The rows a run will use, through validate's checks (schema, env_class, ground truth, every image).
+    Raises UserError naming every bad row by file and row (the first `show`, and how many in all) before
+    any model is loaded; returns the number of rows checked."""
+    report = validate_paths([p for p in paths if p], ValidateOptions(env_classes=env_classes))
+    if not report.errors:
+        return report.rows
+    bad = [p for p in report.problems if p.severity == "error"]
+    rows = sum(len(v) for v in report.bad_rows.values())
+    lines = [f"  {p.file}:{p.row}: [{p.code}] {p.message}" for p in bad[:show]]
+    more = f"\n  ... {len(bad) - show} more (vlrl validate lists them all)" if len(bad) > show else ""
+    raise UserError(f"{rows} of {report.rows} rows would not train ({len(bad)} errors); fix them, or keep the good rows "
+                    f"with `vlrl validate FILE --write-clean CLEAN`:\n" + "\n".join(lines) + more)
+
+
 def write_clean(report: ValidationReport, out: str | Path) -> dict[str, int]:
     """Write each file's error-free rows, keeping its format and columns exactly.
 
-    One input: `out` is the output file. Several: `out` is a folder that gets a file of the same name each.
+    One input: `out` is the output file, in the format its extension names (.parquet, .jsonl, .json; the
+    input's own format keeps its columns exactly, another is converted). Several: `out` is a folder that
+    gets a file of the same name each.
     """
     import json
 
     import pyarrow.parquet as pq
 
+    from .records import KNOWN_SUFFIXES, write_rows
+
     out = Path(out)
     multi = len(report.files) > 1
+    if not multi and out.suffix not in KNOWN_SUFFIXES:
+        raise UserError(f"--write-clean {out}: the extension names the format to write: {', '.join(KNOWN_SUFFIXES)}")
     written = {}
     for f in report.files:
         src = Path(f)
@@ -230,6 +251,11 @@ def write_clean(report: ValidationReport, out: str | Path) -> dict[str, int]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".partial")
         bad = report.bad_rows[f]
+        if dest.suffix != src.suffix:  # another format: the rows, converted
+            n = write_rows(dest, (r for i, r in enumerate(iter_rows(src)) if i not in bad)) if dest.suffix != ".json" \
+                else _write_json_list(dest, [r for i, r in enumerate(iter_rows(src)) if i not in bad])
+            written[str(dest)] = n
+            continue
         if src.suffix == ".parquet":
             table = pq.read_table(src)
             keep = [i for i in range(table.num_rows) if i not in bad]
@@ -247,3 +273,12 @@ def write_clean(report: ValidationReport, out: str | Path) -> dict[str, int]:
         tmp.replace(dest)
         written[str(dest)] = n
     return written
+
+
+def _write_json_list(dest: Path, rows: list) -> int:
+    import json
+
+    tmp = dest.with_name(dest.name + ".partial")
+    tmp.write_text(json.dumps(rows, ensure_ascii=False))
+    tmp.replace(dest)
+    return len(rows)

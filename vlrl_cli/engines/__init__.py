@@ -64,7 +64,20 @@ class RolloutEngine(Protocol):
     def attach_vision_probe(self, probe: "VisionInputProbe") -> None: ...
 
 
+def require_vllm() -> None:
+    """The vllm engine needs the `vllm` package: say so (and how to install it) before any model loads."""
+    import importlib.util
+
+    from ..errors import UserError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("the vllm engine needs vLLM, which is not installed here: pip install \"vlrl[vllm]\" "
+                        "(GPU machines), or use the hf engine (rollout.engine=hf / --engine hf)")
+
+
 def make_engine(name: str, model_path: str, processor, **kwargs) -> RolloutEngine:
+    if name == "vllm":
+        require_vllm()
     if name == "hf":
         from .hf import HFEngine
 

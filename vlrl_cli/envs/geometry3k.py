@@ -11,13 +11,12 @@ from .base import Env, StepResult
 
 
 class Geometry3kEnv(Env):
-    def __init__(self, tries: int = 1, timeout_s: float = 2.0):
+    def __init__(self, tries: int = 1):
         self.max_turns = tries
-        self.timeout_s = timeout_s
 
     def step(self, text: str) -> StepResult:
         self.turn += 1
-        g = grade_boxed(text, str(self.record["reward_spec"]["ground_truth"]), timeout_s=self.timeout_s)
+        g = grade_boxed(text, self.record["reward_spec"]["ground_truth"])
         info = {"correct": g.correct, "format_ok": g.format_ok, "grade": g.reason,
                 "first_try_correct": g.correct and self.turn == 1}
         if g.correct or self.turn >= self.max_turns:

@@ -30,6 +30,7 @@ class Item:
     source_id: str  # stable id within the source (folder name, row index...)
     split: str | None  # the source's own split, when it has one
     payload: dict[str, Any]  # picklable: handed to convert() in a worker
+    positional: bool = False  # source_id is only the row's position (no id in the data)
 
 
 @dataclass

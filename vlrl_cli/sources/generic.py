@@ -27,22 +27,41 @@ def items(path: str | None, opts: dict) -> Iterator[Item]:
         raise UserError(f"source {path!r} is not a named source ({', '.join(('geometry3k', 'colors', 'maze2d'))}); "
                          f"a generic dataset needs {flags}")
     cols = [opts["image_column"], opts["question_column"], opts["answer_column"]]
-    first = True
+    id_col = opts.get("id_column")
+    first, seen = True, set()
     for split, idx, row in iter_dataset_rows(path, image_columns=[opts["image_column"]]):
+        if "_bad_row" in row:  # a malformed line: rejected with its reason, the rest goes on
+            yield Item(source_id=f"line/{idx + 1}", split=split, payload={"_bad_row": row["_bad_row"]}, positional=True)
+            continue
         if first:
-            absent = [c for c in cols if c not in row]
+            absent = [c for c in cols + ([id_col] if id_col else []) if c not in row]
             if absent:
                 raise UserError(f"{path}: no column(s) {absent}; columns are {sorted(k for k in row if k != '_base_dir')}")
+            if id_col is None and "id" in row:
+                id_col = "id"  # a dataset's own ids: records keep them, and splits stay put when rows are added
             first = False
         payload = {c: row.get(c) for c in cols}
         payload["_base_dir"] = row.get("_base_dir")
-        yield Item(source_id=f"{split}/{idx}", split=split, payload=payload)
+        if id_col is not None:
+            rid = row.get(id_col)
+            source_id = "" if rid is None else str(rid).strip()
+            if not source_id or source_id in seen:  # convert() rejects it, with this reason
+                payload["_bad_id"] = f"column {id_col} is empty" if not source_id else f"duplicate id {source_id!r}"
+                source_id = f"{split or 'row'}/{idx}"
+            seen.add(source_id)
+        else:  # no ids: the row's position (not stable if rows are inserted; the manifest says so)
+            source_id = f"{split}/{idx}" if split else str(idx)
+        yield Item(source_id=source_id, split=split, payload=payload, positional=id_col is None)
 
 
 def convert(item: Item, ctx: ConvertContext) -> tuple[dict, list]:
     from .loading import image_bytes
 
     o, p = ctx.opts, item.payload
+    if p.get("_bad_row"):
+        raise Reject("bad_json", p["_bad_row"])
+    if p.get("_bad_id"):
+        raise Reject("bad_id", p["_bad_id"])
     question, answer, cell = p.get(o["question_column"]), p.get(o["answer_column"]), p.get(o["image_column"])
     if not isinstance(question, str) or not question.strip():
         raise Reject("missing_field", f"column {o['question_column']} is empty")
@@ -63,4 +82,5 @@ def convert(item: Item, ctx: ConvertContext) -> tuple[dict, list]:
     return record, images
 
 
-SOURCE = Source("generic", items, convert, ("image_column", "question_column", "answer_column", "env_class", "prompt_template", "data_source"))
+SOURCE = Source("generic", items, convert, ("image_column", "question_column", "answer_column", "env_class", "prompt_template",
+                                           "data_source", "id_column"))

@@ -34,11 +34,19 @@ def load_dataset_dict(path: str):
     return datasets.load_dataset(path)  # a hub id: works only online
 
 
-def iter_dataset_rows(path: str, image_columns: list[str]) -> Iterator[tuple[str, int, dict]]:
-    """(split, row index, row) for every row of every split, image columns left undecoded."""
+def iter_dataset_rows(path: str, image_columns: list[str]) -> Iterator[tuple[str | None, int, dict]]:
+    """(split, row index, row) for every row of every split, image columns left undecoded.
+
+    split is None when the dataset has one split only (a single file, or a folder `datasets` calls
+    "train"): that name is not a split anyone chose, so prepare splits such rows by a hash of their id.
+    """
     import datasets
 
+    if Path(path).is_file() and Path(path).suffix == ".jsonl":
+        yield from _jsonl_rows(Path(path))
+        return
     dd = load_dataset_dict(path)
+    single = len(dd) == 1
     for split_name in dd:
         ds = dd[split_name]
         for col in image_columns:
@@ -48,11 +56,30 @@ def iter_dataset_rows(path: str, image_columns: list[str]) -> Iterator[tuple[str
                     ds = ds.cast_column(col, datasets.Image(decode=False))
                 elif isinstance(getattr(feat, "feature", None), datasets.Image):
                     ds = ds.cast_column(col, datasets.List(datasets.Image(decode=False)))
-        split = SPLIT_DIRS.get(split_name, split_name)
+        split = None if single else SPLIT_DIRS.get(split_name, split_name)
         base = Path(path).parent if Path(path).is_file() else Path(path)
         for i, row in enumerate(ds):
             row["_base_dir"] = str(base)
             yield split, i, row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[None, int, dict]]:
+    """A JSONL file line by line: a malformed line is a row of its own (`_bad_row`), rejected with its line
+    number, instead of failing the whole file as a `datasets` load would."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    row = {"_bad_row": f"line {i + 1} is a JSON {type(row).__name__}, not an object"}
+            except json.JSONDecodeError as e:
+                row = {"_bad_row": f"line {i + 1} is not valid JSON: {e.msg} (column {e.colno})"}
+            row["_base_dir"] = str(path.parent)
+            yield None, i, row
 
 
 def image_bytes(value: Any, base_dir: str | None = None) -> bytes:
@@ -74,8 +101,15 @@ def image_bytes(value: Any, base_dir: str | None = None) -> bytes:
         p = Path(value)
         if not p.is_absolute() and base_dir:
             p = Path(base_dir) / p
+        if p.is_dir():
+            raise Reject("image_unreadable", f"image path {value} is a directory, not an image file")
         try:
-            return p.read_bytes()
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise Reject("missing_file", f"image file {value} does not exist") from None
         except OSError as e:
-            raise Reject("missing_file", f"image file {value} cannot be read: {e.strerror}") from None
+            raise Reject("image_unreadable", f"image file {value} cannot be read: {e.strerror}") from None
+        if not data:
+            raise Reject("image_empty", f"image file {value} is empty (0 bytes)")
+        return data
     raise Reject("missing_field", f"image cell of type {type(value).__name__} holds no image")

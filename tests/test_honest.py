@@ -1,0 +1,103 @@
+"""Runs that would do nothing, or the wrong thing, say so instead of succeeding silently."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+
+def run_cli(*args, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("VLRL_RUN_CLAIMED", None)
+    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def recipe(tmp_path, tiny_model, colors_data, name, algo="grpo", **trainer_and_data):
+    data = {"train": str(colors_data / "train.parquet"), "val": None}
+    data.update(trainer_and_data.pop("data", {}))
+    r = {"model": {"path": str(tiny_model)}, "data": data,
+         "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 3},
+         "algorithm": {"name": algo, **({"sft_target": "ground_truth"} if algo == "sft" else {})},
+         "trainer": {"steps": 2, "lr": 1e-3, **trainer_and_data}, "run": {"name": name, "dir": str(tmp_path / "runs")}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sft"])
+def test_a_run_that_trains_on_nothing_is_an_error_and_saves_nothing(tmp_path, tiny_model, colors_data, algo):
+    rec = recipe(tmp_path, tiny_model, colors_data, f"none-{algo}", algo, data={"max_prompt_tokens": 5})
+    r = run_cli("train", rec)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "trained on nothing" in r.stderr and "max_prompt_tokens" in r.stderr
+    assert "warning: step 1 trained on nothing" in r.stderr  # each empty step is said out loud too
+    assert not (tmp_path / "runs" / f"none-{algo}" / "checkpoints").exists()
+
+
+def test_an_old_run_directory_is_never_mixed_into(tmp_path, tiny_model, colors_data):
+    rec = recipe(tmp_path, tiny_model, colors_data, "r", "sft")
+    assert run_cli("train", rec).returncode == 0
+    run = tmp_path / "runs" / "r"
+    r = run_cli("train", rec)
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "--overwrite" in r.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # untouched
+    r = run_cli("train", rec, "--overwrite", "--set", "trainer.steps=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_1"]  # step_2 is gone
+
+    # resume with another recipe: the changed key is named, and refused unless asked for
+    r = run_cli("train", rec, "--resume")  # trainer.steps is 2 in the file, 1 in the run's recipe.yaml
+    assert r.returncode == 2 and "trainer.steps: 1 -> 2" in r.stderr and "--allow-changes" in r.stderr
+    r = run_cli("train", rec, "--resume", "--allow-changes")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a finished run, resumed: says so, exit 0, nothing loaded or written
+    before = (run / "metrics.jsonl").read_text()
+    r = run_cli("train", rec, "--resume")
+    assert r.returncode == 0 and "already finished" in r.stderr and (run / "metrics.jsonl").read_text() == before
+    r = run_cli("train", rec, "--overwrite", "--set", "trainer.steps=0")
+    assert r.returncode == 2 and "trainer.steps is 0" in r.stderr
+
+
+def test_bad_rows_are_named_before_any_model_loads(tmp_path, tiny_model, colors_data):
+    rows = pq.read_table(colors_data / "train.parquet").to_pylist()[:6]
+    rows[2]["reward_spec"]["ground_truth"] = ""
+    rows[4]["prompt"][0]["role"] = "narrator"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli("train", recipe(tmp_path, tiny_model, colors_data, "bad", data={"train": str(bad)}))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{bad}:2: [missing_ground_truth]" in r.stderr and f"{bad}:4:" in r.stderr and "narrator" in r.stderr
+    assert "2 of 6 rows" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs" / "bad" / "metrics.jsonl").exists()
+
+
+def test_eval_limit_zero_and_a_missing_vllm_are_clear_errors(tmp_path, tiny_model, colors_data):
+    r = run_cli("eval", tiny_model, colors_data / "val.parquet", "--out", tmp_path / "e", "--limit", "0")
+    assert r.returncode == 2 and "limit" in r.stderr.lower()
+    import importlib.util
+
+    assert importlib.util.find_spec("vllm") is None, "this test expects a machine without vLLM"
+    r = run_cli("eval", tiny_model, colors_data / "val.parquet", "--out", tmp_path / "e", "--engine", "vllm")
+    assert r.returncode == 2 and 'pip install "vlrl[vllm]"' in r.stderr and "Traceback" not in r.stderr
+    rec = recipe(tmp_path, tiny_model, colors_data, "v")
+    r = run_cli("train", rec, "--set", "rollout.engine=vllm")
+    assert r.returncode == 2 and 'pip install "vlrl[vllm]"' in r.stderr
+    r = run_cli("check-drift", tiny_model, colors_data / "val.parquet", "--engine", "vlm")
+    assert r.returncode == 2 and "hf or vllm" in r.stderr
+
+
+def test_a_mistyped_local_model_path_is_named_at_once(tmp_path, colors_data):
+    (tmp_path / "models").mkdir()
+    for args in (["eval", "models/typo", colors_data / "val.parquet", "--out", tmp_path / "e"],
+                 ["validate", colors_data / "val.parquet", "--processor", "./models/typo"]):
+        r = subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=120)
+        assert r.returncode == 2, r.stderr[-1500:]
+        assert "models/typo" in r.stderr and "no such model folder" in r.stderr and "huggingface" not in r.stderr.lower()
