@@ -13,6 +13,8 @@ from vlrl_cli.render import load_processor
 
 import numpy as np
 
+pytestmark = pytest.mark.model  # also run on the oldest supported transformers (make test-floor)
+
 
 def checks(report):
     return {c["name"]: c for c in report["checks"]}

@@ -101,3 +101,28 @@ def test_a_mistyped_local_model_path_is_named_at_once(tmp_path, colors_data):
                            cwd=tmp_path, timeout=120)
         assert r.returncode == 2, r.stderr[-1500:]
         assert "models/typo" in r.stderr and "no such model folder" in r.stderr and "huggingface" not in r.stderr.lower()
+
+
+def test_train_json_to_stdout_is_only_json_and_ctrl_c_ends_a_run_with_130(tmp_path, tiny_model, colors_data):
+    import signal
+    import time
+
+    rec = recipe(tmp_path, tiny_model, colors_data, "j", "sft", steps=1)
+    r = run_cli("train", rec, "--json", "-")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["step"] == 1  # DeepSpeed's own prints went to stderr
+
+    rec = recipe(tmp_path, tiny_model, colors_data, "long", "grpo", steps=500)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("VLRL_RUN_CLAIMED", None)
+    p = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "train", str(rec)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    metrics = tmp_path / "runs" / "long" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    t = time.time()
+    _, err = p.communicate(timeout=60)
+    assert time.time() - t < 15 and p.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err

@@ -12,6 +12,8 @@ from vlrl_cli import modeling
 from vlrl_cli.images import to_data_uri
 from vlrl_cli.render import load_processor, model_inputs, render_prompt
 
+pytestmark = pytest.mark.model  # also run on the oldest supported transformers (make test-floor)
+
 
 def _uri(rng, w: int, h: int) -> str:
     buf = io.BytesIO()

@@ -1,5 +1,6 @@
 """Multi-turn rollouts on the CPU: masks, accumulated images, and trainer/engine agreement on every turn."""
 
+import pytest
 import torch
 
 from vlrl_cli.engines import Sampling, placeholder_token_ids
@@ -7,6 +8,8 @@ from vlrl_cli.engines.hf import HFEngine
 from vlrl_cli.render import load_processor
 from vlrl_cli.rollout import collect
 from vlrl_cli.batches import make_batch, sequence_logprobs
+
+pytestmark = pytest.mark.model  # also run on the oldest supported transformers (make test-floor)
 
 
 def maze_record(seed, steps=3):

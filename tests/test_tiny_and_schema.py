@@ -8,6 +8,7 @@ from vlrl_cli.render import model_inputs, render_prompt
 from vlrl_cli.tiny import FAMILIES, build_tiny_model
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_model_loads_and_runs_with_an_image(family, tmp_path, cli):
     from transformers import AutoModelForImageTextToText, AutoProcessor

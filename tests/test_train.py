@@ -44,6 +44,7 @@ def losses(run_dir):
     return [m["loss"] for m in read_metrics(run_dir)]
 
 
+@pytest.mark.model
 def test_zero_stages_reproduce_zero0_sft_losses(tmp_path, tiny_model, colors_data):
     out = {}
     # "3" partitions every parameter; "3-whole" is vlrl's one-rank default: ZeRO-3 with every parameter whole
@@ -85,6 +86,7 @@ class ParityEnv(Env):
 """
 
 
+@pytest.mark.model
 def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model, colors_data):
     (tmp_path / "userenvs.py").write_text(USER_ENV)
     rec = write_recipe(tmp_path, tiny_model, colors_data, "grpo", trainer={"steps": 2, "eval_every": 2})
@@ -112,6 +114,7 @@ def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model,
     assert json.loads((tmp_path / "final.json").read_text())["step"] == 2
 
 
+@pytest.mark.model
 def test_grpo_under_zero3_with_a_kl_reference_and_the_hf_engine(tmp_path, tiny_model, colors_data):
     # ZeRO-3 partitions the policy at load time; the engine's copy and the KL reference must still load whole
     rec = write_recipe(tmp_path, tiny_model, colors_data, "z3grpo", trainer={"steps": 2, "zero_stage": 3},
@@ -246,6 +249,7 @@ def test_zero3_keeps_parameters_whole_on_one_rank_by_default(tiny_model):
     assert kinds == {None: {True}, 0: {False}}
 
 
+@pytest.mark.model
 def test_ppo_epochs_log_the_first_epochs_kl_and_score_the_reference_once(tmp_path, tiny_model, colors_data, monkeypatch):
     """Two PPO epochs vs one, same seed. Step 1 starts from the reference's own weights, so its KL (taken
     before the step's first update) is 0 however many epochs follow, and its rollouts and drift are the
