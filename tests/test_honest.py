@@ -116,7 +116,8 @@ def test_train_json_to_stdout_is_only_json_and_ctrl_c_ends_a_run_with_130(tmp_pa
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("VLRL_RUN_CLAIMED", None)
     p = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "train", str(rec)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                         preexec_fn=terminal_sigint)
     metrics = tmp_path / "runs" / "long" / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
@@ -126,3 +127,11 @@ def test_train_json_to_stdout_is_only_json_and_ctrl_c_ends_a_run_with_130(tmp_pa
     _, err = p.communicate(timeout=60)
     assert time.time() - t < 15 and p.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
+
+
+def terminal_sigint():
+    """In the child, before exec: SIGINT as a terminal delivers it. A shell or CI runner may start us with
+    SIGINT ignored (background jobs of non-interactive shells), and Python then keeps it ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

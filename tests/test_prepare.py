@@ -263,7 +263,8 @@ def test_ctrl_c_during_prepare_ends_quickly_cleanly_and_with_130(tmp_path):
     out = tmp_path / "o"
     p = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(out), "--rows", "200000",
                           "--workers", "2", "--image-size", "224"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True,
+                         preexec_fn=terminal_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.partial")):
         time.sleep(0.1)
@@ -338,3 +339,11 @@ def test_write_clean_writes_the_format_its_extension_names_and_json_stdout_is_on
     r = subprocess.run([sys.executable, "-m", "vlrl_cli", "validate", str(src), "--write-clean", str(tmp_path / "clean.csv")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and ".parquet, .jsonl, .json" in r.stderr
+
+
+def terminal_sigint():
+    """In the child, before exec: SIGINT as a terminal delivers it. A shell or CI runner may start us with
+    SIGINT ignored (background jobs of non-interactive shells), and Python then keeps it ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
