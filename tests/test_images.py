@@ -164,3 +164,21 @@ def test_lab_is_colour_converted():
     red = to_rgb(Image.new("LAB", (4, 4), (136, 208, 195)))  # L 53, a +80, b +67: sRGB red
     r, g, b = red.getpixel((0, 0))
     assert r > 200 and g < 60 and b < 60, (r, g, b)
+
+
+@pytest.mark.parametrize("colour", [(200, 30, 30), (30, 60, 220), (128, 128, 128)])
+def test_png_of_a_flat_colour_image_is_about_pils_size(colour):
+    """Sizes, not speed (speed lives in bench/): rows unfiltered with RLE made a flat non-grey colour 75x
+    PIL's PNG; every filter tried keeps it near PIL's size."""
+    import io
+
+    from PIL import ImageDraw
+
+    from vlrl_cli.images import CanonicalSpec, canonicalize
+
+    im = Image.new("RGB", (448, 448), colour)
+    ImageDraw.Draw(im).ellipse([100, 100, 300, 300], fill=(240, 220, 40))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    ours = canonicalize(im, CanonicalSpec()).data
+    assert len(ours) <= 1.5 * len(buf.getvalue()), (len(ours), len(buf.getvalue()))
