@@ -451,6 +451,8 @@ def check_drift_cmd(
     train_dtype: Annotated[str, typer.Option(help="Trainer precision: bf16 or fp32.")] = "fp32",
     engine_dtype: Annotated[Optional[str], typer.Option(help="Engine precision (default: the trainer's).")] = None,
     zero_stage: Annotated[Optional[int], typer.Option(help="Wrap the trainer in DeepSpeed ZeRO-S (0-3).", min=0, max=3)] = None,
+    lora_rank: Annotated[int, typer.Option(help="Check a LoRA policy of this rank (merged weights to the engine; "
+                                                "--after-update changes the adapters).", min=0)] = 0,
     samples: Annotated[int, typer.Option(help="Records to roll out (one sample each).", min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0)] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -474,7 +476,7 @@ def check_drift_cmd(
     dtypes = [DTYPES.get(x) for x in (train_dtype, engine_dtype or train_dtype)]
     if None in dtypes:
         fail(f"--train-dtype / --engine-dtype: use one of {', '.join(DTYPES)}")
-    opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage,
+    opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage, lora_rank=lora_rank,
                         samples=samples, sampling=Sampling(temperature, top_p, max_new_tokens, seed, top_k),
                         max_turns=max_turns, after_update=after_update, update_from=update_from, perturb=perturb,
                         max_mean=max_mean, max_abs=max_abs)

@@ -16,11 +16,21 @@ from .errors import UserError
 
 
 @dataclass
+class LoraCfg:
+    rank: int = 0  # 0: no LoRA (a full fine-tune); a recipe's model.lora section needs rank >= 1
+    alpha: float = 32.0  # scale = alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: the language model's attention + MLP projections
+    vision: bool = False  # also the vision tower's projections (the projector stays frozen)
+
+
+@dataclass
 class ModelCfg:
     path: str = ""  # hub id or local dir (a tiny model: `vlrl tiny-model`)
     dtype: str = "float32"  # training weights: float32 | bfloat16
     gradient_checkpointing: bool = False
     attention: str = "auto"  # trainer / hf engine: auto (sdpa, vision batched) | a transformers attn_implementation
+    lora: LoraCfg = field(default_factory=LoraCfg)  # adapters only (lora.py); rank 0 = full fine-tune
 
 
 @dataclass

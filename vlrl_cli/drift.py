@@ -39,6 +39,7 @@ class DriftOptions:
     train_dtype: str = "float32"
     engine_dtype: str | None = None  # default: the trainer's dtype
     zero_stage: int | None = None  # None: the plain transformers forward; 0-3: wrapped by DeepSpeed
+    lora_rank: int = 0  # > 0: the trainer is a LoRA policy (adapters on the language model; lora.py)
     samples: int = 16  # records (one rollout each); after_update also uses the next `samples` as unseen
     sampling: Sampling = field(default_factory=lambda: Sampling(1.0, 1.0, 64, 0))  # its seed seeds the whole check
     max_turns: int = 1
@@ -145,20 +146,27 @@ class RecordingEngine:
         return out
 
 
-def load_trainer(model_path: str, dtype: str, zero_stage: int | None):
-    """The training forward: a transformers model, or the same inside a DeepSpeed engine (ZeRO-S)."""
+def load_trainer(model_path: str, dtype: str, zero_stage: int | None, lora_rank: int = 0):
+    """The training forward: a transformers model, or the same inside a DeepSpeed engine (ZeRO-S); with
+    lora_rank > 0 a LoRA policy (its adapters start as PEFT initialises them: B = 0, the base model's output)."""
+    from .config import LoraCfg
     from .distributed import device, init_distributed
 
+    lora = LoraCfg(rank=lora_rank) if lora_rank > 0 else None
     if zero_stage is None:
         from .modeling import load_vlm
 
         model = load_vlm(model_path, getattr(torch, dtype))
+        if lora is not None:
+            from .lora import wrap
+
+            model = wrap(model, lora)
         return model.to(device()).eval()
     from .policy import build_policy
 
     init_distributed()
     policy = build_policy(model_path, lr=0.0, weight_decay=0.0, warmup=0, stage=zero_stage, offload=False,
-                          grad_clip=1.0, dtype=dtype, persistence_threshold=0)
+                          grad_clip=1.0, dtype=dtype, persistence_threshold=0, lora=lora)
     policy.eval()
     return policy
 
@@ -168,8 +176,17 @@ def _params(trainer):
 
 
 def apply_update(trainer, perturb: float, update_from: str | None, seed: int) -> str:
-    """Change the trainer's weights in a known way: a checkpoint's weights, or seeded relative noise."""
+    """Change the trainer's weights in a known way: a checkpoint's weights, or seeded relative noise.
+
+    A LoRA trainer changes its adapters only (the base stays); LoRA's B starts at zero, so a zero tensor
+    gets noise of scale 0.05 instead of its (zero) rms."""
     import deepspeed
+
+    from .lora import is_lora
+
+    lora = is_lora(getattr(trainer, "module", trainer))
+    if lora and update_from:
+        raise UserError("--update-from loads a full checkpoint; with --lora-rank the update is a change of the adapters")
 
     source = None
     if update_from:
@@ -180,6 +197,8 @@ def apply_update(trainer, perturb: float, update_from: str | None, seed: int) ->
         source = dict(from_pretrained(AutoModelForImageTextToText, update_from, dtype=torch.float32).named_parameters())
     gen = torch.Generator().manual_seed(seed + 1)
     for name, p in _params(trainer):
+        if lora and ".lora_" not in name:
+            continue
         ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if hasattr(p, "ds_id") else contextlib.nullcontext()
         with ctx, torch.no_grad():
             if source is not None:
@@ -189,8 +208,10 @@ def apply_update(trainer, perturb: float, update_from: str | None, seed: int) ->
             else:
                 noise = torch.randn(p.shape, generator=gen).to(p.device, torch.float32)
                 rms = p.float().pow(2).mean().sqrt()
-                p.add_((noise * perturb * rms).to(p.dtype))
-    return f"weights of {update_from}" if update_from else f"relative noise {perturb} x rms per tensor (seed {seed + 1})"
+                scale = rms if rms > 0 else torch.tensor(0.05)
+                p.add_((noise * perturb * scale).to(p.dtype))
+    what = "adapter" if lora else "tensor"
+    return f"weights of {update_from}" if update_from else f"relative noise {perturb} x rms per {what} (seed {seed + 1})"
 
 
 def score(trainer, trajs, processor, temperature: float, banned: list[int], micro_batch: int) -> list[np.ndarray]:
@@ -407,7 +428,7 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     probe = VisionInputProbe()
     engine.attach_vision_probe(probe)
     say(f"loading the trainer ({o.train_dtype}{'' if o.zero_stage is None else f', DeepSpeed ZeRO-{o.zero_stage}'})")
-    trainer = load_trainer(model, o.train_dtype, o.zero_stage)
+    trainer = load_trainer(model, o.train_dtype, o.zero_stage, o.lora_rank)
 
     say(f"generating {len(seen)} rollouts")
     trajs, prompts = _rollouts(engine, seen, processor, o, o.sampling.seed)

@@ -53,10 +53,21 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
                  grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
-                 schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto"):
-    """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine)."""
+                 schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto",
+                 lora=None):
+    """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine).
+
+    lora: the recipe's model.lora; with rank >= 1 the model gets adapters (lora.py) and only they reach
+    the optimizer."""
     import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    from .errors import UserError
+
+    use_lora = lora is not None and lora.rank > 0
+    if use_lora and stage == 3:
+        raise UserError("model.lora with trainer.zero_stage 3 is not supported yet: adapters are small, so use "
+                        "zero_stage 0-2 (the frozen base weights are not in the optimizer either way)")
 
     cfg = deepspeed_config(stage, offload, grad_clip, dtype, persistence_threshold)
     # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full copy per
@@ -66,12 +77,19 @@ def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, s
     model = load_vlm(model_path, getattr(torch, dtype), attention)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if use_lora:
+        from .lora import wrap
+
+        model = wrap(model, lora)
+        if gradient_checkpointing:  # checkpointed blocks need an input that requires grad
+            model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]  # all of them, or the adapters
     if offload and stage > 0:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        opt = DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, schedule))
     policy, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
     if hf_ds is not None:

@@ -3,7 +3,8 @@
 runs/<name>/
   recipe.yaml            the resolved recipe (after --set)
   metrics.jsonl          one JSON line per step
-  checkpoints/step_N/    hf/ (loadable by transformers and vLLM) + ds/ (optimizer, RNG, data cursor)
+  checkpoints/step_N/    hf/ (loadable by transformers and vLLM; with LoRA the merged model) + ds/ (optimizer,
+                         RNG, data cursor) + with LoRA adapter/ (PEFT's format: PeftModel.from_pretrained)
   checkpoints/latest     the name of the newest complete checkpoint
 A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a
 half checkpoint that `--resume` would pick up.
@@ -102,7 +103,12 @@ def save_checkpoint(policy, processor, run_dir: Path, step: int, client_state: d
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        from .lora import is_lora, merged_model
+
         module = policy.module
+        if is_lora(module):  # adapter/ in PEFT's format; hf/ the merged model (transformers, vLLM, eval)
+            module.save_pretrained(str(tmp / "adapter"))
+            module, state = merged_model(module)
         module.save_pretrained(str(tmp / "hf"), state_dict=state)
         processor.save_pretrained(str(tmp / "hf"))
         shutil.rmtree(final, ignore_errors=True)
@@ -182,7 +188,13 @@ def claim_run_dir(recipe, resume: bool, overwrite: bool = False, allow_changes: 
             raise UserError(f"--resume: no checkpoint in {d}/checkpoints")
         saved = d / "recipe.yaml"
         if saved.exists():
-            changed = recipe_changes(yaml.safe_load(saved.read_text()) or {}, recipe.to_dict())
+            old_recipe = yaml.safe_load(saved.read_text()) or {}
+            was_lora = ((old_recipe.get("model") or {}).get("lora") or {}).get("rank", 0) > 0
+            if was_lora != (recipe.model.lora.rank > 0):
+                raise UserError(f"--resume: {d} was trained {'with' if was_lora else 'without'} LoRA and this recipe "
+                                f"is {'with' if not was_lora else 'without'} (model.lora); the checkpoint cannot "
+                                "continue as the other kind: start a new run (model.path can be its hf/ folder)")
+            changed = recipe_changes(old_recipe, recipe.to_dict())
             if changed and not allow_changes:
                 raise UserError(f"--resume: the recipe differs from the one {d} was trained with: " + "; ".join(changed)
                                 + " (pass --allow-changes to resume with these changes)")
@@ -258,7 +270,7 @@ def setup_run(recipe, resume: bool) -> RunSetup:
     total = tr.steps * (a.ppo_epochs if a.name == "grpo" else 1)  # optimizer steps, for the lr schedule
     policy = build_policy(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage, tr.offload,
                           tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing, total, tr.lr_schedule,
-                          tr.zero3_persistence_threshold, recipe.model.attention)
+                          tr.zero3_persistence_threshold, recipe.model.attention, recipe.model.lora)
     ckpt = latest_checkpoint(recipe.run_dir) if resume else None
     if resume and ckpt is None:
         raise UserError(f"--resume: no checkpoint in {recipe.run_dir}/checkpoints")

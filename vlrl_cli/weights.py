@@ -16,7 +16,12 @@ def export_weights(policy, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple
     """
     import deepspeed
 
+    from .lora import is_lora, merged_named_parameters
+
     module = getattr(policy, "module", policy)
+    if is_lora(module):  # the engine gets W + scale * B A under the plain model's names
+        yield from _buckets(merged_named_parameters(module), bucket_bytes)
+        return
     params = list(module.named_parameters())
     zero3 = any(hasattr(p, "ds_id") for _, p in params)
     bucket, size = [], 0
@@ -29,6 +34,18 @@ def export_weights(policy, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple
             bucket, size = [], 0
     if bucket:
         yield _gather(bucket, zero3, deepspeed)
+
+
+def _buckets(named, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    bucket, size = [], 0
+    for name, t in named:
+        bucket.append((name, t))
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
 def _gather(bucket, zero3: bool, deepspeed) -> list[tuple[str, torch.Tensor]]:
