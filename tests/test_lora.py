@@ -56,6 +56,9 @@ def test_lora_grpo_trains_adapters_and_the_engine_gets_the_merged_policy(tmp_pat
     # steps 2 and 3 sample from the engine after merged syncs: it holds exactly the trained policy (fp32)
     assert max(x["drift_abs_max"] for x in m) < 1e-4, [x["drift_abs_max"] for x in m]
 
+    from vlrl_cli.config import load_recipe
+
+    assert load_recipe(tmp_path / "runs" / f"lora{stage}" / "recipe.yaml").model.lora.rank == 8  # a valid recipe
     ckpt = tmp_path / "runs" / f"lora{stage}" / "checkpoints" / "step_3"
     assert (ckpt / "adapter" / "adapter_config.json").exists()
     base = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()

@@ -123,7 +123,11 @@ class Recipe:
         return Path(self.run.dir) / self.run.name
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The resolved recipe as a valid recipe (what runs/<name>/recipe.yaml holds)."""
+        d = asdict(self)
+        if self.model.lora.rank == 0:  # no LoRA: the section is absent (a written one needs rank >= 1)
+            del d["model"]["lora"]
+        return d
 
 
 class RecipeError(UserError):

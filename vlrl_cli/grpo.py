@@ -125,7 +125,8 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             grad_norm = pol.optimizer_step(policy)
         t_train = time.perf_counter() - t2
 
-        trained = all_ranks({"n": len(batch)})["n"] > 0
+        n_trained = int(all_ranks({"n": n_seq})["n"])  # sequences trained on, all ranks
+        trained = n_trained > 0
         trained_steps += trained
         if not trained:
             too_long = sum(t.done_reason == "prompt_too_long" for t in trajs)
@@ -162,7 +163,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "drift_abs_max": drift_max,
             "is_ratio_mean": g["ratio_sum"] / tok,
             "groups_kept": int(g["groups_kept"]),
-            "trained_sequences": int(all_ranks({"n": n_seq})["n"]),
+            "trained_sequences": n_trained,
             "prompts_too_long": int(g["too_long"]),
             "time_generate_s": round(t_gen, 4),
             "time_score_s": round(t_score, 4),
