@@ -112,3 +112,35 @@ def test_two_ppo_epochs_by_hand_anchor_clipping_and_kl():
     engine2 = anchor - torch.tensor([[0.0, math.log(1.5), math.log(3.0)]])
     l_tis, _, _ = micro_batch_loss(anchor.clone(), anchor, engine2, None, adv, mask, algo, 2, 1, 3)
     assert float(l_tis) == pytest.approx((-1.5 - 2.0) / 2, abs=1e-5)  # weights exp(log 1.5), exp(log 3) capped at 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_logprobs_equal_the_whole_formula_values_and_gradients(dtype):
+    """batches.token_logprobs works a few positions at a time (checkpointed in the backward); values and
+    gradients must be those of the formula on the whole micro-batch at once."""
+    from vlrl_cli.batches import token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 37, 50
+    base = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    tokens[tokens == 7] = 8  # a banned token is never the sampled one
+    banned, temperature = [7, 11], 0.7
+
+    def whole(logits):
+        x = logits.float() / temperature
+        x[..., banned] = float("-inf")
+        return torch.log_softmax(x, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    weights = torch.randn(B, T, generator=g)
+    a = base.clone().requires_grad_()
+    ref = whole(a)
+    (ref * weights).sum().backward()
+    for chunk in (1, 5, 16, 128):
+        b = base.clone().requires_grad_()
+        got = token_logprobs(b, tokens, temperature, banned, chunk=chunk)
+        torch.testing.assert_close(got, ref.detach(), rtol=0, atol=0)
+        (got * weights).sum().backward()
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+    with torch.no_grad():  # the engine's path (no graph)
+        torch.testing.assert_close(token_logprobs(base, tokens, temperature, banned, chunk=8), ref.detach(), rtol=0, atol=0)
