@@ -368,6 +368,10 @@ def train(
             from .engines import require_vllm
 
             require_vllm()
+        from .validate import check_run_data
+
+        # every row through validate's checks, once, before any rank loads a model
+        check_run_data([rec.data.train, rec.data.val], tuple(rec.envs))
     if gpus > 1 or nprocs > 1 or hostfile:
         from .launch import relaunch
 

@@ -5,5 +5,14 @@ or a failure of the run: exit 1, its traceback written to a file the CLI names (
 """
 
 
+import re
+
+
+def stable_message(e: BaseException) -> str:
+    """An exception's message without object addresses ("<_io.BytesIO object at 0x7f...>"), so files that
+    record reasons (rejects.jsonl) are byte-identical between identical runs."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+
+
 class UserError(Exception):
     """Bad input or usage: a missing file, a malformed record file, a recipe key, a flag. The message names it."""

@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
-from .errors import UserError
+from .errors import UserError, stable_message
 
 # Qwen's own processor defaults (min 56*56, max 28*28*1280): stored images then need no further resize.
 DEFAULT_FACTOR = 28
@@ -144,10 +144,8 @@ def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("image_too_large", str(e)) from None
     except Exception as e:  # PIL raises many types for corrupt data
-        # PIL's messages name the in-memory file object ("<_io.BytesIO object at 0x7f...>"): an address that
-        # would make reject files differ between identical runs
-        msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()
-        raise ImageError("image_decode", f"image does not decode: {type(e).__name__}: {msg}") from None
+        # PIL's messages name the in-memory file object, an address that differs between runs
+        raise ImageError("image_decode", f"image does not decode: {type(e).__name__}: {stable_message(e)}") from None
     return to_rgb(ImageOps.exif_transpose(img))
 
 

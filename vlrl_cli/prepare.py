@@ -9,7 +9,6 @@ output or in rejects.jsonl, and the counts are checked before the manifest is wr
 from __future__ import annotations
 
 import hashlib
-import re
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from .images import CanonicalSpec, ImageError, ImageLimits
 from .parallel import ordered_map, row_workers
 from .records import SCHEMA_VERSION, RecordWriter
 from .sources import ConvertContext, Item, Reject, get_source
-from .errors import UserError
+from .errors import UserError, stable_message
 
 CHUNK = 128  # items per pool.map call: bounds memory (raw bytes + encoded images of one chunk)
 
@@ -118,8 +117,7 @@ def _convert_one(item: Item):
     except ImageError as e:
         return "reject", e.code, str(e)
     except Exception as e:  # a bug or odd data: keep the row's reason, never take the run down
-        msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()  # no memory addresses in rejects
-        return "reject", "error", f"{type(e).__name__}: {msg}"
+        return "reject", "error", f"{type(e).__name__}: {stable_message(e)}"
 
 
 def _limited(items, limit):

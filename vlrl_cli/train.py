@@ -13,9 +13,6 @@ def run_training(recipe: Recipe, resume: bool = False, console=None) -> dict:
     from .grpo import train_grpo
     from .sft import train_sft
 
-    from .validate import check_run_data
-
-    check_run_data([recipe.data.train, recipe.data.val], tuple(recipe.envs))  # before any model loads
     fn = train_sft if recipe.algorithm.name == "sft" else train_grpo
     last: dict = {}
     live = console is not None and console.is_terminal
