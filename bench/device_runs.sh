@@ -7,6 +7,8 @@
 #   bash bench/device_runs.sh steps      # GRPO steps: vlrl on GPU 0 and TRL on GPU 1, side by side
 #   bash bench/device_runs.sh two        # GRPO steps on 2 GPUs (2 ranks)
 #   bash bench/device_runs.sh rollout    # vllm vs hf rollout throughput, weight sync
+#   bash bench/device_runs.sh fit full3b|lora3b|lora7b   # one H100: 3B full fine-tune without offload,
+#        3B LoRA rank 64 on the same batch, 7B LoRA rank 64 (then: gpu_perf.py fit --dir $OUT)
 set -uo pipefail
 . /tmp/kit/env.sh
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
@@ -17,7 +19,6 @@ P="python3 bench/gpu_perf.py"
 
 case "$1" in
 setup)
-  [ -d .device-kit/part-6 ] && bash .device-kit/part-6/install.sh
   $P build --out $M && $P data --out /tmp/bd --rows 512
   ;;
 profile)
@@ -60,6 +61,23 @@ two)
     mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
     tail -n 3 $OUT/$name.log
   done
+  ;;
+fit)
+  # 32 prompts x 8 samples x 256 tokens, micro-batch 8, ZeRO-2, vLLM at 0.15 of the GPU (what fits next to
+  # a 3B full fine-tune's 60 GB of weights, gradients, master weights and moments: `vlrl train --plan`;
+  # at 0.2 the second step's wake-up ran out of memory on an H100)
+  name=$2${MB:+_m$MB}
+  case "$2" in
+    full3b) model=$M extra="" ;;
+    lora3b) model=$M extra="--lora-rank 64" ;;
+    lora7b) model=/tmp/q7b extra="--lora-rank 64"
+            [ -d /tmp/q7b ] || $P build --out /tmp/q7b --size qwen2_5_vl_7b ;;
+  esac
+  $P recipe --model $model --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps ${STEPS:-3} --name $name \
+    --run-dir /tmp/runs --zero-stage 2 --gpu-mem ${GPU_MEM:-0.15} --micro-batch ${MB:-8} $extra
+  python3 -m vlrl_cli train /tmp/$name.yaml --overwrite > $OUT/$name.log 2>&1
+  mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
+  tail -n 3 $OUT/$name.log
   ;;
 rollout)
   CUDA_VISIBLE_DEVICES=0 $P rollout --model $M --data $D --engine vllm --prompts 256 --json $OUT/rollout_vllm.json

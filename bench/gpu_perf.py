@@ -239,11 +239,55 @@ def cmd_recipe(a):
                     "max_context_tokens": 4096},
         "algorithm": {"name": "grpo", "loss_agg": "token-mean", "mismatch": "tis"},
         "trainer": {"steps": a.steps, "lr": 1.0e-6, "micro_batch": a.micro_batch, "zero_stage": a.zero_stage, "save_final": False,
-                    "eval_every": 0, "warmup_steps": 0},
+                    "eval_every": 0, "warmup_steps": 0, "offload": a.offload},
         "run": {"name": a.name, "dir": a.run_dir},
     }
+    if a.lora_rank:
+        recipe["model"]["lora"] = {"rank": a.lora_rank, "alpha": 2 * a.lora_rank}
     Path(a.out).write_text(yaml.safe_dump(recipe, sort_keys=False))
     print(json.dumps({"recipe": a.out}))
+
+
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM and H200: the same tensor cores, dense bf16 peak
+
+
+def train_phase_mfu(metrics: list[dict], params: float, seconds: float) -> dict:
+    """Model FLOPs utilisation of the training phase: 6 x parameters x tokens (forward 2, backward 4) over
+    the phase's time and the GPU's dense bf16 peak. Tokens: every position of every trained sequence
+    (prompt + response; padding excluded). The hardware figure adds the checkpointed recompute (+2)."""
+    m = metrics[-1]
+    tokens = m["trained_sequences"] * (m["prompt_len_mean"] + m["response_len_mean"])
+    model_flops = 6 * params * tokens
+    return {"formula": "6 * params * tokens / (time_train_s * 989e12)", "tokens": tokens, "params": params,
+            "mfu": model_flops / seconds / H100_BF16_DENSE_FLOPS,
+            "hfu_with_recompute": 8 * params * tokens / seconds / H100_BF16_DENSE_FLOPS}
+
+
+def cmd_fit(a):
+    """Join the issue-12 runs (folders full3b, lora3b, lora7b of metrics.jsonl) into gpu.json's keys."""
+    d = Path(a.dir)
+    runs = {n: [json.loads(x) for x in (d / n / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            for n in ("full3b", "lora3b", "lora7b") if (d / n / "metrics.jsonl").exists()}
+    steady = lambda rows, k: sum(r[k] for r in rows[1:]) / max(1, len(rows) - 1) if len(rows) > 1 else rows[0][k]  # noqa: E731
+    res = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
+    where = {"device": a.device, "commit": a.commit, "command": "bash bench/device_runs.sh fit (see there)"}
+    if "full3b" in runs:
+        f = runs["full3b"]
+        res["trainer_peak_gb_3b_h100"] = {**where, "value": max(r["trainer_mem_peak_gb"] for r in f),
+                                          "engine_mem_gb": f[0]["engine_mem_gb"], "steps": f}
+        t = steady(f, "time_train_s")
+        res["train_phase_seconds_3b"] = {**where, "value": t, "note": "measured on the H100, not the H200 the target names"}
+        res["train_phase_mfu_3b"] = {**where, **train_phase_mfu(f, 3.755e9, t)}
+    if "full3b" in runs and "lora3b" in runs:
+        res["lora_train_phase_ratio_3b"] = {**where, "value": steady(runs["lora3b"], "time_train_s") / steady(runs["full3b"], "time_train_s"),
+                                            "lora_steps": runs["lora3b"]}
+    if "lora7b" in runs:
+        r7 = runs["lora7b"]
+        res["lora_7b_step_seconds"] = {**where, "value": steady(r7, "time_step_s"),
+                                       "tokens_per_s_per_gpu": steady(r7, "tokens_per_s"), "steps": r7}
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: res[k].get("value", res[k].get("mfu")) for k in res if k in (
+        "trainer_peak_gb_3b_h100", "train_phase_seconds_3b", "train_phase_mfu_3b", "lora_train_phase_ratio_3b", "lora_7b_step_seconds")}))
 
 
 def step_summary(metrics_path: Path, gpus: int, skip: int = 1) -> dict:
@@ -263,7 +307,8 @@ def step_summary(metrics_path: Path, gpus: int, skip: int = 1) -> dict:
             # per rank (metrics are rank 0's; every rank has the same batch shape)
             "generated_tokens_per_s_per_gpu": gen_tokens / step_s,
             "tokens_per_s_per_gpu": all_tokens / step_s,
-            "trainer_peak_gpu_gb": max(r.get("gpu_mem_peak_gb", 0) for r in rows)}
+            "trainer_peak_gpu_gb": max(r.get("trainer_mem_peak_gb", 0) for r in rows),
+            "engine_mem_gb": max(r.get("engine_mem_gb", 0) for r in rows)}
 
 
 def _steps(d: Path, name: str, gpus: int) -> dict | None:
@@ -392,6 +437,13 @@ def main():
     r.add_argument("--zero-stage", type=int, default=3)
     r.add_argument("--name", default="bench")
     r.add_argument("--run-dir", default="/tmp/bench-runs")
+    r.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank (alpha = 2 x rank); 0 = full fine-tune")
+    r.add_argument("--offload", action="store_true")
+    f = sub.add_parser("fit", help="issue-12 figures: trainer-only peak, LoRA vs full, 7B LoRA, train-phase MFU")
+    f.add_argument("--dir", required=True)
+    f.add_argument("--device", required=True)
+    f.add_argument("--commit", required=True)
+    f.add_argument("--out", default="bench/results/gpu.json")
     m = sub.add_parser("summarize")
     m.add_argument("--dir", required=True)
     m.add_argument("--out", default="bench/results/gpu.json")
@@ -400,7 +452,7 @@ def main():
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     {"build": cmd_build, "data": cmd_data, "rollout": cmd_rollout, "sync": cmd_sync, "recipe": cmd_recipe,
-     "train-profile": cmd_train_profile, "summarize": cmd_summarize}[a.cmd](a)
+     "train-profile": cmd_train_profile, "summarize": cmd_summarize, "fit": cmd_fit}[a.cmd](a)
 
 
 if __name__ == "__main__":

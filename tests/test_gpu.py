@@ -240,3 +240,61 @@ def test_check_drift_with_vllm_against_a_zero3_trainer(tmp_path, gpu_tiny_qwen2_
     checks = {c["name"]: c for c in report["checks"]}
     assert rc == 0, checks
     assert checks["after_update_seen_images"]["passed"] is True
+
+
+@needs_gpu
+def test_level2_sleep_drops_the_weights_keeps_the_buffers_and_a_sync_restores_them(gpu_tiny_qwen2_5):
+    """GRPO puts vLLM to sleep at level 2 after generating (no copy of the weights to host memory), since
+    the sync that follows overwrites every weight. The model's buffers (rotary tables) must survive it,
+    and waking without that sync must fail loudly instead of sampling from freed memory."""
+    from vlrl_cli.engines import Sampling
+    from vlrl_cli.engines.vllm import VLLMEngine
+    from vlrl_cli.modeling import load_vlm
+    from vlrl_cli.render import load_processor
+    from vlrl_cli.rollout import collect
+
+    proc = load_processor(str(gpu_tiny_qwen2_5))
+    engine = VLLMEngine(str(gpu_tiny_qwen2_5), proc, dtype="bfloat16", gpu_memory_utilization=0.2)
+    model = load_vlm(str(gpu_tiny_qwen2_5), torch.bfloat16).cuda().eval()
+    buffers = lambda: engine.llm.apply_model(lambda m: {n: b.detach().cpu().clone() for n, b in m.named_buffers()})  # noqa: E731
+    before = buffers()[0]
+    recs, s = colour_records(8, seed=3), Sampling(1.0, 1.0, 16, 0)
+    drift_before = trainer_logprobs(model, collect(engine, recs, proc, 4, s, 1, 4096), proc)
+    engine.sleep(discard_weights=True)
+    with pytest.raises(RuntimeError, match="level 2"):
+        engine.wake()
+    engine.update_weights((n, p.detach()) for n, p in model.named_parameters())
+    after = buffers()[0]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), \
+        [k for k in before if not torch.equal(before[k], after[k])]
+    drift_after = trainer_logprobs(model, collect(engine, recs, proc, 4, s, 1, 4096), proc)
+    record("sleep_level2", "qwen2_5_vl", {"buffers": len(before), "drift_before": drift_before, "drift_after": drift_after})
+    assert drift_after[0] < 0.02 and drift_after[1] < 0.3, drift_after
+
+
+@needs_gpu
+def test_lora_grpo_and_check_drift_with_vllm(tmp_path, gpu_tiny_qwen2_5):
+    """LoRA with the vllm engine: after every step the engine holds the merged adapters (small drift each
+    step), and check-drift --lora-rank agrees before and after an adapter change."""
+    from vlrl_cli.runs import read_metrics
+
+    data = tmp_path / "colors"
+    logs = os.environ.get("OUT") or str(tmp_path)
+    assert subprocess.run([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(data), "--rows", "200",
+                           "--image-size", "84"], capture_output=True).returncode == 0
+    with open(os.path.join(logs, "grpo_lora.log"), "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", "recipes/colors-tiny.yaml",
+                             *vllm_grpo_sets(gpu_tiny_qwen2_5, data, tmp_path, "trainer.steps=5", "trainer.save_every=0",
+                                             "model.lora.rank=8", "model.lora.vision=true", "trainer.lr=3e-3")],
+                            stdout=f, stderr=subprocess.STDOUT, timeout=400).returncode
+    assert rc == 0
+    m = read_metrics(tmp_path / "runs" / "colors-grpo")
+    record("grpo_lora", "qwen2_5_vl", {"steps": m})
+    assert [x["step"] for x in m] == [1, 2, 3, 4, 5] and any(x["grad_norm"] for x in m)
+    assert all(x["drift_abs_mean"] < 0.02 for x in m), [x["drift_abs_mean"] for x in m]
+    ckpt = tmp_path / "runs" / "colors-grpo" / "checkpoints" / "step_5"
+    assert (ckpt / "adapter" / "adapter_config.json").exists() and (ckpt / "hf" / "model.safetensors").exists()
+    rc, report = _check_drift_cli(tmp_path, gpu_tiny_qwen2_5, "drift_vllm_lora", "--lora-rank", "8")
+    checks = {c["name"]: c for c in report["checks"]}
+    assert rc == 0 and checks["after_update_seen_images"]["passed"] and checks["update_visible"]["passed"], checks
+    assert "adapter" in report["after_update"]["update"]

@@ -348,6 +348,9 @@ def train(
     nprocs: Annotated[int, typer.Option(help="Ranks on the CPU (gloo), through the DeepSpeed launcher; for tests.")] = 1,
     hostfile: Annotated[Optional[Path], typer.Option(help="DeepSpeed hostfile for several machines.")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the final metrics here (- for stdout).")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the GPU memory this recipe needs per phase and what fits; train nothing.")] = False,
+    gpu: Annotated[Optional[str], typer.Option(help="With --plan: plan for this GPU (H100-80GB, 8xH200-141GB, ...) instead of this machine's or the recipe's trainer.sized_for.")] = None,
+    ignore_plan: Annotated[bool, typer.Option(help="Start even when the memory plan says the recipe does not fit this GPU.")] = False,
 ) -> None:
     """SFT and GRPO-family RL with DeepSpeed ZeRO and a colocated rollout engine."""
     from .config import load_recipe
@@ -358,7 +361,17 @@ def train(
 
     global crash_dir
     overrides = list(set_ or [])
+    if plan:
+        from .plan import plan_for, render_plan
+
+        p = plan_for(load_recipe(recipe, overrides, check_paths=False), gpu, gpus if gpus > 1 else None)
+        err.print(render_plan(p), highlight=False, soft_wrap=True, markup=False)
+        if json_out:
+            write_json(json_out, p.to_json())
+        return
     rec = load_recipe(recipe, overrides)
+    if not os.environ.get("VLRL_RUN_CLAIMED") and not ignore_plan:
+        check_fits(rec, gpus)
     if not os.environ.get("VLRL_RUN_CLAIMED"):  # a rank relaunched below: the parent already decided
         done = claim_run_dir(rec, resume, overwrite, allow_changes)
         if done:
@@ -384,6 +397,23 @@ def train(
     final = run_training(rec, resume=resume, console=err)
     if json_out:
         write_json(json_out, final)
+
+
+def check_fits(rec, gpus: int) -> None:
+    """On a GPU, refuse a recipe whose memory plan does not fit, before any model loads."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from .errors import UserError
+    from .plan import plan_for, render_plan
+
+    try:
+        p = plan_for(rec, None, gpus)
+    except UserError:  # the config cannot be read here: loading the model will say why
+        return
+    if not p.fits:
+        raise UserError(render_plan(p) + "\n(--ignore-plan starts anyway)")
 
 
 # --- eval -----------------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ class TrainerCfg:
     save_every: int = 0  # steps; 0 = only at the end
     save_final: bool = True  # off for benchmarks: a 3B checkpoint with optimizer state is ~50 GB
     eval_every: int = 0  # steps; 0 = never during training
+    sized_for: str = "H100-80GB"  # the GPU this recipe is sized for (plan.GPUS); `vlrl train --plan` checks it
 
 
 @dataclass
@@ -176,8 +177,16 @@ def _build(cls, data: dict):
     return cls(**kwargs)
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None) -> Recipe:
-    """Read, override, validate and type a recipe. Raises RecipeError naming the bad key."""
+def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """A copy of a loaded recipe with --set style changes (not re-validated: for what-if plans)."""
+    return _build(Recipe, apply_overrides(recipe.to_dict(), overrides))
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None,
+                check_paths: bool = True) -> Recipe:
+    """Read, override, validate and type a recipe. Raises RecipeError naming the bad key.
+
+    check_paths=False skips checking that the model and data exist (`--plan` needs neither)."""
     import jsonschema
     import yaml
 
@@ -212,6 +221,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
         raise RecipeError(f"{where}: model.path is required")
     if not recipe.data.train:
         raise RecipeError(f"{where}: data.train is required")
+    if not check_paths:
+        return recipe
     from .modeling import check_model_name
 
     try:

@@ -54,9 +54,13 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
 
         ref = load_vlm(recipe.model.path, getattr(torch, recipe.model.dtype), recipe.model.attention)
         ref = ref.to(dev).eval().requires_grad_(False)
+    allocated_before_engine = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     engine = make_engine(r.engine, recipe.model.path, processor, dtype=recipe.model.dtype,
                          gpu_memory_utilization=r.gpu_memory_utilization, seed=tr.seed + rank,
                          attention=recipe.model.attention)
+    # PyTorch's allocator keeps counting vLLM's pool (weights, KV cache) while it sleeps and has given the
+    # memory back: subtract it to get the trainer's own figure
+    engine_bytes = torch.cuda.memory_allocated() - allocated_before_engine if torch.cuda.is_available() else 0
     if run.start:
         sync_weights(policy, engine)  # resumed: the engine starts from the checkpoint's weights
     train_records = load_records(recipe.data.train)
@@ -65,17 +69,19 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     max_len = r.max_new_tokens * r.max_turns
     trained_steps = 0
     for step in range(run.start, tr.steps):
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        # what the trainer holds while the engine generates (weights, optimizer state, gradient buffers)
+        held = (torch.cuda.memory_allocated() - engine_bytes) / 1e9 if torch.cuda.is_available() else None
         idx = prompts_for_step(len(train_records), step, r.prompts_per_step, tr.seed, rank, world)
         records = [train_records[i] for i in idx]
 
         # 1. rollouts with the engine (awake only now)
         trajs = collect(engine, records, processor, r.n, r.sampling(tr.seed * 1_000_003 + step * 7919 + rank),
                         r.max_turns, r.max_context_tokens, recipe.envs, recipe.data.max_prompt_tokens)
-        engine.sleep()
+        engine.sleep(discard_weights=True)  # step 5 pushes every weight before the next generate
         t_gen = time.perf_counter() - t0
+        if torch.cuda.is_available():  # from here to the sync: the trainer's phases
+            torch.cuda.reset_peak_memory_stats()
 
         # 2. advantages per group; dynamic sampling drops groups that teach nothing
         rewards = torch.tensor([t.reward for t in trajs])
@@ -136,8 +142,10 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
                    else "no sample generated a token")
             run.nothing_trained(recipe, step + 1, why, trained_steps)
 
-        # 5. push the new weights into the engine (every step: the next rollout must be on-policy)
-        t_sync = sync_weights(policy, engine) if batch else 0.0
+        # 5. push the new weights into the engine (every step: the next rollout must be on-policy, and the
+        # engine dropped its copy when it went to sleep)
+        t_sync = sync_weights(policy, engine)
+        trainer_peak = (torch.cuda.max_memory_allocated() - engine_bytes) / 1e9 if torch.cuda.is_available() else None
 
         step_s = time.perf_counter() - t0
         # the step's numbers over all ranks (each rank rolled out its own prompts)
@@ -174,8 +182,10 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "prompt_len_mean": g["prompt_tokens"] / seqs,
             "lr": policy.get_lr()[0],
         }
-        if torch.cuda.is_available():  # the trainer's peak (vLLM's own pool is not counted here)
-            metrics["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if torch.cuda.is_available():  # scoring, training and sync; vLLM's pool reported apart
+            metrics["trainer_mem_peak_gb"] = round(trainer_peak, 3)
+            metrics["engine_mem_gb"] = round(engine_bytes / 1e9, 3)
+            metrics["trainer_mem_held_gb"] = round(held, 3)
         if val_records and tr.eval_every and (step + 1) % tr.eval_every == 0:
             metrics.update(validation_metrics(engine, val_records, processor, recipe, tr.seed))
         if checkpoint_due(step + 1, tr):

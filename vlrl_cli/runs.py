@@ -107,8 +107,8 @@ def save_checkpoint(policy, processor, run_dir: Path, step: int, client_state: d
 
         module = policy.module
         if is_lora(module):  # adapter/ in PEFT's format; hf/ the merged model (transformers, vLLM, eval)
-            module.save_pretrained(str(tmp / "adapter"))
-            module, state = merged_model(module)
+            module.save_pretrained(str(tmp / "adapter"), state_dict=state)
+            module, state = merged_model(module, state)
         module.save_pretrained(str(tmp / "hf"), state_dict=state)
         processor.save_pretrained(str(tmp / "hf"))
         shutil.rmtree(final, ignore_errors=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from . import batches, policy as pol
 from .config import Recipe
 from .distributed import all_ranks
@@ -98,6 +100,9 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
         g = all_ranks({"nll": total * n_tok, "tok": n_tok, "too_long": too_long})  # token-mean loss over all ranks
         metrics = {"step": step + 1, "loss": g["nll"] / max(g["tok"], 1), "grad_norm": grad_norm, "tokens": int(g["tok"]),
                    "prompts_too_long": int(g["too_long"]), "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
+        if torch.cuda.is_available():
+            metrics["trainer_mem_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+            torch.cuda.reset_peak_memory_stats()
         if checkpoint_due(step + 1, tr):
             run.save(recipe, step + 1)
         run.log_step(metrics, on_step)

@@ -57,7 +57,9 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None: ...
 
-    def sleep(self) -> None: ...
+    def sleep(self, discard_weights: bool = False) -> None:
+        """discard_weights: the caller pushes every weight (update_weights) before the next generate, so the
+        engine may drop its copy instead of keeping it (vllm: sleep level 2, no copy to host memory)."""
 
     def wake(self) -> None: ...
 

@@ -90,7 +90,7 @@ class HFEngine:
             for name, t in named_tensors:
                 params[name].copy_(t.to(params[name].device, params[name].dtype))
 
-    def sleep(self) -> None:  # nothing to free on the CPU; the vllm engine frees its KV cache here
+    def sleep(self, discard_weights: bool = False) -> None:  # nothing to free; the vllm engine frees its KV cache here
         pass
 
     def wake(self) -> None:

@@ -46,6 +46,7 @@ class VLLMEngine:
         self.banned = placeholder_token_ids(processor)
         self.asleep = False  # KV cache released
         self.weights_asleep = False
+        self.weights_discarded = False  # level-2 sleep until the next update_weights
         self.last_prompt_ids: list[list[int]] = []  # vLLM's expanded prompt ids of the last generate
         self.strict_prompts = True  # raise PromptMismatch; check-drift turns it off and reports instead
 
@@ -90,10 +91,13 @@ class VLLMEngine:
     def update_weights(self, named_tensors) -> None:
         """Load (HF name, tensor) pairs and drop every cache that could serve old-weight results."""
         batch = [(n, t) for n, t in named_tensors]
-        if self.weights_asleep:  # the weights must be back on the GPU before they are overwritten
+        if self.weights_asleep:  # the weights must be back on the GPU before they are overwritten; the
+            # trainer's cached blocks go back first (right after training they are most of the GPU)
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
         self.llm.apply_model(lambda model: model.load_weights(iter(batch)))
+        self.weights_discarded = False  # a sync pushes every weight; generate runs only after it ends
         self.reset_caches()
 
     def reset_caches(self) -> None:
@@ -101,12 +105,18 @@ class VLLMEngine:
         self.llm.reset_mm_cache()
         self.llm.llm_engine.reset_encoder_cache()  # not on LLM in 0.26; see the stale vision cache fact
 
-    def sleep(self) -> None:
+    def sleep(self, discard_weights: bool = False) -> None:
+        """Level 1 copies the weights to host memory and back; level 2 drops them (vLLM saves and restores
+        the model's buffers itself), for a caller that reloads every weight before the next generate."""
         if not self.asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2 if discard_weights else 1)
             self.asleep = self.weights_asleep = True
+            self.weights_discarded = discard_weights
 
     def wake(self) -> None:
+        if self.weights_discarded:
+            raise RuntimeError("the vllm engine slept at level 2 (weights discarded) and no weight sync followed: "
+                               "it would generate from uninitialised memory")
         if self.asleep:
             # the trainer's cached free blocks go back first, or vLLM cannot map its weights and KV cache
             # next to them (a 3B model under ZeRO-2 on one H200 ran out of memory here)

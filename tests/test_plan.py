@@ -1,0 +1,116 @@
+"""`vlrl train --plan`: parameter counts from the config alone, what fits where, and every shipped recipe fits
+the GPU it names."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlrl_cli.config import LoraCfg, load_recipe, with_overrides
+from vlrl_cli.plan import GPUS, model_config, model_shape, parse_sized_for, plan_for, plan_memory, render_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_names_its_gpu_and_fits_it(recipe):
+    rec = load_recipe(recipe, check_paths=False)
+    assert "sized_for" in yaml.safe_load(recipe.read_text())["trainer"], f"{recipe.name}: trainer.sized_for missing"
+    if rec.trainer.sized_for == "cpu":  # the CPU demo's recipes: a tiny model the demo builds
+        assert "demo-out" in rec.model.path or "runs/" in rec.model.path
+        return
+    count, gpu = parse_sized_for(rec.trainer.sized_for)
+    plan = plan_for(rec)
+    assert (plan.gpus, plan.gpu, plan.gpu_gb) == (count, gpu, GPUS[gpu])
+    assert plan.fits, render_plan(plan)
+
+
+@pytest.mark.model
+def test_parameter_counts_from_the_config_equal_the_loaded_model(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from vlrl_cli.lora import target_regex
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    shape = model_shape(model_config(str(tiny_model)))
+    assert shape.params == shape.trainable == sum(p.numel() for p in model.parameters())
+    for vision in (False, True):
+        lora = LoraCfg(rank=4, vision=vision)
+        planned = model_shape(model_config(str(tiny_model)), lora).trainable
+        peft = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_model),
+                              LoraConfig(r=4, target_modules=target_regex(None, vision)))
+        assert planned == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+def bench_recipe(**changes):
+    """The 3B GRPO step of bench/gpu_perf.py on one GPU: 8 x 541-token sequences per micro-batch."""
+    rec = load_recipe(ROOT / "recipes" / "geometry3k.yaml", check_paths=False)
+    sets = ["trainer.zero_stage=2", "trainer.micro_batch=8", "data.max_prompt_tokens=290",
+            "rollout.max_new_tokens=256", "algorithm.kl_coef=0", "rollout.gpu_memory_utilization=0.2"]
+    return with_overrides(rec, sets + [f"{k}={v}" for k, v in changes.items()])
+
+
+def test_3b_full_fine_tune_on_one_h100_fits_only_with_a_small_vllm_pool_and_7b_needs_lora():
+    fits = plan_memory(bench_recipe(), "H100-80GB", GPUS["H100-80GB"])
+    # 16 bytes per trained parameter held (bf16 weights, fp32 master, two fp32 moments) + bf16 gradients
+    assert sum(fits.resident.values()) == pytest.approx(fits.shape.params * 14 / 1e9)
+    assert fits.training["gradients"] == pytest.approx(fits.shape.params * 2 / 1e9)
+    assert fits.fits and fits.train_peak_gb < 70, render_plan(fits)
+    big_pool = plan_memory(bench_recipe(**{"rollout.gpu_memory_utilization": 0.35}), "H100-80GB", 79.6)
+    assert not big_pool.fits and any("gpu_memory_utilization=0.2" in a or "offload" in a for a in big_pool.advice)
+    seven = bench_recipe(**{"model.path": "Qwen/Qwen2.5-VL-7B-Instruct"})
+    full = plan_memory(seven, "H100-80GB", 79.6)
+    assert not full.fits and any("model.lora.rank=64" in a for a in full.advice), render_plan(full)
+    lora = plan_memory(with_overrides(seven, ["model.lora.rank=64"]), "H100-80GB", 79.6)
+    assert lora.fits and lora.shape.trainable < 0.02 * lora.shape.params
+    # ZeRO-3 on 8 GPUs divides weights, master weights, moments and gradients by 8
+    z3 = plan_memory(with_overrides(seven, ["trainer.zero_stage=3"]), "H100-80GB", 79.6, gpus=8)
+    assert z3.resident["weights"] == pytest.approx(full.resident["weights"] / 8)
+    assert z3.training["gradients"] == pytest.approx(full.training["gradients"] / 8)
+
+
+def test_plan_cli_prints_the_table_and_json_and_names_bad_input(tmp_path):
+    r = run_cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--json", tmp_path / "plan.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "memory plan: Qwen/Qwen2.5-VL-3B-Instruct on 8 x H100-80GB" in r.stderr and "fits" in r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["fits"] and plan["gpus"] == 8 and plan["shape"]["params"] > 3e9
+    assert not (tmp_path / "runs").exists() and not Path("runs/geo3k-grpo").exists()  # planned, nothing started
+    r = run_cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--gpu", "1xH100-80GB",
+                "--set", "model.path=Qwen/Qwen2.5-VL-7B-Instruct")
+    assert r.returncode == 0 and "DOES NOT FIT" in r.stderr and "changes that fit:" in r.stderr, r.stderr[-2000:]
+    r = run_cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--gpu", "H1OO")
+    assert r.returncode == 2 and "H1OO" in r.stderr and "H100-80GB" in r.stderr
+    r = run_cli("train", ROOT / "recipes" / "colors-tiny.yaml", "--plan")
+    assert r.returncode == 2 and "sized for the CPU" in r.stderr
+    r = run_cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--set", "model.path=nobody/no-such-model")
+    assert r.returncode == 2 and "nobody/no-such-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_start_up_refuses_a_recipe_that_cannot_fit_this_gpu(monkeypatch):
+    """On a GPU machine `vlrl train` checks the plan before any model loads (here: an 80 GB GPU described to
+    torch, since this machine has none)."""
+    import torch
+
+    from vlrl_cli.cli import check_fits
+    from vlrl_cli.errors import UserError
+
+    class Props:
+        name, total_memory = "NVIDIA H100 80GB HBM3", int(79.6e9)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    check_fits(bench_recipe(), 1)  # fits: no error
+    with pytest.raises(UserError, match="(?s)DOES NOT FIT.*ignore-plan"):
+        check_fits(bench_recipe(**{"model.path": "Qwen/Qwen2.5-VL-7B-Instruct"}), 1)
