@@ -266,8 +266,11 @@ def train_phase_mfu(metrics: list[dict], params: float, seconds: float) -> dict:
 def cmd_fit(a):
     """Join the issue-12 runs (folders full3b, lora3b, lora7b of metrics.jsonl) into gpu.json's keys."""
     d = Path(a.dir)
-    runs = {n: [json.loads(x) for x in (d / n / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            for n in ("full3b", "lora3b", "lora7b") if (d / n / "metrics.jsonl").exists()}
+    runs = {}
+    for n in ("full3b", "lora3b", "lora7b", "full3b_m4", "lora3b_m32"):
+        for path in (d / n / "metrics.jsonl", d / f"{n}.metrics.jsonl"):
+            if path.exists():
+                runs[n] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     steady = lambda rows, k: sum(r[k] for r in rows[1:]) / max(1, len(rows) - 1) if len(rows) > 1 else rows[0][k]  # noqa: E731
     res = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
     where = {"device": a.device, "commit": a.commit, "command": "bash bench/device_runs.sh fit (see there)"}
@@ -279,8 +282,16 @@ def cmd_fit(a):
         res["train_phase_seconds_3b"] = {**where, "value": t, "note": "measured on the H100, not the H200 the target names"}
         res["train_phase_mfu_3b"] = {**where, **train_phase_mfu(f, 3.755e9, t)}
     if "full3b" in runs and "lora3b" in runs:
-        res["lora_train_phase_ratio_3b"] = {**where, "value": steady(runs["lora3b"], "time_train_s") / steady(runs["full3b"], "time_train_s"),
-                                            "lora_steps": runs["lora3b"]}
+        full = steady(runs["full3b"], "time_train_s")
+        res["lora_train_phase_ratio_3b"] = {
+            **where, "value": steady(runs["lora3b"], "time_train_s") / full,
+            "note": "same 256 sequences per step and the same micro-batch (8); LoRA's memory also allows micro-batch 32 "
+                    "(value_micro_batch_32; a full fine-tune cannot fit it)",
+            "value_micro_batch_32": steady(runs["lora3b_m32"], "time_train_s") / full if "lora3b_m32" in runs else None,
+            "lora_steps": runs["lora3b"], "lora_steps_micro_batch_32": runs.get("lora3b_m32")}
+    if "full3b_m4" in runs:
+        res["trainer_peak_gb_3b_h100"]["micro_batch_4"] = {"value": max(r["trainer_mem_peak_gb"] for r in runs["full3b_m4"]),
+                                                           "steps": runs["full3b_m4"]}
     if "lora7b" in runs:
         r7 = runs["lora7b"]
         res["lora_7b_step_seconds"] = {**where, "value": steady(r7, "time_step_s"),

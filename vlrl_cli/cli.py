@@ -331,6 +331,7 @@ TRAIN_EPILOG = """[bold]Examples[/]
   vlrl train recipes/colors-tiny.yaml
   vlrl train recipes/geometry3k.yaml --set trainer.lr=1e-6 --set rollout.n=8 --gpus 8
   vlrl train recipes/colors-tiny.yaml --resume          (continue from the last checkpoint)
+  vlrl train recipes/geometry3k-7b-lora.yaml --plan     (GPU memory per phase, what fits; no training)
 
 Writes runs/<run.name>/: recipe.yaml, metrics.jsonl, checkpoints/step_N/{hf,ds}.
 """
