@@ -9,7 +9,7 @@ DEMO   := demo-out
 FLOOR_TF := 5.17.0
 FLOOR    := .venv-floor
 
-.PHONY: install test test-newest test-floor browser demo bench clean
+.PHONY: install test test-newest test-floor browser demo demo-maze bench clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ test-floor: install $(FLOOR)/.installed
 
 demo: install
 	bash scripts/demo.sh $(VLRL) $(DEMO)
+
+# the multi-turn image task: 2x2 mazes, a new frame after every move
+demo-maze: install
+	bash scripts/demo-maze.sh $(VLRL) $(DEMO)
 
 bench: install
 	$(PY) bench/prepare_validate.py

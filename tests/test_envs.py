@@ -179,3 +179,23 @@ def test_maze_runs_out_of_steps():
                "extra_info": {"seed": 1, "maze_size": 5, "max_steps": 3}})
     results = [env.step("Move: up") for _ in range(3)]
     assert results[-1].done and results[-1].reward == 0 and results[-1].info["done_reason"] == "max_steps"
+
+
+def test_maze_rows_carry_the_first_observation_and_the_move_choices(tmp_path):
+    """A prepared maze row's prompt is exactly what the environment shows at reset (so validate counts real
+    tokens and the SFT warm-up sees real mazes), at the requested cell size; the 2x2 demo mazes take 2 moves."""
+    from vlrl_cli.prepare import PrepareOptions, prepare
+    from vlrl_cli.records import load_records
+
+    prepare(PrepareOptions(source="maze2d", out=tmp_path / "m", workers=1,
+                           source_opts={"rows": 12, "val_rows": 4, "maze_size": 2, "max_steps": 2, "cell_px": 56}))
+    rows = load_records(str(tmp_path / "m" / "train.parquet")) + load_records(str(tmp_path / "m" / "val.parquet"))
+    shapes = set()
+    for row in rows:
+        env = Maze2dEnv()
+        assert row["prompt"] == env.reset(row)
+        assert image_from_uri(row["prompt"][0]["content"][0]["image_url"]["url"]).size == (112, 112)
+        assert row["extra_info"]["choices"] == ["Move: up", "Move: down", "Move: left", "Move: right"]
+        assert len(solve(env.maze, 2)) == 2  # the shortest path uses every allowed move
+        shapes.add(frozenset((c, frozenset(d)) for c, d in env.maze.items()))
+    assert len(shapes) > 1  # not one maze over and over

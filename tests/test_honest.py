@@ -127,6 +127,19 @@ def test_train_json_to_stdout_is_only_json_and_ctrl_c_ends_a_run_with_130(tmp_pa
     _, err = p.communicate(timeout=60)
     assert time.time() - t < 15 and p.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
+    assert_curves(tmp_path / "runs" / "long")  # the steps that ran, plotted on the way out
+
+
+def assert_curves(run_dir):
+    """curves.png is a whole PNG image, newer than the last metrics line."""
+    from PIL import Image
+
+    png = run_dir / "curves.png"
+    assert png.exists(), sorted(p.name for p in run_dir.iterdir())
+    with Image.open(png) as im:
+        im.verify()
+    assert png.stat().st_mtime >= (run_dir / "metrics.jsonl").stat().st_mtime
+    assert not list(run_dir.glob(".curves.*"))
 
 
 def terminal_sigint():
@@ -135,3 +148,24 @@ def terminal_sigint():
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_curves_plot_every_panel_that_has_data_and_skip_a_torn_line(tmp_path):
+    from PIL import Image
+
+    from vlrl_cli.curves import write_curves
+
+    run = tmp_path / "r"
+    run.mkdir()
+    assert write_curves(run) is None  # no metrics yet: nothing, no error
+    rows = [{"step": i, "reward_mean": i / 10, "accuracy": i / 10, "drift_abs_mean": 1e-3, "drift_abs_max": 1e-2,
+             "entropy": 0.5, "time_generate_s": 1.0, "time_train_s": 2.0, **({"val_accuracy": 0.5} if i % 2 == 0 else {})}
+            for i in range(1, 5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "rew')
+    png = write_curves(run)
+    with Image.open(png) as im:
+        w, h = im.size
+    assert (w, h) == (1080, 864)  # 5 panels (no SFT loss) in 2 columns: 3 rows
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "time_train_s": 1.0}) + "\n")
+    with Image.open(write_curves(run)) as im:  # SFT: loss and step time only
+        assert im.size == (1080, 288)

@@ -112,6 +112,10 @@ def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model,
     changed = [n for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
     assert changed  # the checkpoint holds the trained weights
     assert json.loads((tmp_path / "final.json").read_text())["step"] == 2
+    from test_honest import assert_curves
+
+    assert_curves(run)
+    assert f"curves: {run / 'curves.png'}" in r.stderr
 
 
 @pytest.mark.model

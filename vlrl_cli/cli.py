@@ -171,6 +171,7 @@ def prepare(
     val_rows: Annotated[int, typer.Option(help="Fixed-seed validation episodes.", rich_help_panel="colors / maze2d")] = 50,
     maze_size: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 5,
     max_steps: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 20,
+    cell_px: Annotated[int, typer.Option(help="maze2d: pixels per maze cell (images are size x cell_px).", rich_help_panel="colors / maze2d")] = 28,
     image_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="Stable row ids (default: an `id` column when there is one); "
                                                      "splits are a hash of the id", rich_help_panel="Any dataset")] = None,
@@ -197,7 +198,7 @@ def prepare(
         fail(f"--image-format must be png or jpeg, not {image_format!r}")
     source_opts = {k: v for k, v in dict(
         rows=rows, num_colors=num_colors, shapes=[s.strip() for s in shapes.split(",") if s.strip()],
-        image_size=image_size, val_rows=val_rows, maze_size=maze_size, max_steps=max_steps,
+        image_size=image_size, val_rows=val_rows, maze_size=maze_size, max_steps=max_steps, cell_px=cell_px,
         image_column=image_column, id_column=id_column, question_column=question_column, answer_column=answer_column,
         env_class=env_class, prompt_template=prompt_template, data_source=data_source).items() if v is not None}
     opts = PrepareOptions(

@@ -28,5 +28,26 @@ def run_training(recipe: Recipe, resume: bool = False, console=None) -> dict:
             if console is not None and not live:
                 console.print(f"step {m['step']}/{recipe.trainer.steps}  {info}", highlight=False, soft_wrap=True)
 
-        run_dir = fn(recipe, resume=resume, on_step=on_step)
+        try:
+            run_dir = fn(recipe, resume=resume, on_step=on_step)
+        finally:  # also when interrupted or failed: the curves of the steps that ran
+            curves = plot_curves(recipe.run_dir)
+    if curves is not None and console is not None:
+        console.print(f"curves: {curves}", highlight=False, soft_wrap=True)
     return {"run_dir": str(run_dir), **last}
+
+
+def plot_curves(run_dir):
+    """Rank 0 writes curves.png; a plotting problem is reported, never raised over the run's own outcome."""
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    from .curves import write_curves
+
+    try:
+        return write_curves(run_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: curves.png not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None

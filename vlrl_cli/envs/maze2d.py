@@ -45,6 +45,7 @@ def make_maze(seed: int, size: int) -> dict[tuple[int, int], set[str]]:
 
 def draw_maze(maze, size: int, agent: tuple[int, int], cell: int = 28) -> Image.Image:
     img = Image.new("RGB", (size * cell, size * cell), "white")
+    wall = max(2, cell // 8)  # thick enough to survive the resize to the vision grid at any cell size
     d = ImageDraw.Draw(img)
     gx, gy = size - 1, size - 1
     d.rectangle([gx * cell + 4, gy * cell + 4, gx * cell + cell - 5, gy * cell + cell - 5], fill=(30, 170, 40))
@@ -53,13 +54,13 @@ def draw_maze(maze, size: int, agent: tuple[int, int], cell: int = 28) -> Image.
     for (x, y), dirs in maze.items():
         x0, y0, x1, y1 = x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1
         if "up" not in dirs:
-            d.line([x0, y0, x1, y0], fill="black", width=2)
+            d.line([x0, y0, x1, y0], fill="black", width=wall)
         if "down" not in dirs:
-            d.line([x0, y1, x1, y1], fill="black", width=2)
+            d.line([x0, y1, x1, y1], fill="black", width=wall)
         if "left" not in dirs:
-            d.line([x0, y0, x0, y1], fill="black", width=2)
+            d.line([x0, y0, x0, y1], fill="black", width=wall)
         if "right" not in dirs:
-            d.line([x1, y0, x1, y1], fill="black", width=2)
+            d.line([x1, y0, x1, y1], fill="black", width=wall)
     return img
 
 
@@ -69,12 +70,13 @@ class Maze2dEnv(Env):
         extra = record.get("extra_info") or {}
         self.seed, self.size = int(extra.get("seed", 0)), int(extra.get("maze_size", 5))
         self.max_turns = int(extra.get("max_steps", 20))
+        self.cell = int(extra.get("cell_px", 28))
         self.maze = make_maze(self.seed, self.size)
         self.agent, self.turn = (0, 0), 0
         return [{"role": "user", "content": [self._image_part(), {"type": "text", "text": INSTRUCTION}]}]
 
     def _image_part(self) -> dict:
-        img = canonicalize(draw_maze(self.maze, self.size, self.agent))
+        img = canonicalize(draw_maze(self.maze, self.size, self.agent, self.cell))
         return {"type": "image_url", "image_url": {"url": img.data_uri}}
 
     def step(self, text: str) -> StepResult:
