@@ -66,7 +66,7 @@ fit)
   # 32 prompts x 8 samples x 256 tokens, micro-batch 8, ZeRO-2, vLLM at 0.15 of the GPU (what fits next to
   # a 3B full fine-tune's 60 GB of weights, gradients, master weights and moments: `vlrl train --plan`;
   # at 0.2 the second step's wake-up ran out of memory on an H100)
-  name=$2${MB:+_m$MB}
+  name=$2${MB:+_m$MB}${ZERO:+_z$ZERO}
   case "$2" in
     full3b) model=$M extra="" ;;
     lora3b) model=$M extra="--lora-rank 64" ;;
@@ -74,7 +74,7 @@ fit)
             [ -d /tmp/q7b ] || $P build --out /tmp/q7b --size qwen2_5_vl_7b ;;
   esac
   $P recipe --model $model --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps ${STEPS:-3} --name $name \
-    --run-dir /tmp/runs --zero-stage 2 --gpu-mem ${GPU_MEM:-0.15} --micro-batch ${MB:-8} $extra
+    --run-dir /tmp/runs --zero-stage ${ZERO:-2} --gpu-mem ${GPU_MEM:-0.15} --micro-batch ${MB:-8} $extra
   python3 -m vlrl_cli train /tmp/$name.yaml --overwrite > $OUT/$name.log 2>&1
   mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
   tail -n 3 $OUT/$name.log
