@@ -298,3 +298,40 @@ def test_lora_grpo_and_check_drift_with_vllm(tmp_path, gpu_tiny_qwen2_5):
     checks = {c["name"]: c for c in report["checks"]}
     assert rc == 0 and checks["after_update_seen_images"]["passed"] and checks["update_visible"]["passed"], checks
     assert "adapter" in report["after_update"]["update"]
+
+
+@needs_gpu
+def test_maze_learns_with_vllm_and_drift_stays_small_on_every_turn(tmp_path, gpu_tiny_qwen2_5):
+    """recipes/maze2d-tiny*.yaml with the vllm engine in bf16: 2-turn episodes with a new image per move;
+    held-out success must reach 0.8, and check-drift split by turn must show turn 2 (two images in
+    context) as small as turn 1."""
+    from vlrl_cli.runs import read_metrics
+
+    data, logs = tmp_path / "maze", os.environ.get("OUT") or str(tmp_path)
+
+    def run(name, *args, timeout=400):
+        with open(os.path.join(logs, f"{name}.log"), "w") as f:
+            return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], stdout=f,
+                                  stderr=subprocess.STDOUT, timeout=timeout).returncode
+
+    assert run("maze_prepare", "prepare", "maze2d", "--out", data, "--rows", "400", "--val-rows", "40",
+               "--maze-size", "2", "--max-steps", "2", "--cell-px", "56") == 0
+    common = ["--set", f"data.train={data / 'train.parquet'}", "--set", f"run.dir={tmp_path / 'runs'}",
+              "--set", "model.dtype=bfloat16"]
+    assert run("maze_sft", "train", "recipes/maze2d-tiny-sft.yaml", "--set", f"model.path={gpu_tiny_qwen2_5}", *common) == 0
+    sft = tmp_path / "runs" / "maze-sft" / "checkpoints" / "step_30" / "hf"
+    assert run("maze_grpo", "train", "recipes/maze2d-tiny.yaml", "--set", f"model.path={sft}", "--set", "rollout.engine=vllm",
+               "--set", "rollout.gpu_memory_utilization=0.2", "--set", f"data.val={data / 'val.parquet'}", *common) == 0
+    m = read_metrics(tmp_path / "runs" / "maze-grpo")
+    final = tmp_path / "runs" / "maze-grpo" / "checkpoints" / "step_80" / "hf"
+    report = os.path.join(logs, "drift_maze_vllm.json")
+    rc = run("maze_drift", "check-drift", final, data / "val.parquet", "--engine", "vllm", "--train-dtype", "bf16",
+             "--samples", "32", "--max-new-tokens", "8", "--max-turns", "2", "--max-mean", "0.02", "--json", report)
+    with open(report) as f:
+        turns = {k: v["abs_diff"]["mean"] for k, v in json.load(f)["stats"]["by_turn"].items() if v.get("tokens")}
+    vals = [x["val_accuracy"] for x in m if "val_accuracy" in x]
+    record("maze_vllm", "qwen2_5_vl", {"val_accuracy": vals, "drift_by_turn": turns,
+                                      "drift_per_step": [x["drift_abs_mean"] for x in m],
+                                      "step_seconds": [x["time_step_s"] for x in m]})
+    assert vals[-1] >= 0.8, vals
+    assert rc == 0 and set(turns) == {"turn_1", "turn_2"} and max(turns.values()) < 0.02, turns
