@@ -267,7 +267,7 @@ def cmd_fit(a):
     """Join the issue-12 runs (folders full3b, lora3b, lora7b of metrics.jsonl) into gpu.json's keys."""
     d = Path(a.dir)
     runs = {}
-    for n in ("full3b", "lora3b", "lora7b", "full3b_m4", "lora3b_m32"):
+    for n in ("full3b", "lora3b", "lora7b", "full3b_m4", "lora3b_m32", "full3b_z1"):
         for path in (d / n / "metrics.jsonl", d / f"{n}.metrics.jsonl"):
             if path.exists():
                 runs[n] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -289,8 +289,18 @@ def cmd_fit(a):
                     "(value_micro_batch_32; a full fine-tune cannot fit it)",
             "value_micro_batch_32": steady(runs["lora3b_m32"], "time_train_s") / full if "lora3b_m32" in runs else None,
             "lora_steps": runs["lora3b"], "lora_steps_micro_batch_32": runs.get("lora3b_m32")}
+    if "full3b_z1" in runs:  # ZeRO-1: the same step, gradients not copied into ZeRO-2's partition buffer
+        z1, t1 = runs["full3b_z1"], steady(runs["full3b_z1"], "time_train_s")
+        res["trainer_peak_gb_3b_h100"] = {**where, "commit": "3baffcd (trainer code as e732cd6 but curves.png)",
+                                          "value": max(r["trainer_mem_peak_gb"] for r in z1), "zero_stage": 1,
+                                          "engine_mem_gb": z1[0]["engine_mem_gb"], "steps": z1,
+                                          "zero2": res["trainer_peak_gb_3b_h100"]}
+        res["train_phase_seconds_3b"] = {**where, "value": t1, "zero_stage": 1, "zero2_value": res["train_phase_seconds_3b"]["value"],
+                                         "note": "measured on the H100, not the H200 the target names"}
+        res["train_phase_mfu_3b"] = {**where, "zero_stage": 1, **train_phase_mfu(z1, 3.755e9, t1)}
     if "full3b_m4" in runs:
-        res["trainer_peak_gb_3b_h100"]["micro_batch_4"] = {"value": max(r["trainer_mem_peak_gb"] for r in runs["full3b_m4"]),
+        target = res["trainer_peak_gb_3b_h100"].get("zero2", res["trainer_peak_gb_3b_h100"])  # a ZeRO-2 run
+        target["micro_batch_4"] = {"value": max(r["trainer_mem_peak_gb"] for r in runs["full3b_m4"]),
                                                            "steps": runs["full3b_m4"]}
     if "lora7b" in runs:
         r7 = runs["lora7b"]

@@ -28,3 +28,26 @@ def test_demo_learns_colours(tmp_path):
     drift = json.loads((tmp_path / "demo-out" / "drift.json").read_text())
     assert all(c["passed"] is not False for c in drift["checks"] if c["severity"] == "error"), drift["checks"]
     assert (tmp_path / "demo-out" / "eval-grpo" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_demo_maze_learns_to_walk_the_mazes(tmp_path):
+    """`make demo-maze`: 2x2 mazes, 2 moves (a blind policy's best is 0.5), a new image after every move.
+    Format-only SFT leaves held-out success near 0; multi-turn GRPO must reach >= 0.8, and check-drift on
+    2-turn episodes, split by turn, must pass on both turns."""
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    vlrl = Path(sys.executable).parent / "vlrl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo-maze.sh"), str(vlrl), "demo-out"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sft = json.loads((tmp_path / "demo-out" / "eval-maze-sft" / "metrics.json").read_text())
+    grpo = json.loads((tmp_path / "demo-out" / "eval-maze-grpo" / "metrics.json").read_text())
+    assert sft["format_rate"] > 0.9 and sft["accuracy"] <= 0.5, sft
+    assert grpo["accuracy"] >= 0.8, grpo
+    drift = json.loads((tmp_path / "demo-out" / "drift-maze.json").read_text())
+    turns = drift["stats"]["by_turn"]
+    assert turns["turn_1"]["tokens"] and turns["turn_2"]["tokens"]  # both turns were checked
+    assert max(t["abs_diff"]["mean"] for t in turns.values()) < 0.05, turns
+    assert "after GRPO" in r.stdout and "drift by turn" in r.stdout
+    assert (tmp_path / "runs" / "maze-grpo" / "curves.png").exists()

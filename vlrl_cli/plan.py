@@ -9,8 +9,9 @@ Two phases matter on a GPU shared by the trainer and a colocated rollout engine:
   logits and the optimizer step's transient fp32 gradient copy (policy.param_groups bounds it).
 
 Checked on an H100 (bench/results/gpu.json, `fit`): 3B full fine-tune, ZeRO-2, micro-batch 8 of 541 tokens:
-planned 71.6 GB train, 52.6 GB held while generating; measured 72.1 GB trainer peak, 53.9 GB held;
-3B LoRA rank 64: planned 13.5 GB train, measured 16.8 GB; 7B LoRA: planned 23.7 GB, measured 26.7 GB.
+planned 74.8 GB train (ZeRO-1: 71.6), 52.6 GB held while generating; measured 72.1 GB trainer peak
+(ZeRO-1: 68.9), 53.9 GB held; 3B LoRA rank 64, ZeRO-2: planned 16.7 GB, measured 16.8 GB; 7B LoRA: planned
+26.9 GB, measured 26.7 GB. The plan errs on the side of refusing less than 3 GB too early.
 
 Figures are per GPU. Weights, gradients and optimizer state are exact byte counts for DeepSpeed ZeRO 0-3
 with bf16/fp32 as vlrl configures it; activations and logits are estimates for the longest micro-batch the
@@ -160,6 +161,8 @@ def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpu
     }
     if on_gpu_optimizer and stage in (1, 2):
         training["optimizer step (fp32 grad copy)"] = min(shard(T, 1), STEP_GROUP) * 4 / GB
+    if stage == 2:  # its contiguous-gradient reduce buckets (measured: ZeRO-2 peaks 3.2 GB above ZeRO-1)
+        training["ZeRO-2 reduce buckets"] = 3.2
     if r.engine == "hf":  # the hf engine's model copy stays on the GPU
         resident["hf engine (model copy)"] = P * w / GB
     engine_gb = r.gpu_memory_utilization * gpu_gb if r.engine == "vllm" else 0.0
@@ -192,6 +195,8 @@ def _advice(recipe, gpu, gpu_gb, gpus, shape) -> list[str]:
         tries.append(["trainer.offload=true"])
     if recipe.model.lora.rank == 0:
         tries.append(["model.lora.rank=64"])
+    if recipe.trainer.zero_stage == 2 and gpus == 1:
+        tries.append(["trainer.zero_stage=1"])
     if recipe.trainer.micro_batch > 1:
         tries += [[f"trainer.micro_batch={max(1, recipe.trainer.micro_batch // k)}"] for k in (2, 4, 8)]
     if recipe.rollout.engine == "vllm":
