@@ -49,6 +49,29 @@ drift = json.load(open(f"{out}/drift-maze.json"))
 turns = drift["stats"]["by_turn"]
 print("drift by turn (mean abs log-prob diff, tokens):",
       ", ".join(f"{k} {v['abs_diff']['mean']:.2e} ({v['tokens']})" for k, v in turns.items() if v.get("tokens")))
+# one held-out episode's frames, replayed through the environment with the policy's own answers
+from PIL import Image
+import pyarrow.parquet as pq
+from vlrl_cli.envs.maze2d import Maze2dEnv
+from vlrl_cli.images import image_from_uri
+rollouts = [json.loads(x) for x in open(f"{out}/eval-maze-grpo/rollouts.jsonl")]
+ep = next((r for r in rollouts if r["steps"][0]["response"].endswith("right")), rollouts[0])
+rec = next(r for r in pq.read_table(f"{out}/maze/val.parquet").to_pylist() if r["id"] == ep["record_id"])
+env = Maze2dEnv()
+frames = [image_from_uri(env.reset(rec)[0]["content"][0]["image_url"]["url"])]
+for s in ep["steps"]:
+    obs = env.step(s["response"]).observation
+    frames += [image_from_uri(p["image_url"]["url"]) for m in obs for p in m["content"] if p.get("type") == "image_url"]
+if env.agent == (env.size - 1, env.size - 1):  # the goal reached: the episode ends without a new frame
+    from vlrl_cli.envs.maze2d import draw_maze
+    frames.append(draw_maze(env.maze, env.size, env.agent, env.cell))
+strip = Image.new("RGB", (sum(f.width for f in frames) + 8 * (len(frames) - 1), frames[0].height), "white")
+x = 0
+for f in frames:
+    strip.paste(f, (x, 0))
+    x += f.width + 8
+strip.save(f"{out}/maze-episode.png")
+print(f"{ep['record_id']}: " + " -> ".join(s["response"] for s in ep["steps"]) + f" (frames: {out}/maze-episode.png)")
 print(f"(a blind policy's best is 0.5; demo wall time {secs} s)")
 print(f"report with every episode's frames: {out}/eval-maze-grpo/report.html; curves: runs/maze-grpo/curves.png")
 PYEOF

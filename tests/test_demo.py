@@ -12,14 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_demo_learns_colours(tmp_path):
+def run_demo(tmp_path, script: str, timeout: int):
+    """A demo script as `make` runs it, in a fresh folder that sees the repository's recipes."""
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     vlrl = Path(sys.executable).parent / "vlrl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), str(vlrl), "demo-out"], cwd=tmp_path,
-                       capture_output=True, text=True, env=env, timeout=1200)
+    r = subprocess.run(["bash", str(ROOT / "scripts" / script), str(vlrl), "demo-out"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_demo_learns_colours(tmp_path):
+    r = run_demo(tmp_path, "demo.sh", 1200)
     sft = json.loads((tmp_path / "demo-out" / "eval-sft" / "metrics.json").read_text())
     grpo = json.loads((tmp_path / "demo-out" / "eval-grpo" / "metrics.json").read_text())
     assert sft["format_rate"] > 0.9 and sft["accuracy"] <= 0.35, sft["accuracy"]
@@ -32,15 +38,11 @@ def test_demo_learns_colours(tmp_path):
 
 @pytest.mark.slow
 def test_demo_maze_learns_to_walk_the_mazes(tmp_path):
-    """`make demo-maze`: 2x2 mazes, 2 moves (a blind policy's best is 0.5), a new image after every move.
+    """`make demo-maze`: 2x2 mazes (two shapes: a wall right of the start or below it), 2 moves (a blind
+    policy's best is 0.5), a new image after every move.
     Format-only SFT leaves held-out success near 0; multi-turn GRPO must reach >= 0.8, and check-drift on
     2-turn episodes, split by turn, must pass on both turns."""
-    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    vlrl = Path(sys.executable).parent / "vlrl"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo-maze.sh"), str(vlrl), "demo-out"], cwd=tmp_path,
-                       capture_output=True, text=True, env=env, timeout=1500)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_demo(tmp_path, "demo-maze.sh", 1500)
     sft = json.loads((tmp_path / "demo-out" / "eval-maze-sft" / "metrics.json").read_text())
     grpo = json.loads((tmp_path / "demo-out" / "eval-maze-grpo" / "metrics.json").read_text())
     assert sft["format_rate"] > 0.9 and sft["accuracy"] <= 0.5, sft

@@ -72,9 +72,7 @@ def merged_named_parameters(module) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in params.items():
             if ".lora_" in name:
                 continue
-            layer = name[: -len(".base_layer.weight")] if name.endswith(".base_layer.weight") else None
-            factors = [(params[f"{layer}.lora_A.{a}.weight"], params[f"{layer}.lora_B.{a}.weight"], s)
-                       for a, s in scales[layer].items()] if layer else []
+            factors = _factors(name, params, scales)
             if not zero3:
                 yield _merge(name, p, factors)
                 continue
@@ -94,12 +92,18 @@ def merged_state_dict(module, state: dict[str, torch.Tensor]) -> dict[str, torch
         for name, t in state.items():
             if ".lora_" in name:
                 continue
-            layer = name[: -len(".base_layer.weight")] if name.endswith(".base_layer.weight") else None
-            factors = [(state[f"{layer}.lora_A.{a}.weight"], state[f"{layer}.lora_B.{a}.weight"], s)
-                       for a, s in scales[layer].items()] if layer else []
-            out_name, merged = _merge(name, t, factors)
+            out_name, merged = _merge(name, t, _factors(name, state, scales))
             out[out_name] = merged
     return out
+
+
+def _factors(name: str, tensors: dict, scales: dict) -> list:
+    """[(A, B, scale)] of every active adapter on the layer whose base weight is `name` ([] for others)."""
+    if not name.endswith(".base_layer.weight"):
+        return []
+    layer = name[: -len(".base_layer.weight")]
+    return [(tensors[f"{layer}.lora_A.{a}.weight"], tensors[f"{layer}.lora_B.{a}.weight"], s)
+            for a, s in scales[layer].items()]
 
 
 def _scales(inner) -> dict[str, dict[str, float]]:
