@@ -115,3 +115,14 @@ def test_start_up_refuses_a_recipe_that_cannot_fit_this_gpu(monkeypatch):
     check_fits(bench_recipe(), 1)  # fits: no error
     with pytest.raises(UserError, match="(?s)DOES NOT FIT.*ignore-plan"):
         check_fits(bench_recipe(**{"model.path": "Qwen/Qwen2.5-VL-7B-Instruct"}), 1)
+
+
+def test_optimizer_groups_bound_the_step_copy_and_keep_every_parameter_in_order():
+    import torch
+
+    from vlrl_cli.policy import param_groups
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (60, 50, 10, 120, 5, 5)]
+    groups = param_groups(params, max_numel=100)
+    assert [p for g in groups for p in g["params"]] == params  # all of them, model order
+    assert [sum(p.numel() for p in g["params"]) for g in groups] == [60, 60, 120, 10]  # a bigger one stands alone
