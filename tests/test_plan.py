@@ -75,10 +75,11 @@ def test_3b_full_fine_tune_on_one_h100_fits_only_with_a_small_vllm_pool_and_7b_n
     assert not full.fits and any("model.lora.rank=64" in a for a in full.advice), render_plan(full)
     lora = plan_memory(with_overrides(seven, ["model.lora.rank=64"]), "H100-80GB", 79.6)
     assert lora.fits and lora.shape.trainable < 0.02 * lora.shape.params
-    # ZeRO-3 on 8 GPUs divides weights, master weights, moments and gradients by 8
+    # ZeRO-3 on 8 GPUs divides weights, master weights, moments and gradients by 8 (its gradients are one
+    # partitioned bf16 copy; ZeRO-1/2 on one GPU hold two at the peak, measured)
     z3 = plan_memory(with_overrides(seven, ["trainer.zero_stage=3"]), "H100-80GB", 79.6, gpus=8)
     assert z3.resident["weights"] == pytest.approx(full.resident["weights"] / 8)
-    assert z3.training["gradients"] == pytest.approx(full.training["gradients"] / 8)
+    assert z3.training["gradients"] == pytest.approx(full.shape.params * 2 / 8 / 1e9)  # bf16, one partitioned copy
 
 
 def test_plan_cli_prints_the_table_and_json_and_names_bad_input(tmp_path):
