@@ -92,14 +92,9 @@ def _known_config(path: str):
     size = sizes.get(path.lower())
     if size is None:
         return None
-    from transformers import Qwen2_5_VLConfig
+    from .tiny import real_size_config
 
-    from .tiny import REAL_SIZES
-
-    preset = REAL_SIZES[size]
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, **preset["vision"])
-    return Qwen2_5_VLConfig(text_config=dict(preset["text"]), vision_config=vision,
-                            tie_word_embeddings=preset["text"]["tie_word_embeddings"])
+    return real_size_config(size)
 
 
 def model_shape(config, lora=None) -> ModelShape:

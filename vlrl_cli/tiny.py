@@ -150,24 +150,36 @@ REAL_SIZES = {
 }
 
 
-def build_real_size_model(out: str | Path, size: str = "qwen2_5_vl_3b", seed: int = 0, device: str = "cuda") -> Path:
-    """A random Qwen2.5-VL at a released size (bf16), with the local tokenizer and processor."""
-    import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen2_5_VLConfig
+def real_size_config(size: str = "qwen2_5_vl_3b", ids: dict[str, int] | None = None):
+    """The Qwen2.5-VL config of a released size (REAL_SIZES); `ids`: the special tokens' ids of the local
+    tokenizer (None: shapes only, as `vlrl train --plan` needs them)."""
+    from transformers import Qwen2_5_VLConfig
 
-    tokenizer = build_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     preset = REAL_SIZES[size]
-    text = dict(max_position_embeddings=128000, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    tokens = {}
+    if ids is not None:
+        tokens = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    text = dict(max_position_embeddings=128000, rms_norm_eps=1e-6, **tokens,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
                 **preset["text"])
     vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
                   **preset["vision"])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=preset["text"]["tie_word_embeddings"])
+    special = {} if ids is None else dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=preset["text"]["tie_word_embeddings"],
+                            **special)
+
+
+def build_real_size_model(out: str | Path, size: str = "qwen2_5_vl_3b", seed: int = 0, device: str = "cuda") -> Path:
+    """A random Qwen2.5-VL at a released size (bf16), with the local tokenizer and processor."""
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = real_size_config(size, ids)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
