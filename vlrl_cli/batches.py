@@ -74,13 +74,24 @@ def make_batch(seqs, processor, dev: torch.device) -> Batch:
     return Batch(model_inputs(processor, ids, att, images, dev), mask.to(dev), elp.to(dev))
 
 
-def sequence_logprobs(model, batch: Batch, temperature: float, banned: list[int]) -> torch.Tensor:
-    """[B, T] log-prob of token t given tokens < t (0 at t = 0), the same formula as the engines use."""
+def _logits(model, batch: Batch) -> torch.Tensor:
     dtype = next(model.parameters()).dtype
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.inputs.items()}
-    out = model(**inputs, use_cache=False)
-    lp = token_logprobs(out.logits[:, :-1], batch.input_ids[:, 1:], temperature, banned)  # chunked, no full fp32 copy
+    return model(**inputs, use_cache=False).logits
+
+
+def sequence_logprobs(model, batch: Batch, temperature: float, banned: list[int]) -> torch.Tensor:
+    """[B, T] log-prob of token t given tokens < t (0 at t = 0), the same formula as the engines use."""
+    logits = _logits(model, batch)
+    lp = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature, banned)  # chunked, no full fp32 copy
     # prompt positions holding image placeholders have log-prob -inf (never sampleable); they are never
     # trained, and a finite 0 there keeps `logp * mask` free of inf * 0 = nan
     lp = lp.masked_fill(torch.isinf(lp), 0.0)
     return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+
+
+def target_logprobs(model, batch: Batch, targets: torch.Tensor, temperature: float, banned: list[int]) -> torch.Tensor:
+    """[B, T] log-prob of targets[:, t] given tokens <= t: Tinker's alignment (position t predicts target t),
+    the same formula otherwise. A banned target (a placeholder) gets 0, as in `sequence_logprobs`."""
+    lp = token_logprobs(_logits(model, batch), targets, temperature, banned)
+    return lp.masked_fill(torch.isinf(lp), 0.0)

@@ -325,6 +325,48 @@ def tiny_model(
     err.print(f"wrote a tiny {family} model to {path} ({size / 1e6:.1f} MB)")
 
 
+# --- serve ----------------------------------------------------------------------------------------
+
+SERVE_EPILOG = """[bold]Examples[/]
+
+  vlrl serve Qwen/Qwen3-VL-2B-Instruct --engine vllm --api-key tml-mykey
+  vlrl serve models/tiny --port 8000 --state serve-state --name Qwen/Qwen3-VL-2B-Instruct
+
+Then point a Tinker client at it: TINKER_API_KEY=tml-mykey, base_url=http://127.0.0.1:8000.
+--name: extra names clients may use as base_model for this model (e.g. the hub id a recipe expects).
+"""
+
+
+@app.command(epilog=SERVE_EPILOG)
+@guarded
+def serve(
+    model: Annotated[str, typer.Argument(help="Model dir or hub id to train and sample.")],
+    engine: Annotated[str, typer.Option(help="Sampling engine: hf (anywhere) or vllm (GPU).")] = "hf",
+    host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="VLRL_SERVE_API_KEY",
+                       help="Key clients must send (Tinker's SDK wants it to start with tml-); default: a new random one, printed.")] = None,
+    state: Annotated[Path, typer.Option(help="Folder for checkpoints and the SQLite state (kept across restarts).")] = Path("serve-state"),
+    name: Annotated[Optional[list[str]], typer.Option("--name", help="Another base_model name that means MODEL (repeatable).")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="vllm engine: its share of the GPU.", min=0.05, max=0.95)] = 0.3,
+) -> None:
+    """Serve MODEL through the Tinker API: unmodified Tinker SDK clients and cookbook recipes train and sample on it."""
+    import secrets
+
+    from .serve import run_server
+
+    check_engine_name(engine)
+    if api_key is None:
+        api_key = f"tml-{secrets.token_urlsafe(24)}"
+        err.print(f"API key (clients send it as TINKER_API_KEY): [bold]{api_key}[/]")
+    elif len(api_key) < 8:
+        fail("--api-key is too short (8 characters at least)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]listening on {host}: anyone who can reach it and has the key can train and sample[/]")
+    run_server(model, state, host=host, port=port, api_key=api_key, engine=engine, served_names=tuple(name or ()),
+               gpu_memory_utilization=gpu_memory_utilization, log=lambda m: err.print(m, markup=False, highlight=False))
+
+
 # --- train ----------------------------------------------------------------------------------------
 
 TRAIN_EPILOG = """[bold]Examples[/]

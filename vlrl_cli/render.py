@@ -165,3 +165,36 @@ def model_inputs(processor, input_ids: torch.Tensor, attention_mask: torch.Tenso
     for k, v in tensors.items():
         out[k] = v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
     return out
+
+
+def render_chunks(processor, chunks, limits: ImageLimits = ImageLimits(), vocab_size: int | None = None
+                  ) -> tuple[list[int], dict]:
+    """Token ids and image tensors of a Tinker model input (serve): text chunks' tokens as given; each image
+    chunk becomes exactly as many placeholder positions as the model's image processor makes of it, which
+    must be the chunk's expected_tokens. Raises ValueError naming both counts, or a bad token id."""
+    from .images import open_image
+
+    images, pieces = [], []
+    for c in chunks:
+        if hasattr(c, "tokens"):
+            bad = [t for t in c.tokens if t < 0 or (vocab_size is not None and t >= vocab_size)]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+            pieces.append(list(c.tokens))
+        else:
+            images.append(open_image(c.data, limits))  # bounded decode: no decompression bombs
+            pieces.append(None)
+    tensors = image_inputs(processor.image_processor(images=images, return_tensors="pt")) if images else {}
+    counts = iter(image_token_counts(processor, tensors))
+    ids, k = [], 0
+    for c, piece in zip(chunks, pieces):
+        if piece is not None:
+            ids += piece
+            continue
+        n = next(counts)
+        if c.expected_tokens is not None and c.expected_tokens != n:
+            raise ValueError(f"image chunk {k}: expected_tokens is {c.expected_tokens} but the model's image "
+                             f"processor makes {n} positions of this {images[k].width}x{images[k].height} image")
+        ids += [processor.image_token_id] * n
+        k += 1
+    return ids, tensors
