@@ -8,6 +8,8 @@ DEMO   := demo-out
 # PYTHONPATH holding transformers and the huggingface-hub 1.x it needs (hub 2.x is for newer releases).
 FLOOR_TF := 5.17.0
 FLOOR    := .venv-floor
+# the Tinker recipes `vlrl serve` is tested against (tests/test_serve_cookbook.py), unmodified
+COOKBOOK := 0.6.1
 
 .PHONY: install test test-newest test-floor browser demo demo-maze bench clean
 
@@ -18,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve,tinker-client]"
+	$(PY) -m pip install -q --no-deps tinker-cookbook==$(COOKBOOK)
 	touch $@
 
 $(FLOOR)/.installed: Makefile

@@ -87,6 +87,13 @@ class Service:
         cfg = AutoConfig.from_pretrained(model_path)
         self.vocab_size = int(getattr(getattr(cfg, "text_config", cfg), "vocab_size"))
         self.recorded: dict[str, np.ndarray] = {}  # sequence_id -> sampled log-probs (stable_reinforce)
+        self.log_path = self.state_dir / "requests.jsonl"  # one line per training / sampling call, for people
+
+    def _log(self, **event) -> None:
+        import json
+
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
 
     # ---- models ---------------------------------------------------------------------------------------
 
@@ -138,6 +145,7 @@ class Service:
     def forward_backward(self, model_id: str, loss_fn: str, config: dict, data: list, forward_only: bool) -> bytes:
         """Accumulate the gradient of sum(loss over datums) (no step); returns ForwardBackwardOutput bytes."""
         m = self.model(model_id)
+        t0 = time.perf_counter()
         rendered = []
         for i, d in enumerate(data):
             try:
@@ -182,6 +190,10 @@ class Service:
             total += float(loss.detach())
         if not forward_only:
             m.pending_tokens += tokens
+        self._log(op="forward" if forward_only else "forward_backward", model_id=model_id, loss_fn=loss_fn,
+                  datums=len(data), positions=sum(len(r[0]) for r in rendered), loss_sum=total,
+                  images=sum(isinstance(c, wire.ImageChunk) for d in data for c in d.chunks),
+                  seconds=round(time.perf_counter() - t0, 4))
         return wire.fwdbwd_output(outputs, {"loss:sum": total})
 
     def optim_step(self, model_id: str, adam: dict) -> dict:
@@ -211,8 +223,9 @@ class Service:
         reported = policy.get_global_grad_norm()
         m.steps += 1
         m.pending_tokens = 0
-        return {"metrics": {"grad_norm:mean": float(reported if reported is not None else (norm or 0.0)),
-                            "learning_rate:mean": lr}}
+        grad_norm = float(reported if reported is not None else (norm or 0.0))
+        self._log(op="optim_step", model_id=model_id, step=m.steps, learning_rate=lr, grad_norm=grad_norm)
+        return {"metrics": {"grad_norm:mean": grad_norm, "learning_rate:mean": lr}}
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 
@@ -325,6 +338,7 @@ class Service:
                prompt_logprobs: bool, sequence_ids: list[str] | None = None, record: bool = False) -> bytes:
         if not 1 <= num_samples <= 256:
             raise UserError(f"num_samples must be 1..256, got {num_samples}")
+        t0 = time.perf_counter()
         ids, tensors = self._render(chunks)
         if not ids:
             raise UserError("empty prompt")
@@ -342,6 +356,8 @@ class Service:
             for sid, (_, lps, _) in zip(sequence_ids, seqs):
                 self.recorded[sid] = np.asarray(lps, dtype=np.float32)
         plp = self.prompt_logprobs(ids, tensors) if prompt_logprobs else None
+        self._log(op="sample", weights=model_path or "base", prompt_tokens=len(ids), samples=num_samples,
+                  sampled_tokens=sum(len(t) for t, _, _ in seqs), seconds=round(time.perf_counter() - t0, 4))
         return wire.sample_output(seqs, plp)
 
     def _stops(self, stop) -> tuple[set[int], list[str]]:
