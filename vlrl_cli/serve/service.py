@@ -33,7 +33,20 @@ class UserError(errors.UserError):
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MICRO_BATCH = 8  # datums per forward
+
+
+def micro_batches(lengths: list[int], budget: int) -> list[range]:
+    """Consecutive datums per forward, each group's padded size (count x longest) within `budget` positions
+    (a datum longer than the budget goes alone)."""
+    groups, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and max(longest, n) * (i - start + 1) > budget:
+            groups.append(range(start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if lengths:
+        groups.append(range(start, len(lengths)))
+    return groups
 
 
 @dataclass
@@ -61,7 +74,8 @@ class SeqInput:  # what batches.make_batch needs
 
 class Service:
     def __init__(self, model_path: str, state_dir: Path, engine: str = "hf", served_names: tuple[str, ...] = (),
-                 dtype: str | None = None, gpu_memory_utilization: float = 0.3, lora_alpha: float = 32.0):
+                 dtype: str | None = None, gpu_memory_utilization: float = 0.3, lora_alpha: float = 32.0,
+                 micro_batch_tokens: int = 8192):
         from ..distributed import device, init_distributed
 
         init_distributed()
@@ -78,6 +92,7 @@ class Service:
         self.engine_name = engine
         self.gpu_memory_utilization = gpu_memory_utilization
         self.lora_alpha = lora_alpha
+        self.micro_batch_tokens = micro_batch_tokens  # padded positions per trainer forward
         self.models: dict[str, TrainModel] = {}
         self.engine = None
         self.engine_weights: str | None = None  # the sampler path the engine holds (None: the base model)
@@ -100,6 +115,9 @@ class Service:
     def check_base_model(self, base_model: str | None) -> str:
         if base_model is None or base_model in self.names:
             return base_model or self.model_path
+        if Path(self.model_path).exists() and Path(base_model).exists() and \
+                Path(base_model).resolve() == Path(self.model_path).resolve():  # the same folder, named another way
+            return base_model
         raise UserError(f"base_model {base_model!r} is not served here; this server serves {sorted(self.names)}")
 
     def _build(self, lora_rank: int, seed: int | None):
@@ -166,8 +184,7 @@ class Service:
         policy = m.policy
         policy.train()
         outputs, total, tokens = [], 0.0, 0
-        for s in range(0, len(data), MICRO_BATCH):
-            idx = range(s, min(s + MICRO_BATCH, len(data)))
+        for idx in micro_batches([len(r[0]) for r in rendered], self.micro_batch_tokens):
             batch = batches.make_batch([SeqInput(*rendered[i]) for i in idx], self.processor, self.dev)
             T = batch.input_ids.shape[1]
             targets = torch.zeros((len(idx), T), dtype=torch.long)
