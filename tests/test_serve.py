@@ -239,7 +239,7 @@ def test_compute_logprobs_equals_check_drifts_trainer_side(services, family_mode
     chunks = image_prompt(svc.processor, jpeg(80, 48, (20, 160, 40)))
     res = response_conv.deserialize_sample_response(svc.sample(None, chunks, {"max_tokens": 1}, 1, True))
     served = np.array(res.prompt_logprobs[1:], dtype=np.float64)
-    ids, tensors = render_chunks(svc.processor, chunks)
+    ids, tensors, _ = render_chunks(svc.processor, chunks)
     trainer = drift.load_trainer(str(family_models[family]), "float32", None)
     traj = Trajectory("r0", 0, "colors", "test", token_ids=ids, loss_mask=[0] * len(ids), engine_logp=[0.0] * len(ids), tensors=tensors,
                       prompt_len=len(ids))
@@ -366,6 +366,36 @@ def test_the_tinker_sdk_trains_samples_checkpoints_and_survives_a_restart(family
         r = httpx.post(f"{live.url}/api/v1/optim_step", json={"model_id": "s-none:train:0", "adam_params": {}},
                        headers={"X-API-Key": KEY})
         assert r.status_code == 400 and "unknown model_id" in r.json()["error"]
+        r = httpx.post(f"{live.url}/api/v1/optim_step", json={"model_id": info.model_id, "seq_id": 0,
+                       "adam_params": {}}, headers={"X-API-Key": KEY})
+        assert r.status_code == 400 and "seq_id must be an integer >= 1" in r.json()["error"]
+        # a retried request (same model, same seq_id) is one future, applied once
+        from tinker.proto import request_conv
+
+        body = request_conv.forward_backward_request_to_proto(types.ForwardBackwardRequest(
+            forward_backward_input=types.ForwardBackwardInput(data=[sdk_datum], loss_fn="cross_entropy"),
+            model_id=info.model_id, seq_id=10_000)).SerializeToString()
+        hdr = {"X-API-Key": KEY, "Content-Type": "application/x-protobuf"}
+        first, again = (httpx.post(f"{live.url}/api/v1/forward_backward", content=body, headers=hdr).json()
+                        for _ in range(2))
+        assert first["request_id"] == again["request_id"]
+        # an image bomb is refused by the checked decoder before any pixel is decoded
+        import vlrl_cli.serve.app as app_module
+
+        bomb = io.BytesIO()
+        Image.new("1", (8_500, 8_500)).save(bomb, format="PNG")  # 72M pixels: over 64M, under PIL's own guard
+        res = sampler.sample(types.ModelInput(chunks=[types.EncodedTextChunk(tokens=d.chunks[0].tokens),
+                                                      types.ImageChunk(data=bomb.getvalue(), format="png", expected_tokens=4)]),
+                             num_samples=1, sampling_params=types.SamplingParams(max_tokens=2))
+        with pytest.raises(tinker.RequestFailedError, match="pixels, limit"):
+            res.result()
+        old_limit = app_module.MAX_BODY
+        app_module.MAX_BODY = 1000
+        try:
+            r = httpx.post(f"{live.url}/api/v1/forward_backward", content=body, headers=hdr)
+            assert r.status_code == 400 and "over the limit" in r.json()["error"]
+        finally:
+            app_module.MAX_BODY = old_limit
         fb = tc.forward_backward([sdk_datum], "cross_entropy").result()  # still serving
         assert math.isfinite(fb.metrics["loss:sum"])
     finally:
@@ -380,3 +410,12 @@ def test_the_tinker_sdk_trains_samples_checkpoints_and_survives_a_restart(family
         assert fb2.metrics["loss:sum"] == pytest.approx(fb.metrics["loss:sum"], rel=1e-4)
     finally:
         live.stop()
+
+
+def test_serve_cli_refuses_bad_flags_before_loading_anything(cli, tmp_path):
+    r = cli("serve", tmp_path / "nope", "--engine", "trt")
+    assert r.exit_code == 2 and "--engine must be hf or vllm" in r.output
+    r = cli("serve", tmp_path / "nope", "--api-key", "tml-1")
+    assert r.exit_code == 2 and "too short" in r.output
+    r = cli("serve", "--help")
+    assert r.exit_code == 0 and "Tinker" in r.output and "--api-key" in r.output

@@ -168,10 +168,11 @@ def model_inputs(processor, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def render_chunks(processor, chunks, limits: ImageLimits = ImageLimits(), vocab_size: int | None = None
-                  ) -> tuple[list[int], dict]:
+                  ) -> tuple[list[int], dict, list]:
     """Token ids and image tensors of a Tinker model input (serve): text chunks' tokens as given; each image
     chunk becomes exactly as many placeholder positions as the model's image processor makes of it, which
-    must be the chunk's expected_tokens. Raises ValueError naming both counts, or a bad token id."""
+    must be the chunk's expected_tokens. Returns (ids, image tensors, decoded images). Raises ValueError
+    naming both counts, or a bad token id."""
     from .images import open_image
 
     images, pieces = [], []
@@ -197,4 +198,4 @@ def render_chunks(processor, chunks, limits: ImageLimits = ImageLimits(), vocab_
                              f"processor makes {n} positions of this {images[k].width}x{images[k].height} image")
         ids += [processor.image_token_id] * n
         k += 1
-    return ids, tensors
+    return ids, tensors, images

@@ -33,6 +33,7 @@ class GenRequest:
     tensors: dict[str, Any] = field(default_factory=dict)  # pixel_values, image_grid_thw, ...
     n: int = 1
     messages: list[dict] | None = None  # the chat the ids were rendered from (vLLM needs the images)
+    images: list | None = None  # or the prompt's decoded images themselves, in order (serve has no chat)
 
 
 @dataclass

@@ -59,7 +59,7 @@ class VLLMEngine:
         greedy = sampling.temperature == 0
         prompts, params = [], []
         for i, r in enumerate(requests):
-            _, images = split_messages(r.messages or [])
+            images = r.images if r.images is not None else split_messages(r.messages or [])[1]
             prompt = {"prompt_token_ids": collapse_placeholders(r.input_ids, self.pad_id)}
             if images:
                 prompt["multi_modal_data"] = {"image": images}

@@ -183,7 +183,7 @@ def make_app(service: Service, api_key: str, log=print, poll_hold_s: float = POL
     async def optim_step(request):
         data = await body_json(request)
         mid = model_id_of(data)
-        adam = data.get("adam_params") or data.get("optim_params")
+        adam = data.get("adam_params", data.get("optim_params"))
         if not isinstance(adam, dict):
             raise UserError("optim_step needs adam_params (other optimizers are not supported)")
         return future(as_json(lambda: service.optim_step(mid, adam)), scope=mid, seq=seq_of(data))

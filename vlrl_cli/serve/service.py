@@ -154,7 +154,7 @@ class Service:
 
     # ---- training ------------------------------------------------------------------------------------
 
-    def _render(self, datum_chunks) -> tuple[list[int], dict]:
+    def _render(self, datum_chunks) -> tuple[list[int], dict, list]:
         try:
             return render_chunks(self.processor, datum_chunks, self.limits, self.vocab_size)
         except ValueError as e:
@@ -185,7 +185,7 @@ class Service:
         policy.train()
         outputs, total, tokens = [], 0.0, 0
         for idx in micro_batches([len(r[0]) for r in rendered], self.micro_batch_tokens):
-            batch = batches.make_batch([SeqInput(*rendered[i]) for i in idx], self.processor, self.dev)
+            batch = batches.make_batch([SeqInput(*rendered[i][:2]) for i in idx], self.processor, self.dev)
             T = batch.input_ids.shape[1]
             targets = torch.zeros((len(idx), T), dtype=torch.long)
             for j, i in enumerate(idx):
@@ -356,7 +356,7 @@ class Service:
         if not 1 <= num_samples <= 256:
             raise UserError(f"num_samples must be 1..256, got {num_samples}")
         t0 = time.perf_counter()
-        ids, tensors = self._render(chunks)
+        ids, tensors, images = self._render(chunks)
         if not ids:
             raise UserError("empty prompt")
         self._load_engine(model_path)
@@ -366,7 +366,7 @@ class Service:
         seed = params.get("seed")
         s = Sampling(temperature=temperature, top_p=float(params.get("top_p", 1.0)), max_new_tokens=int(max_tokens),
                      seed=int(seed) if seed is not None else secrets.randbelow(2**31), top_k=max(top_k, 0))
-        gens = self.engine.generate([GenRequest(ids, tensors, n=num_samples)], s)[0]
+        gens = self.engine.generate([GenRequest(ids, tensors, n=num_samples, images=images)], s)[0]
         stop_tokens, stop_strings = self._stops(params.get("stop"))
         seqs = [self._apply_stop(g.token_ids, g.logprobs, g.finish_reason, stop_tokens, stop_strings) for g in gens]
         if record and sequence_ids:
