@@ -349,6 +349,7 @@ def serve(
     state: Annotated[Path, typer.Option(help="Folder for checkpoints and the SQLite state (kept across restarts).")] = Path("serve-state"),
     name: Annotated[Optional[list[str]], typer.Option("--name", help="Another base_model name that means MODEL (repeatable).")] = None,
     gpu_memory_utilization: Annotated[float, typer.Option(help="vllm engine: its share of the GPU.", min=0.05, max=0.95)] = 0.3,
+    dtype: Annotated[Optional[str], typer.Option(help="Trainer and engine precision: bf16 or fp32 (default: bf16 on a GPU, fp32 on the CPU).")] = None,
 ) -> None:
     """Serve MODEL through the Tinker API: unmodified Tinker SDK clients and cookbook recipes train and sample on it."""
     import secrets
@@ -356,6 +357,8 @@ def serve(
     from .serve import run_server
 
     check_engine_name(engine)
+    if dtype not in (None, "bf16", "fp32"):
+        fail(f"--dtype must be bf16 or fp32, not {dtype!r}")
     if api_key is None:
         api_key = f"tml-{secrets.token_urlsafe(24)}"
         err.print(f"API key (clients send it as TINKER_API_KEY): [bold]{api_key}[/]")
@@ -364,7 +367,8 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]listening on {host}: anyone who can reach it and has the key can train and sample[/]")
     run_server(model, state, host=host, port=port, api_key=api_key, engine=engine, served_names=tuple(name or ()),
-               gpu_memory_utilization=gpu_memory_utilization, log=lambda m: err.print(m, markup=False, highlight=False))
+               gpu_memory_utilization=gpu_memory_utilization,
+               dtype={"bf16": "bfloat16", "fp32": "float32", None: None}[dtype], log=lambda m: err.print(m, markup=False, highlight=False))
 
 
 # --- train ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 def run_server(model: str, state_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str = "",
                engine: str = "hf", served_names: tuple[str, ...] = (), gpu_memory_utilization: float = 0.3,
-               log=print) -> None:
+               dtype: str | None = None, log=print) -> None:
     """Load the model and serve until interrupted (Ctrl-C stops it cleanly)."""
     import uvicorn
 
@@ -23,7 +23,7 @@ def run_server(model: str, state_dir: Path, host: str = "127.0.0.1", port: int =
     from .service import Service
 
     service = Service(model, state_dir, engine=engine, served_names=served_names,
-                      gpu_memory_utilization=gpu_memory_utilization)
+                      gpu_memory_utilization=gpu_memory_utilization, dtype=dtype)
     app = make_app(service, api_key, log=log)
     log(f"vlrl serve: {model} ({engine} engine) on http://{host}:{port}, state in {state_dir}")
     try:
