@@ -281,6 +281,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_subprocess(model, state, log_path, key: str, *extra: str):
+    """`vlrl serve MODEL` as a process of its own, once it answers: (process, base url)."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    url = f"http://127.0.0.1:{free_port()}"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "serve", str(model), "--port", url.rsplit(":", 1)[1],
+                             "--api-key", key, "--state", str(state), *extra], stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/api/v1/healthz", headers={"X-API-Key": key}).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, f"vlrl serve exited {proc.returncode}: {open(log_path).read()[-3000:]}"
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"vlrl serve did not answer in 300 s: {open(log_path).read()[-3000:]}")
+
+
 class LiveServer:
     def __init__(self, model, state):
         import uvicorn

@@ -12,10 +12,8 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 pytestmark = pytest.mark.model
@@ -28,7 +26,7 @@ KEY = "tml-cookbook-test-key"
 def served(tmp_path_factory):
     from vlrl_cli.tiny import build_tiny_model
 
-    from test_serve import free_port
+    from test_serve import serve_subprocess
 
     root = tmp_path_factory.mktemp("cookbook")
     tiny = build_tiny_model(root / "tiny-qwen3_vl", "qwen3_vl")
@@ -39,20 +37,7 @@ def served(tmp_path_factory):
     work.mkdir()
     subprocess.run([sys.executable, str(HERE / "offline_setup.py"), str(work), str(model), HUB_NAME], check=True,
                    capture_output=True)
-    port = free_port()
-    vlrl = Path(sys.executable).parent / "vlrl"
-    log = open(root / "server.log", "w")
-    server = subprocess.Popen([str(vlrl), "serve", str(model), "--port", str(port), "--api-key", KEY, "--state",
-                               str(root / "state"), "--name", HUB_NAME], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{url}/api/v1/healthz", headers={"X-API-Key": KEY}).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert server.poll() is None, (root / "server.log").read_text()
-        time.sleep(0.5)
+    server, url = serve_subprocess(model, root / "state", root / "server.log", KEY, "--name", HUB_NAME)
     env = {**os.environ, "TINKER_API_KEY": KEY, "TINKER_TELEMETRY": "0", "HF_HOME": str(work / "hf"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     yield {"url": url, "model": model, "work": work, "env": env, "state": root / "state", "log": root / "server.log"}

@@ -2,12 +2,11 @@
 (held-out accuracy >= 0.85 from a format-only start, as the CPU demo does with `vlrl train`)."""
 
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
@@ -19,26 +18,16 @@ def test_grpo_with_image_chunks_through_the_sdk_learns_the_colours(tmp_path):
     from vlrl_cli.prepare import PrepareOptions, prepare
     from vlrl_cli.tiny import build_tiny_model
 
-    from test_serve import free_port
+    from test_serve import serve_subprocess
 
     model = build_tiny_model(tmp_path / "tiny-qwen2_5_vl", "qwen2_5_vl")
     prepare(PrepareOptions(source="colors", out=tmp_path / "colors", workers=1,
                            source_opts={"rows": 1200, "num_colors": 4, "image_size": 84}))
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "vlrl"), "serve", str(model), "--port", str(port),
-                               "--api-key", KEY, "--state", str(tmp_path / "state")], stdout=log, stderr=subprocess.STDOUT)
+    server, url = serve_subprocess(model, tmp_path / "state", tmp_path / "server.log", KEY)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/api/v1/healthz", headers={"X-API-Key": KEY}).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
         p = subprocess.run([sys.executable, str(ROOT / "examples/tinker_colors_rl.py"), "--base-url", url,
                             "--model", str(model), "--data", str(tmp_path / "colors"), "--out", str(tmp_path / "out.json")],
-                           env={**__import__("os").environ, "TINKER_API_KEY": KEY, "TINKER_TELEMETRY": "0"},
+                           env={**os.environ, "TINKER_API_KEY": KEY, "TINKER_TELEMETRY": "0"},
                            capture_output=True, text=True, timeout=1500)
         assert p.returncode == 0, p.stderr[-4000:] + (tmp_path / "server.log").read_text()[-3000:]
     finally:
