@@ -45,33 +45,96 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 @dataclass
 class Batch:
-    """Right-padded sequences with their images, ready for one forward."""
+    """Sequences with their images, ready for one forward: right-padded [B, T], or packed end to end in one
+    row (`lengths` set; see make_batch). loss_mask and engine_logp are [B, T] either way."""
 
     inputs: dict  # the model's keyword inputs (render.model_inputs)
     loss_mask: torch.Tensor  # [B, T] 1 where the token at t is trained
     engine_logp: torch.Tensor  # [B, T] the rollout engine's log-probs of generated tokens, 0 elsewhere
+    lengths: list[int] | None = None  # packed: each sequence's length, in row order
 
     @property
     def input_ids(self) -> torch.Tensor:
         return self.inputs["input_ids"]
 
+    @property
+    def positions(self) -> tuple[int, int]:
+        """(real tokens, positions the forward computes): their difference is padding."""
+        real = int(self.loss_mask.new_tensor(self.lengths).sum()) if self.lengths is not None else \
+            int(self.inputs["attention_mask"].sum())
+        return real, self.input_ids.numel()
 
-def make_batch(seqs, processor, dev: torch.device) -> Batch:
-    """seqs: objects with token_ids, loss_mask, engine_logp, tensors (see rollout.Trajectory)."""
+
+def micro_batches(lengths: list[int], per_batch: int, pack_tokens: int = 0) -> list[range]:
+    """Consecutive sequences per forward: `per_batch` at a time, or (pack_tokens > 0) as many as fit in
+    pack_tokens tokens end to end (a longer sequence goes alone)."""
+    if pack_tokens <= 0:
+        return [range(i, min(i + per_batch, len(lengths))) for i in range(0, len(lengths), per_batch)]
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and total + n > pack_tokens:
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += n
+    if lengths:
+        groups.append(range(start, len(lengths)))
+    return groups
+
+
+def make_batch(seqs, processor, dev: torch.device, packed_for=None) -> Batch:
+    """seqs: objects with token_ids, loss_mask, engine_logp, tensors (see rollout.Trajectory).
+
+    packed_for: the model (or its DeepSpeed / PEFT wrapper) to pack for: the sequences go end to end in one
+    row with no padding; each keeps its own positions (M-RoPE computed per sequence by the model's own
+    `get_rope_index`, text positions restarting at 0), and transformers' Qwen-VL models turn those 4-row
+    position ids into a block-diagonal causal mask, so no token attends across a sequence boundary.
+    """
     T = max(len(s.token_ids) for s in seqs)
     B = len(seqs)
-    ids = torch.full((B, T), processor.tokenizer.pad_token_id, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
     mask = torch.zeros((B, T))
     elp = torch.zeros((B, T))
     for i, s in enumerate(seqs):
         n = len(s.token_ids)
-        ids[i, :n] = torch.tensor(s.token_ids)
-        att[i, :n] = 1
         mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.float)
         elp[i, :n] = torch.tensor(s.engine_logp, dtype=torch.float)
     images = concat_image_inputs(s.tensors for s in seqs)
+    if packed_for is not None:
+        ids = torch.tensor([[t for s in seqs for t in s.token_ids]])
+        inputs = model_inputs(processor, ids, None, images, dev)
+        inputs["position_ids"] = packed_positions(packed_for, processor, seqs).to(dev)
+        return Batch(inputs, mask.to(dev), elp.to(dev), [len(s.token_ids) for s in seqs])
+    ids = torch.full((B, T), processor.tokenizer.pad_token_id, dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s.token_ids)] = torch.tensor(s.token_ids)
+        att[i, :len(s.token_ids)] = 1
     return Batch(model_inputs(processor, ids, att, images, dev), mask.to(dev), elp.to(dev))
+
+
+def _rope_owner(model):
+    """The submodule that computes M-RoPE positions (`get_rope_index`), under DeepSpeed / PEFT wrappers."""
+    for m in getattr(model, "module", model).modules():
+        if hasattr(m, "get_rope_index"):
+            return m
+    raise TypeError(f"{type(model).__name__} has no get_rope_index: packing needs a Qwen-VL model")
+
+
+def packed_positions(model, processor, seqs) -> torch.Tensor:
+    """[4, 1, sum of lengths]: row 0 the text positions (restarting at 0 per sequence: how transformers finds
+    the sequence boundaries), rows 1-3 each sequence's own M-RoPE positions, computed as for it alone."""
+    from .render import mm_token_type_ids
+
+    owner, rows = _rope_owner(model), []
+    for s in seqs:
+        ids = torch.tensor([s.token_ids])
+        grid = s.tensors.get("image_grid_thw")
+        if grid is not None and len(grid):
+            pos, _ = owner.get_rope_index(ids, mm_token_type_ids=mm_token_type_ids(processor, ids),
+                                          image_grid_thw=grid, attention_mask=torch.ones_like(ids))
+        else:
+            pos = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+        rows.append(torch.cat([torch.arange(ids.shape[1]).view(1, 1, -1), pos.to(torch.long).cpu()], dim=0))
+    return torch.cat(rows, dim=2)
 
 
 def _logits(model, batch: Batch) -> torch.Tensor:
@@ -87,7 +150,15 @@ def sequence_logprobs(model, batch: Batch, temperature: float, banned: list[int]
     # prompt positions holding image placeholders have log-prob -inf (never sampleable); they are never
     # trained, and a finite 0 there keeps `logp * mask` free of inf * 0 = nan
     lp = lp.masked_fill(torch.isinf(lp), 0.0)
-    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+    lp = torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+    if batch.lengths is None:
+        return lp
+    # packed: back to [B, T]; each sequence's first position (predicted from the previous one's end) is 0
+    rows, start = [], 0
+    for n in batch.lengths:
+        rows.append(torch.cat([lp.new_zeros(1), lp[0, start + 1:start + n]]))
+        start += n
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
 
 def target_logprobs(model, batch: Batch, targets: torch.Tensor, temperature: float, banned: list[int]) -> torch.Tensor:

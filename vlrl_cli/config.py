@@ -87,6 +87,9 @@ class TrainerCfg:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | linear (decays to 10% of lr at the last step)
     micro_batch: int = 8  # sequences per forward/backward
+    # > 0: instead, sequences packed end to end into micro-batches of at most this many tokens (no padding,
+    # no attention across sequences; batches.make_batch). 0: micro_batch sequences, right-padded
+    pack_tokens: int = 0
     grad_clip: float = 1.0
     zero_stage: int = 0
     offload: bool = False  # ZeRO CPU offload of optimizer state

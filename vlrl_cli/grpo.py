@@ -94,8 +94,10 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         t1 = time.perf_counter()
         n_tok = sum(t.response_len for t, _ in batch)
         n_seq = len(batch)
-        micro = [batch[i:i + tr.micro_batch] for i in range(0, len(batch), tr.micro_batch)]
-        mbs = [batches.make_batch([t for t, _ in mb], processor, dev) for mb in micro]
+        micro = [[batch[i] for i in g]
+                 for g in batches.micro_batches([len(t.token_ids) for t, _ in batch], tr.micro_batch, tr.pack_tokens)]
+        pack = policy if tr.pack_tokens > 0 else None
+        mbs = [batches.make_batch([t for t, _ in mb], processor, dev, packed_for=pack) for mb in micro]
         mb_adv = [torch.tensor([x for _, x in mb], device=dev) for mb in micro]
         policy.train()
         anchors, refs = {}, {}
@@ -154,7 +156,8 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "seqs": len(trajs), "reward": float(rewards.sum()), "correct": sum(bool(t.info.get("correct")) for t in trajs),
             "format": sum(bool(t.info.get("format_ok")) for t in trajs), "gen_tokens": sum(t.response_len for t in trajs),
             "prompt_tokens": sum(t.prompt_len for t in trajs), "groups_kept": int(keep.sum()) // r.n,
-            "too_long": sum(t.done_reason == "prompt_too_long" for t in trajs) // r.n})
+            "too_long": sum(t.done_reason == "prompt_too_long" for t in trajs) // r.n,
+            "pad": sum(b.positions[1] - b.positions[0] for b in mbs), "computed": sum(b.positions[1] for b in mbs)})
         drift_max = all_ranks({"m": stats["drift_max"]}, op="max")["m"]
         tok, seqs = max(g["tok"], 1.0), g["seqs"]
         metrics = {
@@ -180,6 +183,8 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "tokens_per_s": g["gen_tokens"] / world / step_s,  # generated tokens per second per rank
             "time_step_s": round(step_s, 4),
             "prompt_len_mean": g["prompt_tokens"] / seqs,
+            "padding_frac": g["pad"] / max(g["computed"], 1.0),  # of the positions the trainer's forwards computed
+            "micro_batches": len(mbs),  # forwards per pass over the step's batch (this rank)
             "lr": policy.get_lr()[0],
         }
         if torch.cuda.is_available():  # scoring, training and sync; vLLM's pool reported apart

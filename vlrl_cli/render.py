@@ -160,8 +160,9 @@ def model_inputs(processor, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
     Floating image tensors are cast to `dtype` (the model's) when given.
     """
-    out = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-           "mm_token_type_ids": mm_token_type_ids(processor, input_ids).to(device)}
+    out = {"input_ids": input_ids.to(device), "mm_token_type_ids": mm_token_type_ids(processor, input_ids).to(device)}
+    if attention_mask is not None:  # None: packed sequences (their boundaries come from position_ids)
+        out["attention_mask"] = attention_mask.to(device)
     for k, v in tensors.items():
         out[k] = v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
     return out

@@ -87,18 +87,21 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
             run.nothing_trained(recipe, step + 1, f"all {len(built)} prompts were over data.max_prompt_tokens "
                                 f"({recipe.data.max_prompt_tokens})", trained_steps)
         n_tok = sum(sum(s.loss_mask) for s in seqs)
-        micro = [seqs[i:i + tr.micro_batch] for i in range(0, len(seqs), tr.micro_batch)]
+        micro = [[seqs[i] for i in g]
+                 for g in batches.micro_batches([len(s.token_ids) for s in seqs], tr.micro_batch, tr.pack_tokens)]
         policy.train()
-        total = 0.0
+        total, pad, computed = 0.0, 0, 0
         for m, mb in enumerate(micro):
-            b = batches.make_batch(mb, processor, dev)
+            b = batches.make_batch(mb, processor, dev, packed_for=policy if tr.pack_tokens > 0 else None)
+            pad, computed = pad + b.positions[1] - b.positions[0], computed + b.positions[1]
             logp = batches.sequence_logprobs(policy, b, 1.0, banned)
             loss = -(logp * b.loss_mask).sum() / n_tok
             pol.backward_step(policy, loss, last=m == len(micro) - 1)
             total += loss.item()
         grad_norm = pol.optimizer_step(policy) if trained else None
-        g = all_ranks({"nll": total * n_tok, "tok": n_tok, "too_long": too_long})  # token-mean loss over all ranks
+        g = all_ranks({"nll": total * n_tok, "tok": n_tok, "too_long": too_long, "pad": pad, "computed": computed})
         metrics = {"step": step + 1, "loss": g["nll"] / max(g["tok"], 1), "grad_norm": grad_norm, "tokens": int(g["tok"]),
+                   "padding_frac": g["pad"] / max(g["computed"], 1), "micro_batches": len(micro),
                    "prompts_too_long": int(g["too_long"]), "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
         if torch.cuda.is_available():
             metrics["trainer_mem_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
