@@ -228,6 +228,65 @@ def cmd_train_profile(a):
           "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}, a.json)
 
 
+def cmd_pack(a):
+    """Packed vs padded micro-batches at the same token budget (issue 15): forward + backward of --seqs
+    rollout-shaped sequences (a real image prompt + a response of 16..1024 random tokens, seeded), in the same
+    order. Padded: budget // (prompt + max response) sequences per micro-batch, so its worst micro-batch fits
+    the budget too; packed: trainer.pack_tokens = budget. Reports real tokens per second and peak memory."""
+    import random
+
+    import torch
+
+    from vlrl_cli.batches import make_batch, micro_batches, sequence_logprobs
+    from vlrl_cli.distributed import device, init_distributed
+    from vlrl_cli.engines import placeholder_token_ids
+    from vlrl_cli.policy import backward_step, build_policy
+    from vlrl_cli.rollout import Trajectory
+
+    init_distributed()
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False, grad_clip=1.0,
+                          dtype=dtype, gradient_checkpointing=True, packed=not a.sdpa_mask)
+    policy.train()
+    processor, reqs = requests_for(a.model, a.data, a.seqs)
+    special = set(placeholder_token_ids(processor))
+    ordinary = [i for i in range(len(processor.tokenizer)) if i not in special]
+    rng = random.Random(0)
+    seqs = []
+    for r in reqs:
+        k = rng.randint(a.min_tokens, a.max_tokens)
+        resp = [rng.choice(ordinary) for _ in range(k)]
+        seqs.append(Trajectory("x", 0, "colors", "colors", r.input_ids + resp, [0] * len(r.input_ids) + [1] * k,
+                               [0.0] * (len(r.input_ids) + k), r.tensors, len(r.input_ids)))
+    lengths = [len(x.token_ids) for x in seqs]
+    per_padded = max(1, a.budget // (len(reqs[0].input_ids) + a.max_tokens))
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    result = {"device": device_name(), "model": a.model, "sequences": len(seqs), "tokens": sum(lengths),
+              "budget_tokens": a.budget, "response_tokens": [a.min_tokens, a.max_tokens],
+              "packed_attention": "sdpa + block mask" if a.sdpa_mask else "varlen flash (modeling.packed_text_attention)"}
+    for mode in ("padded", "packed", "padded", "packed"):  # each twice: the first pass warms up
+        groups = micro_batches(lengths, per_padded, a.budget if mode == "packed" else 0)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.perf_counter()
+        computed = 0
+        for k, g in enumerate(groups):
+            b = make_batch([seqs[i] for i in g], processor, device(), packed_for=policy if mode == "packed" else None)
+            computed += b.positions[1]
+            lp = sequence_logprobs(policy, b, 1.0, [])
+            backward_step(policy, -(lp * b.loss_mask).sum() / b.loss_mask.sum(), k == len(groups) - 1)
+        sync()
+        secs = time.perf_counter() - t
+        policy.zero_grad()
+        result[mode] = {"seconds": secs, "micro_batches": len(groups), "computed_positions": computed,
+                        "tokens_per_s": sum(lengths) / secs,
+                        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
+    result["packing_speedup"] = result["packed"]["tokens_per_s"] / result["padded"]["tokens_per_s"]
+    emit(result, a.json)
+
+
 def cmd_recipe(a):
     import yaml
 
@@ -460,6 +519,17 @@ def main():
     r.add_argument("--run-dir", default="/tmp/bench-runs")
     r.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank (alpha = 2 x rank); 0 = full fine-tune")
     r.add_argument("--offload", action="store_true")
+    pk = sub.add_parser("pack", help="issue-15 figure: packed vs padded micro-batches at one token budget")
+    pk.add_argument("--model", required=True)
+    pk.add_argument("--data", required=True)
+    pk.add_argument("--seqs", type=int, default=64)
+    pk.add_argument("--budget", type=int, default=16384)
+    pk.add_argument("--min-tokens", type=int, default=16)
+    pk.add_argument("--max-tokens", type=int, default=1024)
+    pk.add_argument("--stage", type=int, default=2)
+    pk.add_argument("--sdpa-mask", action="store_true", help="packed rows through sdpa with the block mask "
+                    "(every block computed), not the varlen kernel")
+    pk.add_argument("--json")
     f = sub.add_parser("fit", help="issue-12 figures: trainer-only peak, LoRA vs full, 7B LoRA, train-phase MFU")
     f.add_argument("--dir", required=True)
     f.add_argument("--device", required=True)
@@ -472,7 +542,7 @@ def main():
     m.add_argument("--previous", default="bench/results/gpu.json", help="keep parts this session did not re-measure")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"build": cmd_build, "data": cmd_data, "rollout": cmd_rollout, "sync": cmd_sync, "recipe": cmd_recipe,
+    {"build": cmd_build, "data": cmd_data, "rollout": cmd_rollout, "sync": cmd_sync, "recipe": cmd_recipe, "pack": cmd_pack,
      "train-profile": cmd_train_profile, "summarize": cmd_summarize, "fit": cmd_fit}[a.cmd](a)
 
 

@@ -421,3 +421,29 @@ def test_serve_with_vllm_colours_rl_example_learns(tmp_path):
         "colors_rl_step_s_median": sorted(h["seconds"] for h in out["history"])[len(out["history"]) // 2],
         "colors_forward_backward_s": secs(ev2, "forward_backward"), "colors_sample_s": secs(ev2, "sample")})
     assert out["accuracy_after_rl"] >= 0.85, out
+
+
+@needs_gpu
+def test_packed_rows_through_the_varlen_kernel_match_padded_batches(gpu_tiny, family):
+    """trainer.pack_tokens on a GPU: the language model's attention over a packed row runs PyTorch's varlen
+    flash kernel per sequence (modeling.packed_text_attention); its log-probs match the padded batch's."""
+    import test_packing
+
+    from vlrl_cli.batches import make_batch, sequence_logprobs
+    from vlrl_cli.modeling import load_vlm, use_packed_text_attention
+    from vlrl_cli.render import load_processor
+
+    model = load_vlm(str(gpu_tiny), torch.bfloat16).cuda()
+    use_packed_text_attention(model)
+    processor = load_processor(str(gpu_tiny))
+    seqs = test_packing.sequences(processor)
+    with torch.no_grad():
+        padded = sequence_logprobs(model, make_batch(seqs, processor, "cuda"), 1.0, [processor.image_token_id])
+        packed = sequence_logprobs(model, make_batch(seqs, processor, "cuda", packed_for=model), 1.0,
+                                   [processor.image_token_id])
+    valid = torch.zeros_like(padded, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        valid[i, 1:len(s.token_ids)] = True
+    diff = (padded - packed).abs()[valid].float()
+    record("packed_varlen", family, {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max())})
+    assert diff.mean() < 5e-3 and diff.max() < 5e-2, (float(diff.mean()), float(diff.max()))

@@ -100,7 +100,11 @@ def make_batch(seqs, processor, dev: torch.device, packed_for=None) -> Batch:
     images = concat_image_inputs(s.tensors for s in seqs)
     if packed_for is not None:
         ids = torch.tensor([[t for s in seqs for t in s.token_ids]])
-        inputs = model_inputs(processor, ids, None, images, dev)
+        # the sequence boundaries travel in position_ids; with no attention mask transformers builds the
+        # block-diagonal one itself. The GPU's varlen path (modeling.packed_text_attention) needs no mask:
+        # an all-ones one makes transformers skip building a [T, T] mask at all (is_causal)
+        ones = torch.ones_like(ids) if uses_varlen(packed_for) and torch.device(dev).type == "cuda" else None
+        inputs = model_inputs(processor, ids, ones, images, dev)
         inputs["position_ids"] = packed_positions(packed_for, processor, seqs).to(dev)
         return Batch(inputs, mask.to(dev), elp.to(dev), [len(s.token_ids) for s in seqs])
     ids = torch.full((B, T), processor.tokenizer.pad_token_id, dtype=torch.long)
@@ -109,6 +113,13 @@ def make_batch(seqs, processor, dev: torch.device, packed_for=None) -> Batch:
         ids[i, :len(s.token_ids)] = torch.tensor(s.token_ids)
         att[i, :len(s.token_ids)] = 1
     return Batch(model_inputs(processor, ids, att, images, dev), mask.to(dev), elp.to(dev))
+
+
+def uses_varlen(model) -> bool:
+    from .modeling import PACKED
+
+    config = getattr(model, "module", model).config
+    return getattr(getattr(config, "text_config", config), "_attn_implementation", None) == PACKED
 
 
 def _rope_owner(model):

@@ -56,6 +56,56 @@ def grouped_segment_attention(module, query, key, value, attention_mask=None, sc
     return packed.index_select(1, inverse).transpose(0, 1).unsqueeze(0), None
 
 
+PACKED = "vlrl_packed_text"  # the language model's attention when training on packed micro-batches
+
+
+def packed_text_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                          position_ids=None, **kwargs):
+    """The language model's attention for trainer.pack_tokens: a packed row (batch 1, several sequences end to
+    end, text positions restarting at 0) on a GPU goes to PyTorch's variable-length flash kernel, one causal
+    attention per sequence with no work on the blocks between them (sdpa with the block-diagonal mask
+    computes every block: measured on an H100, 3B model, a 16k-token packed row was 0.67x the padded
+    throughput that way). Anything else (padded batches, the CPU, cached generation) is transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    T = query.shape[2]
+    if (query.is_cuda and query.shape[0] == 1 and position_ids is not None and key.shape[2] == T
+            and position_ids.shape[-1] == T and dropout == 0.0):
+        starts = (position_ids.reshape(-1) == 0).nonzero().flatten()
+        if len(starts) > 1 and int(starts[0]) == 0:
+            cu = torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, dim]
+            return _varlen_causal(q, k, v, cu, longest, scaling).unsqueeze(0), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _varlen_causal(q, k, v, cu, longest: int, scale):
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters  # the causal flag changed name between releases
+    kw = {"scale": scale, **({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})}
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
+
+
+def use_packed_text_attention(model) -> None:
+    """Route the language model's attention through packed_text_attention (its masks stay sdpa's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED, packed_text_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+    text = getattr(model.config, "text_config", model.config)
+    text._attn_implementation = PACKED
+
+
 def check_model_name(name: str) -> str:
     """A model argument that looks local (starts with . / ~, or its first folder exists here) must exist:
     a typo is a one-line error naming it, not a hub lookup that retries online or blames huggingface.co."""

@@ -74,11 +74,11 @@ def param_groups(params: list[torch.nn.Parameter], max_numel: int = 100_000_000)
 def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
                  grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
                  schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto",
-                 lora=None):
+                 lora=None, packed: bool = False):
     """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine).
 
     lora: the recipe's model.lora; with rank >= 1 the model gets adapters (lora.py) and only they reach
-    the optimizer."""
+    the optimizer. packed: micro-batches will be packed (trainer.pack_tokens; modeling.packed_text_attention)."""
     import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
@@ -91,6 +91,10 @@ def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, s
     # loaded later (the hf engine's copy, a KL reference) must load whole.
     hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 else None
     model = load_vlm(model_path, getattr(torch, dtype), attention)
+    if packed and attention == "auto":  # trainer.pack_tokens: packed rows through the varlen kernel on a GPU
+        from .modeling import use_packed_text_attention
+
+        use_packed_text_attention(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if use_lora:
