@@ -442,3 +442,13 @@ def test_serve_cli_refuses_bad_flags_before_loading_anything(cli, tmp_path):
     assert r.exit_code == 2 and "too short" in r.output
     r = cli("serve", "--help")
     assert r.exit_code == 0 and "Tinker" in r.output and "--api-key" in r.output
+
+
+def test_lora_config_train_attn_and_train_mlp_choose_the_adapted_projections(services):
+    svc = services["qwen2_5_vl"]
+    mid = svc.create_model("s", svc.model_path, lora_rank=4, model_id="s:train:attn-only", train_mlp=False)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in svc.model(mid).policy.module.named_parameters()
+               if ".lora_A." in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    with pytest.raises(Exception, match="nothing would train"):
+        svc.create_model("s", svc.model_path, lora_rank=4, train_attn=False, train_mlp=False)

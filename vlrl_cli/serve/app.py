@@ -33,7 +33,6 @@ def user_error(message: str, status: int = 400) -> JSONResponse:
 
 def make_app(service: Service, api_key: str, log=print, poll_hold_s: float = POLL_HOLD_S) -> Starlette:
     jobs = Jobs(service.store, log=log)
-    sessions: dict[str, dict] = {}
 
     def future(fn, scope=None, seq=None, ordered=True, **extra) -> JSONResponse:
         return JSONResponse({"request_id": jobs.submit(fn, scope, seq, ordered), **extra})
@@ -98,7 +97,6 @@ def make_app(service: Service, api_key: str, log=print, poll_hold_s: float = POL
     async def create_session(request):
         await body_json(request)
         sid = f"s-{secrets.token_hex(8)}"
-        sessions[sid] = {"models": 0}
         service.store.put_session(sid)
         return JSONResponse({"type": "create_session", "session_id": sid})
 
@@ -120,11 +118,14 @@ def make_app(service: Service, api_key: str, log=print, poll_hold_s: float = POL
             raise UserError("create_model needs session_id and model_seq_id")
         service.check_base_model(data.get("base_model"))
         lora = data.get("lora_config") or {}
-        rank = int(lora.get("rank", 0)) if isinstance(lora, dict) else 0
+        if not isinstance(lora, dict):
+            raise UserError("lora_config must be an object")
+        rank = int(lora.get("rank", 0))
         mid = f"{session_id}:train:{seq}"  # the SDK derives this id itself (load_weights path)
 
         def run():
-            service.create_model(session_id, data["base_model"], rank, lora.get("seed"), model_id=mid)
+            service.create_model(session_id, data["base_model"], rank, lora.get("seed"), model_id=mid,
+                                 train_attn=bool(lora.get("train_attn", True)), train_mlp=bool(lora.get("train_mlp", True)))
             return {"model_id": mid, "type": "create_model"}
 
         return future(as_json(run), scope=f"create:{session_id}", seq=seq, ordered=False, model_id=mid)

@@ -22,6 +22,9 @@ from typing import Callable
 from .service import UserError
 from .wire import WireError
 
+KEEP_IN_MEMORY = 2_000  # finished results held in memory for polls (all of them are in the store)
+RESULTS_KEPT_S = 24 * 3600  # finished results kept in the store this long
+
 
 @dataclass
 class Job:
@@ -45,6 +48,7 @@ class Jobs:
         self.results: dict[str, tuple[str, str, bytes]] = {}  # request_id -> (status, content type, body)
         self.known: set[str] = set()
         self.stopping = False
+        self.done = 0
         self.worker = threading.Thread(target=self._run, name="vlrl-serve-worker", daemon=True)
         self.worker.start()
 
@@ -117,7 +121,12 @@ class Jobs:
             self.store.put_result(job.request_id, *result)
             with self.cv:
                 self.results[job.request_id] = result
+                while len(self.results) > KEEP_IN_MEMORY:  # older results are still in the store
+                    self.results.pop(next(iter(self.results)))
                 self.cv.notify_all()
+            self.done += 1
+            if self.done % 500 == 0:
+                self.store.forget_results(older_than_s=RESULTS_KEPT_S)
 
     def wait(self, request_id: str, timeout_s: float) -> tuple[str, str, bytes] | None:
         """The result, or None if still running after timeout_s. KeyError for an id never issued."""
@@ -126,7 +135,7 @@ class Jobs:
             while True:
                 if request_id in self.results:
                     return self.results[request_id]
-                if request_id not in self.known:
+                if request_id not in self.known or self._finished_earlier(request_id):
                     stored = self.store.get_result(request_id)  # finished before a restart
                     if stored is None:
                         raise KeyError(request_id)
@@ -135,6 +144,12 @@ class Jobs:
                 if left <= 0:
                     return None
                 self.cv.wait(timeout=left)
+
+    def _finished_earlier(self, request_id: str) -> bool:
+        """Issued by this process, finished, and since dropped from memory: the store has it."""
+        return not any(j.request_id == request_id for j in self.free) and \
+            not any(j.request_id == request_id for jobs in self.ordered.values() for j in jobs.values()) and \
+            self.store.get_result(request_id) is not None
 
     def stop(self) -> None:
         with self.cv:

@@ -33,9 +33,10 @@ class UserError(errors.UserError):
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RECORDED_MAX = 200_000  # sampled sequences remembered for stable_reinforce's provenance check
 
 
-def micro_batches(lengths: list[int], budget: int) -> list[range]:
+def padded_groups(lengths: list[int], budget: int) -> list[range]:
     """Consecutive datums per forward, each group's padded size (count x longest) within `budget` positions
     (a datum longer than the budget goes alone)."""
     groups, start, longest = [], 0, 0
@@ -56,8 +57,7 @@ class TrainModel:
     lora_rank: int
     policy: object  # DeepSpeed engine
     steps: int = 0
-    pending_tokens: int = 0  # trained positions since the last optim_step
-    meta: dict = field(default_factory=dict)
+    lora_parts: tuple[bool, bool] = (True, True)  # LoRA on (attention, MLP) projections
 
 
 @dataclass
@@ -102,6 +102,7 @@ class Service:
         cfg = AutoConfig.from_pretrained(model_path)
         self.vocab_size = int(getattr(getattr(cfg, "text_config", cfg), "vocab_size"))
         self.recorded: dict[str, np.ndarray] = {}  # sequence_id -> sampled log-probs (stable_reinforce)
+        self._scorer, self._scorer_weights = None, None  # vllm engine: an hf copy for prompt log-probs
         self.log_path = self.state_dir / "requests.jsonl"  # one line per training / sampling call, for people
 
     def _log(self, **event) -> None:
@@ -120,24 +121,32 @@ class Service:
             return base_model
         raise UserError(f"base_model {base_model!r} is not served here; this server serves {sorted(self.names)}")
 
-    def _build(self, lora_rank: int, seed: int | None):
+    def _build(self, lora_rank: int, seed: int | None, train_attn: bool = True, train_mlp: bool = True):
         from ..config import LoraCfg
+        from ..lora import LM_PROJECTIONS
 
         if seed is not None:
             torch.manual_seed(seed)  # the adapters' initialisation (PEFT: A random, B zero)
-        lora = LoraCfg(rank=lora_rank, alpha=self.lora_alpha) if lora_rank > 0 else None
+        targets = [t for t in LM_PROJECTIONS if (train_attn and t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+                   or (train_mlp and t in ("gate_proj", "up_proj", "down_proj"))]
+        if lora_rank > 0 and not targets:
+            raise UserError("lora_config: train_attn and train_mlp are both false: nothing would train")
+        lora = LoraCfg(rank=lora_rank, alpha=self.lora_alpha, target_modules=targets) if lora_rank > 0 else None
         # ZeRO stage 0: one process, one model; every forward_backward is a complete accumulation step of
         # its own (boundary set), so gradients of any number of calls add up until optim_step
         return pol.build_policy(self.model_path, lr=1e-4, weight_decay=0.0, warmup=0, stage=0, offload=False,
                                 grad_clip=0.0, dtype=self.dtype, lora=lora)
 
     def create_model(self, session_id: str, base_model: str, lora_rank: int = 0, seed: int | None = None,
-                     model_id: str | None = None) -> str:
-        base = self.check_base_model(base_model)
+                     model_id: str | None = None, train_attn: bool = True, train_mlp: bool = True) -> str:
+        """A training model: LoRA of `lora_rank` on the language model's attention and/or MLP projections
+        (Tinker's train_attn / train_mlp), or a full fine-tune at rank 0."""
+        self.check_base_model(base_model)
         if lora_rank < 0:
             raise UserError(f"lora rank must be >= 0 (0 = full fine-tune), got {lora_rank}")
         model_id = model_id or f"m-{secrets.token_hex(6)}"
-        self.models[model_id] = TrainModel(model_id, base_model, lora_rank, self._build(lora_rank, seed))
+        policy = self._build(lora_rank, seed, train_attn, train_mlp)
+        self.models[model_id] = TrainModel(model_id, base_model, lora_rank, policy, lora_parts=(train_attn, train_mlp))
         self.store.put_model(model_id, session_id, base_model, lora_rank)
         return model_id
 
@@ -183,8 +192,8 @@ class Service:
                     raise UserError(f"datum {i}: sequence {unknown[0]!r} was not sampled here with record_stability_info")
         policy = m.policy
         policy.train()
-        outputs, total, tokens = [], 0.0, 0
-        for idx in micro_batches([len(r[0]) for r in rendered], self.micro_batch_tokens):
+        outputs, total = [], 0.0
+        for idx in padded_groups([len(r[0]) for r in rendered], self.micro_batch_tokens):
             batch = batches.make_batch([SeqInput(*rendered[i][:2]) for i in idx], self.processor, self.dev)
             T = batch.input_ids.shape[1]
             targets = torch.zeros((len(idx), T), dtype=torch.long)
@@ -200,13 +209,9 @@ class Service:
                               for k, v in data[i].inputs.items() if k != "target_tokens"}
                     loss = loss + losses.datum_loss(loss_fn, lp[j, :n], inputs, config)
                     outputs.append({"logprobs": lp[j, :n].detach().float().cpu().numpy()})
-                    w = data[i].inputs.get("weights", data[i].inputs.get("advantages"))
-                    tokens += int(np.count_nonzero(w)) if w is not None else n
             if not forward_only:
                 pol.backward_step(policy, loss, last=True)
             total += float(loss.detach())
-        if not forward_only:
-            m.pending_tokens += tokens
         self._log(op="forward" if forward_only else "forward_backward", model_id=model_id, loss_fn=loss_fn,
                   datums=len(data), positions=sum(len(r[0]) for r in rendered), loss_sum=total,
                   images=sum(isinstance(c, wire.ImageChunk) for d in data for c in d.chunks),
@@ -239,7 +244,6 @@ class Service:
         policy.step()
         reported = policy.get_global_grad_norm()
         m.steps += 1
-        m.pending_tokens = 0
         grad_norm = float(reported if reported is not None else (norm or 0.0))
         self._log(op="optim_step", model_id=model_id, step=m.steps, learning_rate=lr, grad_norm=grad_norm)
         return {"metrics": {"grad_norm:mean": grad_norm, "learning_rate:mean": lr}}
@@ -276,7 +280,8 @@ class Service:
         tmp.rename(final)
         path = f"tinker://{model_id}/weights/{name}"
         self.store.put_checkpoint(path, model_id, "weights", str(final), {"lora_rank": m.lora_rank, "steps": m.steps,
-                                                                         "base_model": m.base_model})
+                                                                         "base_model": m.base_model,
+                                                                         "lora_parts": list(m.lora_parts)})
         return path
 
     def load_state(self, path: str, model_id: str | None, session_id: str | None, with_optimizer: bool,
@@ -287,10 +292,13 @@ class Service:
             raise UserError(f"{path} holds sampler weights only; load a checkpoint saved with save_state")
         meta = self.store.get_checkpoint(path)["meta"]
         if model_id is None:
-            model_id = self.create_model(session_id or "", meta["base_model"], meta["lora_rank"], model_id=new_model_id)
+            attn, mlp = meta.get("lora_parts", (True, True))
+            model_id = self.create_model(session_id or "", meta["base_model"], meta["lora_rank"], model_id=new_model_id,
+                                         train_attn=attn, train_mlp=mlp)
         m = self.model(model_id)
-        if m.lora_rank != meta["lora_rank"]:
-            raise UserError(f"{path} has LoRA rank {meta['lora_rank']}, model {model_id} has {m.lora_rank}")
+        if m.lora_rank != meta["lora_rank"] or list(m.lora_parts) != list(meta.get("lora_parts", (True, True))):
+            raise UserError(f"{path} has LoRA rank {meta['lora_rank']} on {meta.get('lora_parts')}, model {model_id} "
+                            f"has {m.lora_rank} on {list(m.lora_parts)} (attention, MLP)")
         _, client = m.policy.load_checkpoint(str(self._checkpoint_dir(src_model, kind, name)), tag="state",
                                              load_optimizer_states=with_optimizer, load_lr_scheduler_states=False)
         m.steps = int((client or {}).get("steps", 0))
@@ -372,6 +380,8 @@ class Service:
         if record and sequence_ids:
             for sid, (_, lps, _) in zip(sequence_ids, seqs):
                 self.recorded[sid] = np.asarray(lps, dtype=np.float32)
+            while len(self.recorded) > RECORDED_MAX:  # the oldest go first (dicts keep insertion order)
+                self.recorded.pop(next(iter(self.recorded)))
         plp = self.prompt_logprobs(ids, tensors) if prompt_logprobs else None
         self._log(op="sample", weights=model_path or "base", prompt_tokens=len(ids), samples=num_samples,
                   sampled_tokens=sum(len(t) for t, _, _ in seqs), seconds=round(time.perf_counter() - t0, 4))
@@ -415,8 +425,8 @@ class Service:
         """vllm engine: an hf copy of the sampler's weights for prompt log-probs (loaded on first use)."""
         from ..modeling import load_vlm
 
-        if getattr(self, "_scorer", None) is None or self._scorer_weights != self.engine_weights:
-            if getattr(self, "_scorer", None) is None:
+        if self._scorer is None or self._scorer_weights != self.engine_weights:
+            if self._scorer is None:
                 self._scorer = load_vlm(self.model_path, getattr(torch, self.dtype)).to(self.dev).eval()
             params = dict(self._scorer.named_parameters())
             for n, t in self._read_sampler(self.engine_weights):
@@ -431,5 +441,3 @@ class Service:
                 "is_lora": m.lora_rank > 0, "lora_rank": m.lora_rank or None, "model_name": m.base_model,
                 "type": "get_info"}
 
-    def now(self) -> float:
-        return time.time()
