@@ -421,6 +421,7 @@ def test_the_tinker_sdk_trains_samples_checkpoints_and_survives_a_restart(family
             app_module.MAX_BODY = old_limit
         fb = tc.forward_backward([sdk_datum], "cross_entropy").result()  # still serving
         assert math.isfinite(fb.metrics["loss:sum"])
+        sc.close("success").result()  # finishes the session; stops the SDK's heartbeat thread
     finally:
         live.stop()
 
@@ -431,6 +432,7 @@ def test_the_tinker_sdk_trains_samples_checkpoints_and_survives_a_restart(family
         tc2 = sc.create_training_client_from_state_with_optimizer(state_path).result()
         fb2 = tc2.forward_backward([sdk_datum], "cross_entropy").result()
         assert fb2.metrics["loss:sum"] == pytest.approx(fb.metrics["loss:sum"], rel=1e-4)
+        sc.close("success").result()
     finally:
         live.stop()
 
