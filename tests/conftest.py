@@ -28,6 +28,15 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict:
+    """A tiny model of each Qwen-VL family: {qwen2_vl, qwen2_5_vl, qwen3_vl: folder} (never written to by tests)."""
+    from vlrl_cli.tiny import FAMILIES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_tiny_model(root / f, f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def colors_data(tmp_path_factory) -> Path:
     from vlrl_cli.prepare import PrepareOptions, prepare
 

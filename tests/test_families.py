@@ -22,14 +22,6 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
-    from vlrl_cli.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("families")
-    return {f: build_tiny_model(root / f, f) for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
 def maze_data(tmp_path_factory):
     from vlrl_cli.prepare import PrepareOptions, prepare
 

@@ -16,14 +16,6 @@ pytestmark = pytest.mark.model
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-@pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
-    from vlrl_cli.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("packing")
-    return {f: build_tiny_model(root / f, f) for f in FAMILIES}
-
-
 def image(w, h, colour):
     buf = io.BytesIO()
     Image.new("RGB", (w, h), colour).save(buf, format="PNG")

@@ -20,14 +20,6 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 KEY = "tml-test-key-0123"
 
 
-@pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
-    from vlrl_cli.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("serve-families")
-    return {f: build_tiny_model(root / f, f) for f in FAMILIES}
-
-
 def jpeg(w=64, h=96, colour=(200, 30, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), colour).save(buf, format="JPEG")
