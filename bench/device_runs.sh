@@ -7,6 +7,8 @@
 #   bash bench/device_runs.sh steps      # GRPO steps: vlrl on GPU 0 and TRL on GPU 1, side by side
 #   bash bench/device_runs.sh two        # GRPO steps on 2 GPUs (2 ranks)
 #   bash bench/device_runs.sh rollout    # vllm vs hf rollout throughput, weight sync
+#   bash bench/device_runs.sh generate   # vLLM alone at a GRPO step's shape (32 prompts x 8 x 256)
+#   bash bench/device_runs.sh packprof   # packed vs padded micro-batches, with a profile of each
 #   bash bench/device_runs.sh fit full3b|lora3b|lora7b   # one H100: 3B full fine-tune without offload,
 #        3B LoRA rank 64 on the same batch, 7B LoRA rank 64 (then: gpu_perf.py fit --dir $OUT)
 set -uo pipefail
@@ -61,6 +63,21 @@ two)
     mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
     tail -n 3 $OUT/$name.log
   done
+  ;;
+generate)
+  # issue 15.3 at equal shape: vLLM alone on 32 prompts x 8 samples x 256 tokens (what a GRPO step
+  # generates), at the 0.15 memory fraction the fit runs use; then compare with their time_generate_* parts
+  $P rollout --model $M --data $D --prompts 32 --n 8 --tokens 256 --gpu-mem 0.15 --json $OUT/rollout_32x8.json \
+    > $OUT/rollout_32x8.log 2>&1
+  $P rollout --model $M --data $D --prompts 256 --n 1 --tokens 256 --gpu-mem 0.15 --json $OUT/rollout_256x1.json \
+    >> $OUT/rollout_32x8.log 2>&1
+  tail -n 2 $OUT/rollout_32x8.log; cat $OUT/rollout_*.json
+  ;;
+packprof)
+  # issue 15.2: packed vs padded at one token budget, with a profiler table of one pass of each
+  $P pack --model $M --data $D --budget ${BUDGET:-16384} --json $OUT/pack_${BUDGET:-16384}.json \
+    --profile $OUT/packprof_${BUDGET:-16384} > $OUT/pack.log 2>&1
+  tail -n 2 $OUT/pack.log; cat $OUT/pack_*.json
   ;;
 fit)
   # 32 prompts x 8 samples x 256 tokens, micro-batch 8, ZeRO-2, vLLM at 0.15 of the GPU (what fits next to

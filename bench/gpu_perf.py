@@ -76,6 +76,8 @@ def cmd_rollout(a):
     from vlrl_cli.engines import Sampling, make_engine
 
     processor, reqs = requests_for(a.model, a.data, a.prompts)
+    for r in reqs:
+        r.n = a.n
     engine = make_engine(a.engine, a.model, processor, dtype="bfloat16", gpu_memory_utilization=a.gpu_mem)
     s = Sampling(1.0, 1.0, a.tokens, 0, ignore_eos=True)
     engine.generate(reqs[:2], Sampling(1.0, 1.0, 8, 0, ignore_eos=True))  # warm-up: kernels, graphs
@@ -85,7 +87,7 @@ def cmd_rollout(a):
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     tokens = sum(len(g.token_ids) for gens in out for g in gens)
-    emit({"engine": a.engine, "device": device_name(), "prompts": len(reqs), "tokens_per_sequence": a.tokens,
+    emit({"engine": a.engine, "device": device_name(), "prompts": len(reqs), "samples_per_prompt": a.n, "tokens_per_sequence": a.tokens,
           "prompt_tokens_mean": sum(len(r.input_ids) for r in reqs) / len(reqs), "generated_tokens": tokens,
           "seconds": dt, "tokens_per_s": tokens / dt}, a.json)
 
@@ -284,7 +286,36 @@ def cmd_pack(a):
                         "tokens_per_s": sum(lengths) / secs,
                         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
     result["packing_speedup"] = result["packed"]["tokens_per_s"] / result["padded"]["tokens_per_s"]
+    if a.profile:  # where each mode's time goes: one more pass of each under the profiler
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        for mode in ("padded", "packed"):
+            groups = micro_batches(lengths, per_padded, a.budget if mode == "packed" else 0)
+            with profile(activities=acts) as prof:
+                sync()
+                t = time.perf_counter()
+                for k, g in enumerate(groups):
+                    b = make_batch([seqs[i] for i in g], processor, device(), packed_for=policy if mode == "packed" else None)
+                    lp = sequence_logprobs(policy, b, 1.0, [])
+                    backward_step(policy, -(lp * b.loss_mask).sum() / b.loss_mask.sum(), k == len(groups) - 1)
+                sync()
+                wall = time.perf_counter() - t
+            policy.zero_grad()
+            result[mode]["profiled"] = kernel_summary(prof, wall)
+            Path(f"{a.profile}_{mode}.txt").write_text(json.dumps(result[mode]["profiled"]) + "\n" + prof.key_averages().table(
+                sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total", row_limit=60))
     emit(result, a.json)
+
+
+def kernel_summary(prof, wall: float) -> dict:
+    """GPU busy time (the kernels' own time) against the wall time, and the launches: whether the GPU waits."""
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+    gpu_s = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
+    return {"wall_s": wall, "gpu_kernel_s": gpu_s, "gpu_busy_fraction": gpu_s / wall if wall else None,
+            "kernel_launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC"))}
 
 
 def cmd_recipe(a):
@@ -502,6 +533,7 @@ def main():
         s.add_argument("--tokens", type=int, default=256)
         s.add_argument("--prompts", type=int, default=256)
     sub.choices["rollout"].add_argument("--engine", default="vllm")
+    sub.choices["rollout"].add_argument("--n", type=int, default=1, help="samples per prompt (a GRPO step's group size)")
     sub.choices["sync"].add_argument("--profile")
     tp = sub.choices["train-profile"]
     tp.add_argument("--stage", type=int, default=3)
@@ -529,6 +561,7 @@ def main():
     pk.add_argument("--stage", type=int, default=2)
     pk.add_argument("--sdpa-mask", action="store_true", help="packed rows through sdpa with the block mask "
                     "(every block computed), not the varlen kernel")
+    pk.add_argument("--profile", help="write the profiler table of one pass of each mode to PREFIX_padded.txt / PREFIX_packed.txt")
     pk.add_argument("--json")
     f = sub.add_parser("fit", help="issue-12 figures: trainer-only peak, LoRA vs full, 7B LoRA, train-phase MFU")
     f.add_argument("--dir", required=True)

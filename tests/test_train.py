@@ -184,6 +184,52 @@ def test_two_rank_zero3_through_the_deepspeed_launcher(tmp_path, tiny_model, col
     assert (tmp_path / "runs" / "z3x2" / "checkpoints" / "step_2" / "hf" / "model.safetensors").exists()
 
 
+def uneven_colors(colors_data: Path, out: Path, long_rows: set[int]) -> Path:
+    """The colours training data with prompts of varied length, and the rows `long_rows` made far too long."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(colors_data / "train.parquet")
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        text = next(p for p in row["prompt"][0]["content"] if p["type"] == "text")
+        text["text"] += " Think." * (i % 5) + (" This prompt is far too long." * 40 if i in long_rows else "")
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out)
+    return out
+
+
+def test_two_ranks_train_the_loss_curve_of_one_rank_with_the_same_global_batch(tmp_path, tiny_model, colors_data):
+    """SFT (ZeRO-2, gloo): 2 ranks x 4 prompts per step == 1 rank x 8, step for step. The ranks' batches
+    differ on purpose: in step 1 one of rank 0's prompts is over data.max_prompt_tokens (3 sequences
+    against 4: per-rank means averaged would weight them wrongly), and in step 2 all of rank 1's are (it
+    must still join the gradient reduction, or rank 0 waits for ever)."""
+    import pyarrow.parquet as pq
+
+    from vlrl_cli.records import prompts_for_step
+
+    n = pq.read_metadata(colors_data / "train.parquet").num_rows
+    step1_rank0 = prompts_for_step(n, 0, 4, 0, rank=0, world=2)
+    step2_rank1 = prompts_for_step(n, 1, 4, 0, rank=1, world=2)
+    assert prompts_for_step(n, 0, 8, 0) == step1_rank0 + prompts_for_step(n, 0, 4, 0, rank=1, world=2)
+    data = uneven_colors(colors_data, tmp_path / "train.parquet", {step1_rank0[0], *step2_rank1})
+    sft = {"name": "sft", "sft_target": "ground_truth"}
+    out = {}
+    for name, ranks, per_step in (("one", 1, 8), ("two", 2, 4)):
+        rec = write_recipe(tmp_path, tiny_model, colors_data, name, algorithm=sft,
+                           data={"train": str(data), "max_prompt_tokens": 100},
+                           rollout={"prompts_per_step": per_step}, trainer={"zero_stage": 2, "steps": 3})
+        r = run_cli(["train", rec, "--nprocs", str(ranks)], timeout=900)
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+        out[name] = read_metrics(tmp_path / "runs" / name)
+    one, two = out["one"], out["two"]
+    assert [m["prompts_too_long"] for m in one] == [m["prompts_too_long"] for m in two] == [1, 4, 0]
+    assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
+    assert one[2]["loss"] < one[0]["loss"]  # it learns
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (one, two)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (one, two)
+
+
 def test_placeholder_tokens_are_never_sampled(tiny_model, tmp_path):
     import shutil
 

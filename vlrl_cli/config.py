@@ -21,7 +21,7 @@ class LoraCfg:
     alpha: float = 32.0  # scale = alpha / rank
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: the language model's attention + MLP projections
-    vision: bool = False  # also the vision tower's projections (the projector stays frozen)
+    vision: bool = False  # also the vision tower's and the projector's projections (lora.py)
 
 
 @dataclass

@@ -51,3 +51,14 @@ def all_ranks(values: dict[str, float], op: str = "sum") -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
+
+
+def loss_normalisers(counts: dict[str, float]) -> dict[str, float]:
+    """What each rank divides its loss sums by: the count over all ranks, divided by the number of ranks.
+
+    DeepSpeed averages the ranks' gradients, so this makes the result the whole batch's mean (per token,
+    per sequence), as one rank with the whole batch would compute it. A rank's own count would instead
+    give every rank equal weight however many tokens it trained on (ranks differ: dropped groups, prompts
+    over the limit, response lengths)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {k: v / world for k, v in all_ranks(counts).items()}

@@ -25,7 +25,7 @@ import torch
 
 from . import batches, policy as pol
 from .config import Recipe
-from .distributed import all_ranks
+from .distributed import all_ranks, loss_normalisers
 from .engines import RolloutEngine, make_engine
 from .losses import group_advantages, keep_informative_groups, micro_batch_loss
 from .records import load_records, prompts_for_step
@@ -76,9 +76,15 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         records = [train_records[i] for i in idx]
 
         # 1. rollouts with the engine (awake only now)
+        # (timed apart: waking the engine, its generate calls, the rest of collect, putting it to sleep)
+        t_wake = time.perf_counter()
+        engine.wake()
+        gen_times = {"wake_s": time.perf_counter() - t_wake}
         trajs = collect(engine, records, processor, r.n, r.sampling(tr.seed * 1_000_003 + step * 7919 + rank),
-                        r.max_turns, r.max_context_tokens, recipe.envs, recipe.data.max_prompt_tokens)
+                        r.max_turns, r.max_context_tokens, recipe.envs, recipe.data.max_prompt_tokens, gen_times)
+        t_sleep = time.perf_counter()
         engine.sleep(discard_weights=True)  # step 5 pushes every weight before the next generate
+        gen_times["sleep_s"] = time.perf_counter() - t_sleep
         t_gen = time.perf_counter() - t0
         if torch.cuda.is_available():  # from here to the sync: the trainer's phases
             torch.cuda.reset_peak_memory_stats()
@@ -94,6 +100,11 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         t1 = time.perf_counter()
         n_tok = sum(t.response_len for t, _ in batch)
         n_seq = len(batch)
+        norm = loss_normalisers({"tok": n_tok, "seq": n_seq})
+        n_trained = int(norm["seq"] * world + 0.5)  # sequences trained on, all ranks
+        filler = n_trained > 0 and not batch  # other ranks train: this one must still join the reduction
+        if filler:  # its shortest sequence, with zero weight (see sft.filler_seq)
+            batch = [(min(trajs, key=lambda t: len(t.token_ids)), 0.0)]
         micro = [[batch[i] for i in g]
                  for g in batches.micro_batches([len(t.token_ids) for t, _ in batch], tr.micro_batch, tr.pack_tokens)]
         pack = policy if tr.pack_tokens > 0 else None
@@ -118,9 +129,9 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
                 train_logp = batches.sequence_logprobs(policy, b, r.temperature, banned)
                 anchor_logp = anchors.get(m, train_logp.detach())
                 loss, clip_flags, kl = micro_batch_loss(train_logp, anchor_logp, b.engine_logp, refs.get(m), mb_adv[m],
-                                                        b.loss_mask, a, max(n_tok, 1), max(n_seq, 1), max_len)
-                pol.backward_step(policy, loss, last=(m == len(mbs) - 1))
-                if epoch == 0:  # the step's statistics: the policy as it sampled, before any update
+                                                        b.loss_mask, a, norm["tok"] or 1.0, norm["seq"] or 1.0, max_len)
+                pol.backward_step(policy, loss * (0.0 if filler else 1.0), last=(m == len(mbs) - 1))
+                if epoch == 0 and not filler:  # the step's statistics: the policy as it sampled, before any update
                     mask = b.loss_mask
                     d = (anchor_logp - b.engine_logp).abs() * mask
                     stats["drift_sum"] += float(d.sum())
@@ -133,7 +144,6 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             grad_norm = pol.optimizer_step(policy)
         t_train = time.perf_counter() - t2
 
-        n_trained = int(all_ranks({"n": n_seq})["n"])  # sequences trained on, all ranks
         trained = n_trained > 0
         trained_steps += trained
         if not trained:
@@ -177,6 +187,11 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             "trained_sequences": n_trained,
             "prompts_too_long": int(g["too_long"]),
             "time_generate_s": round(t_gen, 4),
+            # its parts: the engine's generate calls, waking it and putting it to sleep; the rest is rendering
+            # prompts, environments and rewards
+            "time_generate_engine_s": round(gen_times["engine_s"], 4),
+            "time_generate_wake_s": round(gen_times["wake_s"], 4),
+            "time_generate_sleep_s": round(gen_times["sleep_s"], 4),
             "time_score_s": round(t_score, 4),
             "time_train_s": round(t_train, 4),
             "time_sync_s": round(t_sync, 4),

@@ -7,7 +7,8 @@ and there is no adapter state on its side that could go stale or be half-applied
 
 Default targets: the language model's attention and MLP projections, matched by a regex on the full module
 name (PEFT's short names `gate_proj`, `up_proj`, ... also match the Qwen-VL vision tower's MLP).
-`vision: true` adds the vision tower's attention and MLP projections; the projector (merger) stays frozen.
+`vision: true` adds the vision tower's attention and MLP projections and the projector's (the merger that
+maps patch features into the language model). The patch embedding (a convolution) stays frozen.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from .errors import UserError
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_PROJECTIONS = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "linear_fc1", "linear_fc2")
+# the projector's linear layers: merger.mlp.0 and .2 around a GELU (Qwen2-VL, Qwen2.5-VL), merger.linear_fc1/2 and the
+# deepstack mergers' (Qwen3-VL)
+PROJECTOR = r".*visual\.(merger|deepstack_merger_list\.\d+)\.(mlp\.[02]|linear_fc1|linear_fc2)"
 
 
 def target_regex(target_modules: list[str] | None, vision: bool) -> str:
@@ -27,7 +31,7 @@ def target_regex(target_modules: list[str] | None, vision: bool) -> str:
     lm = "|".join(target_modules or LM_PROJECTIONS)
     pattern = rf".*language_model\..*\.({lm})"
     if vision:
-        pattern += rf"|.*visual\.blocks\..*\.({'|'.join(VISION_PROJECTIONS)})"
+        pattern += rf"|.*visual\.blocks\..*\.({'|'.join(VISION_PROJECTIONS)})|{PROJECTOR}"
     return pattern
 
 

@@ -10,6 +10,7 @@ would exceed `max_context_tokens` ends with done_reason "context_full".
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,8 +129,11 @@ class Episode:
 
 
 def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int,
-            max_context: int, env_registry: dict | None = None, max_prompt: int | None = None) -> list[Trajectory]:
+            max_context: int, env_registry: dict | None = None, max_prompt: int | None = None,
+            timings: dict | None = None) -> list[Trajectory]:
     """n episodes per record, run to the end; returns trajectories grouped by record, in order.
+    timings: if given, gets "engine_s", the seconds spent inside the engine's generate calls (the rest of
+    a collect is rendering prompts, environments and rewards).
 
     A prompt longer than `max_prompt` tokens is not generated from: its episodes end at once with
     done_reason "prompt_too_long" and no response (the trainer skips them; metrics count them).
@@ -145,7 +149,16 @@ def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampl
         groups.append(eps)
     live = [eps for eps in groups if not eps[0].done]
     # first turn: the n samples of a prompt share it, so one request with n samples per record
-    firsts = engine.generate([eps[0].request(n) for eps in live], sampling) if live else []
+    engine_s = 0.0
+
+    def generate(requests, sampling):
+        nonlocal engine_s
+        t = time.perf_counter()
+        out = engine.generate(requests, sampling)
+        engine_s += time.perf_counter() - t
+        return out
+
+    firsts = generate([eps[0].request(n) for eps in live], sampling) if live else []
     for eps, gens in zip(live, firsts):
         for ep, gen in zip(eps, gens):
             ep.observe(gen)
@@ -155,7 +168,7 @@ def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampl
         if not active:
             break
         s = dataclasses.replace(sampling, seed=sampling.seed + 7919 * turn)
-        for ep, gens in zip(active, engine.generate([ep.request(1) for ep in active], s)):
+        for ep, gens in zip(active, generate([ep.request(1) for ep in active], s)):
             ep.observe(gens[0])
     out = []
     for eps in groups:
@@ -163,4 +176,6 @@ def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampl
             if not ep.done:
                 ep.traj.done_reason = "max_turns"
             out.append(ep.traj)
+    if timings is not None:
+        timings["engine_s"] = timings.get("engine_s", 0.0) + engine_s
     return out

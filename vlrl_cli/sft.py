@@ -21,7 +21,7 @@ import torch
 
 from . import batches, policy as pol
 from .config import Recipe
-from .distributed import all_ranks
+from .distributed import all_ranks, loss_normalisers
 from .errors import UserError
 from .records import load_records, prompts_for_step
 from .render import render_prompt
@@ -67,6 +67,14 @@ def build_seq(record: dict, processor, mode: str, rng: random.Random, max_prompt
                   [0.0] * (rendered.length + len(target)), rendered.tensors)
 
 
+def filler_seq(records: list[dict], idx: list[int], processor, mode: str, rng: random.Random) -> SFTSeq:
+    """A sequence for a rank whose prompts were all over the limit while other ranks train: it runs
+    forward and backward with zero weight, because every rank must take part in each gradient reduction
+    (a rank that skipped its backward would leave the others waiting). The shortest of its prompts."""
+    seqs = [build_seq(records[i], processor, mode, random.Random(rng.random()), None) for i in idx]
+    return min(seqs, key=lambda s: len(s.token_ids))
+
+
 def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
     tr, a = recipe.trainer, recipe.algorithm
     run = setup_run(recipe, resume)
@@ -87,6 +95,10 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
             run.nothing_trained(recipe, step + 1, f"all {len(built)} prompts were over data.max_prompt_tokens "
                                 f"({recipe.data.max_prompt_tokens})", trained_steps)
         n_tok = sum(sum(s.loss_mask) for s in seqs)
+        norm = loss_normalisers({"tok": n_tok})["tok"] or 1.0
+        filler = trained and not seqs  # other ranks train: this one must still join the gradient reduction
+        if filler:
+            seqs = [filler_seq(records, idx, processor, a.sft_target, rng)]
         micro = [[seqs[i] for i in g]
                  for g in batches.micro_batches([len(s.token_ids) for s in seqs], tr.micro_batch, tr.pack_tokens)]
         policy.train()
@@ -95,11 +107,11 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
             b = batches.make_batch(mb, processor, dev, packed_for=policy if tr.pack_tokens > 0 else None)
             pad, computed = pad + b.positions[1] - b.positions[0], computed + b.positions[1]
             logp = batches.sequence_logprobs(policy, b, 1.0, banned)
-            loss = -(logp * b.loss_mask).sum() / n_tok
+            loss = -(logp * b.loss_mask).sum() / norm * (0.0 if filler else 1.0)
             pol.backward_step(policy, loss, last=m == len(micro) - 1)
             total += loss.item()
         grad_norm = pol.optimizer_step(policy) if trained else None
-        g = all_ranks({"nll": total * n_tok, "tok": n_tok, "too_long": too_long, "pad": pad, "computed": computed})
+        g = all_ranks({"nll": total * norm, "tok": n_tok, "too_long": too_long, "pad": pad, "computed": computed})
         metrics = {"step": step + 1, "loss": g["nll"] / max(g["tok"], 1), "grad_norm": grad_norm, "tokens": int(g["tok"]),
                    "padding_frac": g["pad"] / max(g["computed"], 1), "micro_batches": len(micro),
                    "prompts_too_long": int(g["too_long"]), "time_train_s": round(time.perf_counter() - t0, 4), "lr": policy.get_lr()[0]}
