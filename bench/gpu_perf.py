@@ -186,7 +186,7 @@ def cmd_train_profile(a):
     def one(last: bool) -> float:
         sync()
         t = time.perf_counter()
-        lp = sequence_logprobs(policy, batch, 1.0, banned)
+        lp = sequence_logprobs(policy, batch, 1.0, banned, only=batch.loss_mask)
         loss = -(lp * batch.loss_mask).sum() / batch.loss_mask.sum()
         backward_step(policy, loss, last)
         sync()
@@ -196,7 +196,7 @@ def cmd_train_profile(a):
         sync()
         t = time.perf_counter()
         with torch.no_grad():
-            sequence_logprobs(policy, batch, 1.0, banned)
+            sequence_logprobs(policy, batch, 1.0, banned, only=batch.loss_mask)
         sync()
         return time.perf_counter() - t
 
@@ -277,7 +277,7 @@ def cmd_pack(a):
         for k, g in enumerate(groups):
             b = make_batch([seqs[i] for i in g], processor, device(), packed_for=policy if mode == "packed" else None)
             computed += b.positions[1]
-            lp = sequence_logprobs(policy, b, 1.0, [])
+            lp = sequence_logprobs(policy, b, 1.0, [], only=b.loss_mask)
             backward_step(policy, -(lp * b.loss_mask).sum() / b.loss_mask.sum(), k == len(groups) - 1)
         sync()
         secs = time.perf_counter() - t
@@ -297,7 +297,7 @@ def cmd_pack(a):
                 t = time.perf_counter()
                 for k, g in enumerate(groups):
                     b = make_batch([seqs[i] for i in g], processor, device(), packed_for=policy if mode == "packed" else None)
-                    lp = sequence_logprobs(policy, b, 1.0, [])
+                    lp = sequence_logprobs(policy, b, 1.0, [], only=b.loss_mask)
                     backward_step(policy, -(lp * b.loss_mask).sum() / b.loss_mask.sum(), k == len(groups) - 1)
                 sync()
                 wall = time.perf_counter() - t

@@ -75,6 +75,40 @@ def test_packed_logprobs_and_gradients_equal_the_padded_ones(family_models, fami
     assert (leaky - results[0]).abs()[valid].max() > 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_at_the_loss_mask_only_equal_the_full_ones_with_their_gradients(family_models, family):
+    """`only=loss_mask` (what training uses: the head and the log-softmax at the trained positions alone)
+    gives the full computation's log-probs there, 0 elsewhere, and the same gradients; padded and packed.
+    A chunk smaller than the positions checks that the chunks' gradients come back in the right places."""
+    from vlrl_cli import batches
+    from vlrl_cli.modeling import load_vlm
+
+    model = load_vlm(str(family_models[family]), torch.float32)
+    processor = load_processor(str(family_models[family]))
+    seqs = sequences(processor)
+    for b in (make_batch(seqs, processor, "cpu"), make_batch(seqs, processor, "cpu", packed_for=model)):
+        out = []
+        for only in (None, b.loss_mask):
+            model.zero_grad()
+            lp = sequence_logprobs(model, b, 1.0, [processor.image_token_id], only=only)
+            (-(lp * b.loss_mask).sum()).backward()
+            out.append((lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        (full, g_full), (sel, g_sel) = out
+        trained = b.loss_mask > 0
+        assert trained.sum() > 0 and (sel[~trained] == 0).all()
+        torch.testing.assert_close(sel[trained], full[trained], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(g_sel, g_full, atol=1e-6, rtol=1e-5)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11, requires_grad=True)
+    tokens = torch.randint(0, 11, (2, 7))
+    whole = batches.token_logprobs(logits, tokens, 0.7, [3], chunk=10**6)
+    chunked = batches.token_logprobs(logits, tokens, 0.7, [3], chunk=3)
+    torch.testing.assert_close(chunked, whole)
+    g_whole, = torch.autograd.grad(whole.sum(), logits)
+    g_chunked, = torch.autograd.grad(chunked.sum(), logits)
+    torch.testing.assert_close(g_chunked, g_whole)
+
+
 def test_packing_groups_by_tokens_and_a_long_sequence_goes_alone():
     assert micro_batches([5, 5, 5, 5, 5], 2) == [range(0, 2), range(2, 4), range(4, 5)]
     assert micro_batches([3, 4, 2, 9, 1, 1], 0, pack_tokens=8) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]

@@ -115,9 +115,9 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         with torch.no_grad():
             for m, b in enumerate(mbs):
                 if a.ppo_epochs > 1:  # the anchor must be the weights before this step's first update
-                    anchors[m] = batches.sequence_logprobs(policy, b, r.temperature, banned)
+                    anchors[m] = batches.sequence_logprobs(policy, b, r.temperature, banned, only=b.loss_mask)
                 if ref is not None:
-                    refs[m] = batches.sequence_logprobs(ref, b, r.temperature, banned)
+                    refs[m] = batches.sequence_logprobs(ref, b, r.temperature, banned, only=b.loss_mask)
         t_score = time.perf_counter() - t1
 
         # 4. updates: gradients accumulate over micro-batches, one optimizer step per epoch
@@ -126,7 +126,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         grad_norm = None
         for epoch in range(a.ppo_epochs if batch else 0):
             for m, b in enumerate(mbs):
-                train_logp = batches.sequence_logprobs(policy, b, r.temperature, banned)
+                train_logp = batches.sequence_logprobs(policy, b, r.temperature, banned, only=b.loss_mask)
                 anchor_logp = anchors.get(m, train_logp.detach())
                 loss, clip_flags, kl = micro_batch_loss(train_logp, anchor_logp, b.engine_logp, refs.get(m), mb_adv[m],
                                                         b.loss_mask, a, norm["tok"] or 1.0, norm["seq"] or 1.0, max_len)

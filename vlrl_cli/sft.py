@@ -106,7 +106,7 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
         for m, mb in enumerate(micro):
             b = batches.make_batch(mb, processor, dev, packed_for=policy if tr.pack_tokens > 0 else None)
             pad, computed = pad + b.positions[1] - b.positions[0], computed + b.positions[1]
-            logp = batches.sequence_logprobs(policy, b, 1.0, banned)
+            logp = batches.sequence_logprobs(policy, b, 1.0, banned, only=b.loss_mask)
             loss = -(logp * b.loss_mask).sum() / norm * (0.0 if filler else 1.0)
             pol.backward_step(policy, loss, last=m == len(micro) - 1)
             total += loss.item()
