@@ -7,6 +7,7 @@
 #   bash bench/device_runs.sh steps      # GRPO steps: vlrl on GPU 0 and TRL on GPU 1, side by side
 #   bash bench/device_runs.sh two        # GRPO steps on 2 GPUs (2 ranks)
 #   bash bench/device_runs.sh rollout    # vllm vs hf rollout throughput, weight sync
+#   bash bench/device_runs.sh scale 1|2  # the GRPO step on one and on two GPUs of nvidia-h200-x2, ZeRO-1
 #   bash bench/device_runs.sh generate   # vLLM alone at a GRPO step's shape (32 prompts x 8 x 256)
 #   bash bench/device_runs.sh packprof   # packed vs padded micro-batches, with a profile of each
 #   bash bench/device_runs.sh fit full3b|lora3b|lora7b   # one H100: 3B full fine-tune without offload,
@@ -63,6 +64,22 @@ two)
     mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
     tail -n 3 $OUT/$name.log
   done
+  ;;
+scale)
+  # issue 15.1 on nvidia-h200-x2: the same per-GPU batch (32 prompts x 8 x 256 tokens per rank), ZeRO-1,
+  # on one GPU (`scale 1`) and on both (`scale 2`); NCCL's transport is logged (NCCL_DEBUG=INFO)
+  g=$2 name=scale$2
+  $P recipe --model $M --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps ${STEPS:-4} --name $name \
+    --run-dir /tmp/runs --zero-stage ${ZERO:-1}
+  nvidia-smi topo -m > $OUT/topo.txt 2>&1
+  if [ "$g" = 1 ]; then
+    CUDA_VISIBLE_DEVICES=0 python3 -m vlrl_cli train /tmp/$name.yaml --overwrite > $OUT/$name.log 2>&1
+  else
+    NCCL_DEBUG=INFO python3 -m vlrl_cli train /tmp/$name.yaml --overwrite --gpus 2 > $OUT/$name.log 2>&1
+    grep -a -m 8 -E " via |NCCL version|P2P|SHM" $OUT/$name.log > $OUT/nccl_transport.txt
+  fi
+  mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
+  tail -n 2 $OUT/$name.log
   ;;
 generate)
   # issue 15.3 at equal shape: vLLM alone on 32 prompts x 8 samples x 256 tokens (what a GRPO step
