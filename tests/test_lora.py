@@ -118,3 +118,26 @@ def test_check_drift_agrees_with_a_lora_policy_before_and_after_an_adapter_chang
     assert checks["after_update_seen_images"]["passed"] and checks["update_visible"]["passed"], checks
     assert "adapter" in rep["after_update"]["update"]
     assert rep["after_update"]["seen"]["overall"]["abs_diff"]["max"] < 1e-4  # the engine holds the merged adapters
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(family_models, family):
+    """vision: false -> adapters in the language model only; vision: true -> also every vision block and the
+    projector (merger; Qwen3-VL's deepstack mergers too), never the patch embedding or the head."""
+    from vlrl_cli.config import LoraCfg
+    from vlrl_cli.lora import wrap
+    from vlrl_cli.modeling import load_vlm
+
+    for vision in (False, True):
+        model = wrap(load_vlm(str(family_models[family]), torch.float32), LoraCfg(rank=4, alpha=8, vision=vision))
+        adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+        in_visual = [n for n in adapted if ".visual." in n]
+        assert any("language_model" in n for n in adapted)
+        assert not any("patch_embed" in n or "lm_head" in n for n in adapted)
+        if not vision:
+            assert not in_visual
+            continue
+        assert any(".blocks." in n for n in in_visual) and any(".merger." in n for n in in_visual), in_visual
+        if family == "qwen3_vl":
+            assert any("deepstack_merger_list" in n for n in in_visual)
