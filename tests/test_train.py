@@ -230,6 +230,26 @@ def test_two_ranks_train_the_loss_curve_of_one_rank_with_the_same_global_batch(t
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (one, two)
 
 
+def test_grpo_on_two_ranks_goes_on_when_one_rank_has_nothing_to_train(tmp_path, tiny_model, colors_data):
+    """GRPO, 2 gloo ranks, ZeRO-2: in step 2 all of rank 1's prompts are over the limit (no rollouts at all)
+    while rank 0 has two micro-batches. ZeRO-2 reduces in every backward, so rank 1 runs two zero-weight
+    micro-batches (before: a collective size mismatch aborted the run) and the run goes on."""
+    import pyarrow.parquet as pq
+
+    from vlrl_cli.records import prompts_for_step
+
+    n = pq.read_metadata(colors_data / "train.parquet").num_rows
+    data = uneven_colors(colors_data, tmp_path / "train.parquet", set(prompts_for_step(n, 1, 4, 0, rank=1, world=2)))
+    rec = write_recipe(tmp_path, tiny_model, colors_data, "grpo2", data={"train": str(data), "max_prompt_tokens": 100},
+                       rollout={"prompts_per_step": 4, "n": 4}, trainer={"zero_stage": 2, "steps": 3})
+    r = run_cli(["train", rec, "--nprocs", "2"], timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    m = read_metrics(tmp_path / "runs" / "grpo2")
+    assert [x["step"] for x in m] == [1, 2, 3]
+    assert [x["prompts_too_long"] for x in m] == [0, 4, 0]
+    assert [x["trained_sequences"] for x in m] == [32, 16, 32]
+
+
 def test_placeholder_tokens_are_never_sampled(tiny_model, tmp_path):
     import shutil
 

@@ -77,3 +77,10 @@ def loss_normalisers(counts: dict[str, float]) -> dict[str, float]:
     over the limit, response lengths)."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return {k: v / world for k, v in all_ranks(counts).items()}
+
+
+def equal_pass_count(mine: int) -> int:
+    """How many zero-weight micro-batches this rank must add to run as many forward/backward passes as the
+    rank with the most: ZeRO-2 and -3 reduce gradients inside every backward, so ranks with different
+    counts would wait on (or mismatch) each other's collectives."""
+    return int(all_ranks({"n": mine}, op="max")["n"]) - mine

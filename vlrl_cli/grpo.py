@@ -17,6 +17,7 @@ Launch: `vlrl train recipes/colors-tiny.yaml` (one process; CPU or one GPU), `vl
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,11 +26,11 @@ import torch
 
 from . import batches, policy as pol
 from .config import Recipe
-from .distributed import all_ranks, loss_normalisers
+from .distributed import all_ranks, equal_pass_count, loss_normalisers
 from .engines import RolloutEngine, make_engine
 from .losses import group_advantages, keep_informative_groups, micro_batch_loss
 from .records import load_records, prompts_for_step
-from .rollout import collect
+from .rollout import Trajectory, collect
 from .runs import checkpoint_due, setup_run
 from .weights import sync_weights
 
@@ -42,6 +43,13 @@ def validation_metrics(engine: RolloutEngine, records: list[dict], processor, re
     engine.sleep()
     return {"val_accuracy": sum(bool(t.info.get("correct")) for t in trajs) / len(trajs),
             "val_reward_mean": sum(t.reward for t in trajs) / len(trajs)}
+
+
+def filler_trajectory(trajs: list[Trajectory]) -> Trajectory:
+    """The rank's shortest sequence as a zero-weight filler (see equal_pass_count). It may have no response
+    (a prompt over the limit), so its last token counts as trained: the forward must reach every layer."""
+    t = min(trajs, key=lambda t: len(t.token_ids))
+    return dataclasses.replace(t, loss_mask=[0] * (len(t.token_ids) - 1) + [1])
 
 
 def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
@@ -102,11 +110,14 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         n_seq = len(batch)
         norm = loss_normalisers({"tok": n_tok, "seq": n_seq})
         n_trained = int(norm["seq"] * world + 0.5)  # sequences trained on, all ranks
-        filler = n_trained > 0 and not batch  # other ranks train: this one must still join the reduction
-        if filler:  # its shortest sequence, with zero weight (see sft.filler_seq)
-            batch = [(min(trajs, key=lambda t: len(t.token_ids)), 0.0)]
         micro = [[batch[i] for i in g]
                  for g in batches.micro_batches([len(t.token_ids) for t, _ in batch], tr.micro_batch, tr.pack_tokens)]
+        # every rank must run as many backward passes as the others (ZeRO-2/3 reduce gradients in each one):
+        # a rank with fewer micro-batches (dropped groups, prompts over the limit, packing) adds zero-weight ones
+        fillers = equal_pass_count(len(micro)) if n_trained else 0
+        weights = [1.0] * len(micro) + [0.0] * fillers
+        if fillers:
+            micro += [[(filler_trajectory(trajs), 0.0)]] * fillers
         pack = policy if tr.pack_tokens > 0 else None
         mbs = [batches.make_batch([t for t, _ in mb], processor, dev, packed_for=pack) for mb in micro]
         mb_adv = [torch.tensor([x for _, x in mb], device=dev) for mb in micro]
@@ -124,14 +135,14 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         t2 = time.perf_counter()
         stats = {"clip": 0.0, "drift_sum": 0.0, "drift_max": 0.0, "ratio_sum": 0.0, "ent": 0.0, "kl": 0.0, "tok": 0.0}
         grad_norm = None
-        for epoch in range(a.ppo_epochs if batch else 0):
+        for epoch in range(a.ppo_epochs if mbs else 0):
             for m, b in enumerate(mbs):
                 train_logp = batches.sequence_logprobs(policy, b, r.temperature, banned, only=b.loss_mask)
                 anchor_logp = anchors.get(m, train_logp.detach())
                 loss, clip_flags, kl = micro_batch_loss(train_logp, anchor_logp, b.engine_logp, refs.get(m), mb_adv[m],
                                                         b.loss_mask, a, norm["tok"] or 1.0, norm["seq"] or 1.0, max_len)
-                pol.backward_step(policy, loss * (0.0 if filler else 1.0), last=(m == len(mbs) - 1))
-                if epoch == 0 and not filler:  # the step's statistics: the policy as it sampled, before any update
+                pol.backward_step(policy, loss * weights[m], last=(m == len(mbs) - 1))
+                if epoch == 0 and weights[m]:  # the step's statistics: the policy as it sampled, before any update
                     mask = b.loss_mask
                     d = (anchor_logp - b.engine_logp).abs() * mask
                     stats["drift_sum"] += float(d.sum())

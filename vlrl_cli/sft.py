@@ -21,7 +21,7 @@ import torch
 
 from . import batches, policy as pol
 from .config import Recipe
-from .distributed import all_ranks, loss_normalisers
+from .distributed import all_ranks, equal_pass_count, loss_normalisers
 from .errors import UserError
 from .records import load_records, prompts_for_step
 from .render import render_prompt
@@ -68,9 +68,8 @@ def build_seq(record: dict, processor, mode: str, rng: random.Random, max_prompt
 
 
 def filler_seq(records: list[dict], idx: list[int], processor, mode: str, rng: random.Random) -> SFTSeq:
-    """A sequence for a rank whose prompts were all over the limit while other ranks train: it runs
-    forward and backward with zero weight, because every rank must take part in each gradient reduction
-    (a rank that skipped its backward would leave the others waiting). The shortest of its prompts."""
+    """A zero-weight filler micro-batch for a rank with fewer passes than the others (distributed.
+    equal_pass_count), e.g. all its prompts over the limit: the shortest of its prompts, however long."""
     seqs = [build_seq(records[i], processor, mode, random.Random(rng.random()), None) for i in idx]
     return min(seqs, key=lambda s: len(s.token_ids))
 
@@ -96,18 +95,20 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
                                 f"({recipe.data.max_prompt_tokens})", trained_steps)
         n_tok = sum(sum(s.loss_mask) for s in seqs)
         norm = loss_normalisers({"tok": n_tok})["tok"] or 1.0
-        filler = trained and not seqs  # other ranks train: this one must still join the gradient reduction
-        if filler:
-            seqs = [filler_seq(records, idx, processor, a.sft_target, rng)]
         micro = [[seqs[i] for i in g]
                  for g in batches.micro_batches([len(s.token_ids) for s in seqs], tr.micro_batch, tr.pack_tokens)]
+        # as many passes as every other rank (ZeRO-2/3 reduce in each backward): zero-weight fillers
+        fillers = equal_pass_count(len(micro)) if trained else 0
+        weights = [1.0] * len(micro) + [0.0] * fillers
+        if fillers:
+            micro += [[filler_seq(records, idx, processor, a.sft_target, rng)]] * fillers
         policy.train()
         total, pad, computed = 0.0, 0, 0
         for m, mb in enumerate(micro):
             b = batches.make_batch(mb, processor, dev, packed_for=policy if tr.pack_tokens > 0 else None)
             pad, computed = pad + b.positions[1] - b.positions[0], computed + b.positions[1]
             logp = batches.sequence_logprobs(policy, b, 1.0, banned, only=b.loss_mask)
-            loss = -(logp * b.loss_mask).sum() / norm * (0.0 if filler else 1.0)
+            loss = -(logp * b.loss_mask).sum() / norm * weights[m]
             pol.backward_step(policy, loss, last=m == len(micro) - 1)
             total += loss.item()
         grad_norm = pol.optimizer_step(policy) if trained else None
