@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -79,8 +80,12 @@ def loss_normalisers(counts: dict[str, float]) -> dict[str, float]:
     return {k: v / world for k, v in all_ranks(counts).items()}
 
 
-def equal_pass_count(mine: int) -> int:
-    """How many zero-weight micro-batches this rank must add to run as many forward/backward passes as the
-    rank with the most: ZeRO-2 and -3 reduce gradients inside every backward, so ranks with different
-    counts would wait on (or mismatch) each other's collectives."""
-    return int(all_ranks({"n": mine}, op="max")["n"]) - mine
+def equal_micro_batches(micro: list[list], filler: Callable[[], object]) -> tuple[list[list], list[float]]:
+    """The rank's micro-batches, padded to as many as the rank with the most has, and their loss weights
+    (1, and 0 for the added ones, each holding one `filler()` item).
+
+    ZeRO-2 and -3 reduce gradients inside every backward, so every rank must run the same number of
+    forward/backward passes in a step; counts differ when a rank's prompts are over the limit, groups were
+    dropped, or sequences were packed (ranks with different counts crashed or aborted on a collective)."""
+    fillers = int(all_ranks({"n": len(micro)}, op="max")["n"]) - len(micro)
+    return micro + [[filler()] for _ in range(fillers)], [1.0] * len(micro) + [0.0] * fillers

@@ -26,7 +26,7 @@ import torch
 
 from . import batches, policy as pol
 from .config import Recipe
-from .distributed import all_ranks, equal_pass_count, loss_normalisers
+from .distributed import all_ranks, equal_micro_batches, loss_normalisers
 from .engines import RolloutEngine, make_engine
 from .losses import group_advantages, keep_informative_groups, micro_batch_loss
 from .records import load_records, prompts_for_step
@@ -46,7 +46,7 @@ def validation_metrics(engine: RolloutEngine, records: list[dict], processor, re
 
 
 def filler_trajectory(trajs: list[Trajectory]) -> Trajectory:
-    """The rank's shortest sequence as a zero-weight filler (see equal_pass_count). It may have no response
+    """The rank's shortest sequence as a zero-weight filler (distributed.equal_micro_batches). It may have no response
     (a prompt over the limit), so its last token counts as trained: the forward must reach every layer."""
     t = min(trajs, key=lambda t: len(t.token_ids))
     return dataclasses.replace(t, loss_mask=[0] * (len(t.token_ids) - 1) + [1])
@@ -112,12 +112,8 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         n_trained = int(norm["seq"] * world + 0.5)  # sequences trained on, all ranks
         micro = [[batch[i] for i in g]
                  for g in batches.micro_batches([len(t.token_ids) for t, _ in batch], tr.micro_batch, tr.pack_tokens)]
-        # every rank must run as many backward passes as the others (ZeRO-2/3 reduce gradients in each one):
-        # a rank with fewer micro-batches (dropped groups, prompts over the limit, packing) adds zero-weight ones
-        fillers = equal_pass_count(len(micro)) if n_trained else 0
-        weights = [1.0] * len(micro) + [0.0] * fillers
-        if fillers:
-            micro += [[(filler_trajectory(trajs), 0.0)]] * fillers
+        # as many passes as every other rank, with zero-weight fillers
+        micro, weights = equal_micro_batches(micro, lambda: (filler_trajectory(trajs), 0.0))
         pack = policy if tr.pack_tokens > 0 else None
         mbs = [batches.make_batch([t for t, _ in mb], processor, dev, packed_for=pack) for mb in micro]
         mb_adv = [torch.tensor([x for _, x in mb], device=dev) for mb in micro]

@@ -21,7 +21,7 @@ import torch
 
 from . import batches, policy as pol
 from .config import Recipe
-from .distributed import all_ranks, equal_pass_count, loss_normalisers
+from .distributed import all_ranks, equal_micro_batches, loss_normalisers
 from .errors import UserError
 from .records import load_records, prompts_for_step
 from .render import render_prompt
@@ -68,8 +68,8 @@ def build_seq(record: dict, processor, mode: str, rng: random.Random, max_prompt
 
 
 def filler_seq(records: list[dict], idx: list[int], processor, mode: str, rng: random.Random) -> SFTSeq:
-    """A zero-weight filler micro-batch for a rank with fewer passes than the others (distributed.
-    equal_pass_count), e.g. all its prompts over the limit: the shortest of its prompts, however long."""
+    """A zero-weight filler for a rank with fewer micro-batches than the others (distributed.
+    equal_micro_batches), e.g. all its prompts over the limit: the shortest of its prompts, however long."""
     seqs = [build_seq(records[i], processor, mode, random.Random(rng.random()), None) for i in idx]
     return min(seqs, key=lambda s: len(s.token_ids))
 
@@ -97,11 +97,8 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
         norm = loss_normalisers({"tok": n_tok})["tok"] or 1.0
         micro = [[seqs[i] for i in g]
                  for g in batches.micro_batches([len(s.token_ids) for s in seqs], tr.micro_batch, tr.pack_tokens)]
-        # as many passes as every other rank (ZeRO-2/3 reduce in each backward): zero-weight fillers
-        fillers = equal_pass_count(len(micro)) if trained else 0
-        weights = [1.0] * len(micro) + [0.0] * fillers
-        if fillers:
-            micro += [[filler_seq(records, idx, processor, a.sft_target, rng)]] * fillers
+        # as many passes as every other rank, with zero-weight fillers
+        micro, weights = equal_micro_batches(micro, lambda: filler_seq(records, idx, processor, a.sft_target, rng))
         policy.train()
         total, pad, computed = 0.0, 0, 0
         for m, mb in enumerate(micro):
