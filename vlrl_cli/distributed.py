@@ -88,4 +88,5 @@ def equal_micro_batches(micro: list[list], filler: Callable[[], object]) -> tupl
     forward/backward passes in a step; counts differ when a rank's prompts are over the limit, groups were
     dropped, or sequences were packed (ranks with different counts crashed or aborted on a collective)."""
     fillers = int(all_ranks({"n": len(micro)}, op="max")["n"]) - len(micro)
-    return micro + [[filler()] for _ in range(fillers)], [1.0] * len(micro) + [0.0] * fillers
+    item = filler() if fillers else None  # built once (SFT's renders prompts), shared by every filler
+    return micro + [[item] for _ in range(fillers)], [1.0] * len(micro) + [0.0] * fillers
