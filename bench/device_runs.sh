@@ -10,6 +10,8 @@
 #   bash bench/device_runs.sh scale 1|2  # the GRPO step on one and on two GPUs of nvidia-h200-x2, ZeRO-1
 #   bash bench/device_runs.sh generate   # vLLM alone at a GRPO step's shape (32 prompts x 8 x 256)
 #   bash bench/device_runs.sh packprof   # packed vs padded micro-batches, with a profile of each
+#   bash bench/device_runs.sh mfu a|b    # the training micro-batch (ZeRO-1, 8 x 541 tokens): eager vs compiled
+#        blocks, with and without recompute, micro-batch 16, LoRA rank 64 (train-profile, side by side)
 #   bash bench/device_runs.sh fit full3b|lora3b|lora7b   # one H100: 3B full fine-tune without offload,
 #        3B LoRA rank 64 on the same batch, 7B LoRA rank 64 (then: gpu_perf.py fit --dir $OUT)
 set -uo pipefail
@@ -96,11 +98,24 @@ packprof)
     --profile $OUT/packprof_${BUDGET:-16384} > $OUT/pack.log 2>&1
   tail -n 2 $OUT/pack.log; cat $OUT/pack_*.json
   ;;
+mfu)
+  tp() { n=$1; shift; $P train-profile --model $M --data $D --stage 1 --micro-batches 6 --json $OUT/mfu_$n.json "$@" \
+           >> $OUT/mfu.log 2>&1; tail -n 1 $OUT/mfu.log | cut -c1-300; }
+  if [ "$2" = a ]; then
+    tp base --profile $OUT/mfu_base.txt
+    tp compile --compile --profile $OUT/mfu_compile.txt
+    tp compile_m16 --compile --micro-batch 16
+    tp compile_nockpt --compile --no-checkpointing
+  else
+    tp lora64 --lora-rank 64
+    tp lora64_compile --lora-rank 64 --compile --profile $OUT/mfu_lora64_compile.txt
+  fi
+  ;;
 fit)
   # 32 prompts x 8 samples x 256 tokens, micro-batch 8, ZeRO-2, vLLM at 0.15 of the GPU (what fits next to
   # a 3B full fine-tune's 60 GB of weights, gradients, master weights and moments: `vlrl train --plan`;
   # at 0.2 the second step's wake-up ran out of memory on an H100)
-  name=$2${MB:+_m$MB}${ZERO:+_z$ZERO}
+  name=$2${MB:+_m$MB}${ZERO:+_z$ZERO}${COMPILE:+_compile}${NOCKPT:+_nockpt}
   case "$2" in
     full3b) model=$M extra="" ;;
     lora3b) model=$M extra="--lora-rank 64" ;;
@@ -108,7 +123,8 @@ fit)
             [ -d /tmp/q7b ] || $P build --out /tmp/q7b --size qwen2_5_vl_7b ;;
   esac
   $P recipe --model $model --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps ${STEPS:-3} --name $name \
-    --run-dir /tmp/runs --zero-stage ${ZERO:-2} --gpu-mem ${GPU_MEM:-0.15} --micro-batch ${MB:-8} $extra
+    --run-dir /tmp/runs --zero-stage ${ZERO:-2} --gpu-mem ${GPU_MEM:-0.15} --micro-batch ${MB:-8} $extra \
+    ${COMPILE:+--compile} ${NOCKPT:+--no-checkpointing}
   python3 -m vlrl_cli train /tmp/$name.yaml --overwrite > $OUT/$name.log 2>&1
   mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
   tail -n 3 $OUT/$name.log

@@ -162,9 +162,13 @@ def cmd_train_profile(a):
 
     init_distributed()
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    from vlrl_cli.config import LoraCfg
+
+    lora = LoraCfg(rank=a.lora_rank, alpha=2 * a.lora_rank) if a.lora_rank else None
     policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False,
-                          grad_clip=1.0, dtype=dtype, gradient_checkpointing=True,
-                          persistence_threshold=a.persistence, attention=a.attention)
+                          grad_clip=1.0, dtype=dtype, gradient_checkpointing=not a.no_checkpointing,
+                          persistence_threshold=a.persistence, attention=a.attention, lora=lora,
+                          compile_blocks=a.compile)
     policy.train()  # as in a GRPO step: gradient checkpointing is only active in train mode
     processor, reqs = requests_for(a.model, a.data, a.micro_batch)
     from vlrl_cli.engines import placeholder_token_ids
@@ -220,10 +224,14 @@ def cmd_train_profile(a):
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
         busy = {"wall_s": wall, "gpu_kernel_s": gpu_us / 1e6, "gpu_busy_fraction": gpu_us / 1e6 / wall,
                 "kernel_launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC"))}
-        Path(a.profile).write_text(json.dumps(busy) + "\n" + events.table(sort_by=sort, row_limit=40))
+        Path(a.profile).write_text(json.dumps(busy) + "\n" + events.table(sort_by=sort, row_limit=40)
+                                   + "\n\nBy the host's own time (what keeps the CPU from running ahead of the GPU):\n"
+                                   + events.table(sort_by="self_cpu_time_total", row_limit=40))
     steady = times[1:] or times
     tokens = sum(len(x.token_ids) for x in seqs)
-    emit({"device": device_name(), "stage": a.stage, "persistence": a.persistence, "attention": a.attention, "micro_batch": a.micro_batch, "sequence_tokens": tokens // len(seqs),
+    emit({"device": device_name(), "stage": a.stage, "persistence": a.persistence, "attention": a.attention,
+          "compile": a.compile, "gradient_checkpointing": not a.no_checkpointing, "lora_rank": a.lora_rank,
+          "micro_batch": a.micro_batch, "sequence_tokens": tokens // len(seqs), "all_micro_batch_seconds": times,
           "micro_batch_seconds": sum(steady) / len(steady), "first_micro_batch_seconds": times[0],
           "score_micro_batch_seconds": scores[-1], "profiled": busy,
           "optimizer_step_seconds": step_s, "train_tokens_per_s": tokens / (sum(steady) / len(steady)),
@@ -248,7 +256,7 @@ def cmd_pack(a):
     init_distributed()
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False, grad_clip=1.0,
-                          dtype=dtype, gradient_checkpointing=True, packed=not a.sdpa_mask)
+                          dtype=dtype, gradient_checkpointing=True, packed=not a.sdpa_mask, compile_blocks=a.compile)
     policy.train()
     processor, reqs = requests_for(a.model, a.data, a.seqs)
     special = set(placeholder_token_ids(processor))
@@ -322,7 +330,8 @@ def cmd_recipe(a):
     import yaml
 
     recipe = {
-        "model": {"path": a.model, "dtype": "bfloat16", "gradient_checkpointing": True, "attention": a.attention},
+        "model": {"path": a.model, "dtype": "bfloat16", "gradient_checkpointing": not a.no_checkpointing,
+                  "attention": a.attention, "compile": a.compile},
         "data": {"train": a.data, "max_prompt_tokens": 1024},
         "rollout": {"engine": "vllm", "n": 8, "prompts_per_step": a.prompts, "max_new_tokens": a.tokens,
                     "temperature": 1.0, "ignore_eos": True, "gpu_memory_utilization": a.gpu_mem,
@@ -542,6 +551,11 @@ def main():
     tp.add_argument("--persistence", type=int, default=None,
                     help="ZeRO-3 stage3_param_persistence_threshold (default: vlrl's, policy.persistence_for)")
     tp.add_argument("--profile")
+    tp.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank (alpha = 2 x rank); 0 = full fine-tune")
+    for name in ("train-profile", "recipe"):
+        s = sub.choices[name]
+        s.add_argument("--compile", action="store_true", help="model.compile: torch.compile each block")
+        s.add_argument("--no-checkpointing", action="store_true", help="model.gradient_checkpointing false")
     r = sub.choices["recipe"]
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=3)
@@ -563,6 +577,7 @@ def main():
                     "(every block computed), not the varlen kernel")
     pk.add_argument("--profile", help="write the profiler table of one pass of each mode to PREFIX_padded.txt / PREFIX_packed.txt")
     pk.add_argument("--json")
+    pk.add_argument("--compile", action="store_true", help="model.compile: torch.compile each block")
     f = sub.add_parser("fit", help="issue-12 figures: trainer-only peak, LoRA vs full, 7B LoRA, train-phase MFU")
     f.add_argument("--dir", required=True)
     f.add_argument("--device", required=True)

@@ -162,3 +162,21 @@ def use_grouped_vision_attention(model) -> bool:
     AttentionInterface.register(NAME, grouped_segment_attention)
     vision._attn_implementation = NAME
     return True
+
+
+def compile_layers(model, backend: str = "inductor") -> int:
+    """torch.compile each transformer block of the model (language-model decoder layers and vision blocks)
+    in place; returns how many. Why per block ("regional" compilation): the blocks of a model share one
+    code object, so the compiler traces and codegens one block once and reuses it for all of them (seconds,
+    not minutes, and no whole-model graph that breaks on the data-dependent image/placeholder logic between
+    them). What it buys is fusion of the elementwise work around the matmuls (fp32 RMSNorm, rotary, SwiGLU,
+    residual adds), which on a GPU took as much kernel time as the matmuls (bench/results/gpu_runs/pack_*).
+
+    Gradient checkpointing composes: transformers checkpoints each block's forward, which is what is
+    compiled. ZeRO-3 does not (its per-module parameter hooks); the caller refuses that combination."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for b in blocks:
+        b.compile(backend=backend, dynamic=None)
+    return len(blocks)

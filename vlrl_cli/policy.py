@@ -74,7 +74,7 @@ def param_groups(params: list[torch.nn.Parameter], max_numel: int = 100_000_000)
 def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
                  grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
                  schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto",
-                 lora=None, packed: bool = False):
+                 lora=None, packed: bool = False, compile_blocks: bool = False):
     """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine).
 
     lora: the recipe's model.lora; with rank >= 1 the model gets adapters (lora.py) and only they reach
@@ -97,6 +97,10 @@ def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, s
         use_packed_text_attention(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if compile_blocks:  # model.compile (config.py refuses it with ZeRO-3)
+        from .modeling import compile_layers
+
+        compile_layers(model)
     if use_lora:
         from .lora import wrap
 
