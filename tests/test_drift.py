@@ -178,3 +178,21 @@ def test_models_resolve_from_checkpoints_and_run_dirs(tmp_path):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="without a finished checkpoint"):
         resolve_model(str(tmp_path / "empty"))
+
+
+def test_compiled_trainer_agrees_before_and_after_an_update(tiny_model, colors_data):
+    """--compile: the training forward `vlrl train` runs on a GPU (compiled blocks) against the hf engine,
+    a LoRA policy under ZeRO-2, before and after an adapter change pushed through the sync path."""
+    report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
+                         DriftOptions(samples=4, sampling=Sampling(max_new_tokens=8), after_update=True, perturb=0.3,
+                                      zero_stage=2, lora_rank=4, compile=True))
+    c = checks(report)
+    assert report["token_abs_diff"]["mean"] < 1e-5 and report["token_abs_diff"]["max"] < 1e-4
+    assert c["update_visible"]["passed"] is True, c["update_visible"]
+    assert c["after_update_seen_images"]["passed"] is True
+    assert report["after_update"]["seen"]["overall"]["abs_diff"]["max"] < 1e-4
+
+
+def test_compile_with_zero3_is_refused_before_loading(tiny_model, colors_data):
+    with pytest.raises(UserError, match="--compile needs --zero-stage 0-2"):
+        check_drift(str(tiny_model), str(colors_data / "train.parquet"), DriftOptions(zero_stage=3, compile=True))

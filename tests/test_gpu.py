@@ -236,6 +236,20 @@ def test_check_drift_with_vllm_including_after_update(tmp_path, gpu_tiny, family
 
 
 @needs_gpu
+def test_check_drift_with_vllm_and_the_compiled_trainer(tmp_path, gpu_tiny, family):
+    """The forward `vlrl train` runs on a GPU (model.compile auto: compiled blocks, ZeRO-2) against vLLM,
+    before and after an update through the sync path, seen images included."""
+    rc, report = _check_drift_cli(tmp_path, gpu_tiny, f"drift_vllm_compiled-{family}", "--zero-stage", "2", "--compile")
+    checks = {c["name"]: c for c in report["checks"]}
+    record("check_drift_compiled", family, {"rc": rc, "token_abs_diff": report["token_abs_diff"],
+                                            "after_update": {k: report["after_update"][k]["overall"]["abs_diff"]
+                                                             for k in ("seen", "unseen")}})
+    for name in ("prompt_ids", "image_tensors", "image_token_counts", "after_update_seen_images", "update_visible"):
+        assert checks[name]["passed"] is True, checks[name]
+    assert rc == 0 and report["token_abs_diff"]["mean"] < 0.02
+
+
+@needs_gpu
 def test_check_drift_with_vllm_against_a_zero3_trainer(tmp_path, gpu_tiny_qwen2_5):
     rc, report = _check_drift_cli(tmp_path, gpu_tiny_qwen2_5, "drift_vllm_zero3", "--zero-stage", "3")
     checks = {c["name"]: c for c in report["checks"]}

@@ -87,3 +87,84 @@ def test_grouped_rejects_causal_or_masked_use():
     ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[..., s:e, :], q[..., s:e, :], q[..., s:e, :], scale=0.5)
                      for s, e in ((0, 3), (3, 6))], dim=2)
     torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
+def test_segment_plan_is_reused_only_for_the_same_unchanged_tensor():
+    """Every vision block of a forward passes the same cu_seqlens tensor: its plan is built once (one host
+    sync), and a changed or different tensor never gets a stale plan."""
+    q = torch.randn(1, 2, 9, 4)
+    module = torch.nn.Module()
+
+    def reference(bounds):
+        parts = [torch.nn.functional.scaled_dot_product_attention(q[..., s:e, :], q[..., s:e, :], q[..., s:e, :])
+                 for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=2).transpose(1, 2)
+
+    cu = torch.tensor([0, 3, 6, 9])
+    first = modeling.segment_plan(cu, q.device)
+    assert modeling.segment_plan(cu, q.device) is first  # the same object: no rebuild
+    torch.testing.assert_close(modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu)[0], reference([0, 3, 6, 9]))
+    cu[1:3] = torch.tensor([2, 7])  # changed in place: the version counter moves, the plan is rebuilt
+    assert modeling.segment_plan(cu, q.device) is not first
+    torch.testing.assert_close(modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu)[0], reference([0, 2, 7, 9]))
+    other = torch.tensor([0, 4, 9])  # an equal-looking new tensor is planned from its own values
+    torch.testing.assert_close(modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=other)[0], reference([0, 4, 9]))
+    with torch.inference_mode():  # no version counter: computed every time, still correct
+        inf = torch.tensor([0, 5, 9])
+        assert modeling.segment_plan(inf, q.device) is not modeling.segment_plan(inf, q.device)
+        torch.testing.assert_close(modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=inf)[0], reference([0, 5, 9]))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_compiled_blocks_give_the_eager_logprobs_and_gradients(models, family):
+    """model.compile (compile_layers, inductor) under gradient checkpointing in train mode, as `vlrl train`
+    runs it on a GPU: two micro-batches of different shapes (the second recompiles with dynamic shapes),
+    images of several sizes; log-probs and every gradient equal the eager model's."""
+    from vlrl_cli.batches import make_batch, sequence_logprobs
+
+    from test_packing import sequences
+
+    processor = load_processor(models[family])
+    seqs = sequences(processor)
+    results = []
+    for compiled in (False, True):
+        model = modeling.load_vlm(str(models[family]), torch.float32)
+        model.gradient_checkpointing_enable()
+        model.train()
+        if compiled:
+            assert modeling.compile_layers(model) == len(model.model.visual.blocks) + len(model.model.language_model.layers)
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+        per_batch = []
+        for group in (seqs[:2], seqs[1:]):
+            model.zero_grad()
+            b = make_batch(group, processor, "cpu")
+            lp = sequence_logprobs(model, b, 1.0, [processor.image_token_id], only=b.loss_mask)
+            (-(lp * b.loss_mask).sum()).backward()
+            per_batch.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(per_batch)
+        if compiled:  # the blocks really ran compiled: frames were converted into graphs
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    for (lp_e, g_e), (lp_c, g_c) in zip(*results):
+        torch.testing.assert_close(lp_c, lp_e, rtol=1e-4, atol=1e-5)
+        assert g_e.keys() == g_c.keys() and any("visual" in n for n in g_e)
+        for n in g_e:
+            torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_compile_setting_resolves_and_zero3_is_refused(tmp_path, tiny_model):
+    from vlrl_cli.config import RecipeError, load_recipe
+    from vlrl_cli.policy import compile_wanted
+
+    assert compile_wanted("auto", 2, on_gpu=True) and compile_wanted("auto", 0, on_gpu=True)
+    assert not compile_wanted("auto", 3, on_gpu=True) and not compile_wanted("auto", 1, on_gpu=False)
+    assert compile_wanted(True, 1, on_gpu=False) and not compile_wanted(False, 2, on_gpu=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    base = ["model.path=" + str(tiny_model), f"data.train={data}"]
+    assert load_recipe(None, base).model.compile == "auto"
+    with pytest.raises(RecipeError, match="model.compile needs trainer.zero_stage"):
+        load_recipe(None, base + ["model.compile=true", "trainer.zero_stage=3"])
+    assert load_recipe(None, base + ["model.compile=auto", "trainer.zero_stage=3"]).model.compile == "auto"
+    with pytest.raises(RecipeError, match="model.compile"):
+        load_recipe(None, base + ["model.compile=fast"])

@@ -30,8 +30,10 @@ class ModelCfg:
     dtype: str = "float32"  # training weights: float32 | bfloat16
     gradient_checkpointing: bool = False
     # torch.compile each transformer block (modeling.compile_layers): fuses the elementwise work around the
-    # matmuls; ZeRO 0-2 only. The first micro-batches of a run pay the compilation (about a minute on a GPU).
-    compile: bool = False
+    # matmuls; ZeRO 0-2 only. The first step of a run pays the compilation (about a minute on a GPU).
+    # auto: on when training on a GPU with ZeRO 0-2 (policy.compile_wanted); never on the CPU, where a tiny
+    # model gains nothing and would wait for the compiler
+    compile: bool | str = "auto"
     attention: str = "auto"  # trainer / hf engine: auto (sdpa, vision batched) | a transformers attn_implementation
     lora: LoraCfg = field(default_factory=LoraCfg)  # adapters only (lora.py); rank 0 = full fine-tune
 
@@ -227,7 +229,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
         raise RecipeError(f"{where}: model.path is required")
     if not recipe.data.train:
         raise RecipeError(f"{where}: data.train is required")
-    if recipe.model.compile and recipe.trainer.zero_stage == 3:
+    if recipe.model.compile is True and recipe.trainer.zero_stage == 3:
         raise RecipeError(f"{where}: model.compile needs trainer.zero_stage 0, 1 or 2 (ZeRO-3 gathers each "
                           "block's parameters in module hooks that a compiled block skips)")
     if not check_paths:

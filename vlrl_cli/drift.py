@@ -40,6 +40,7 @@ class DriftOptions:
     engine_dtype: str | None = None  # default: the trainer's dtype
     zero_stage: int | None = None  # None: the plain transformers forward; 0-3: wrapped by DeepSpeed
     lora_rank: int = 0  # > 0: the trainer is a LoRA policy (adapters on the language model; lora.py)
+    compile: bool = False  # the trainer's blocks compiled, as `vlrl train` does on a GPU (model.compile)
     samples: int = 16  # records (one rollout each); after_update also uses the next `samples` as unseen
     sampling: Sampling = field(default_factory=lambda: Sampling(1.0, 1.0, 64, 0))  # its seed seeds the whole check
     max_turns: int = 1
@@ -146,9 +147,10 @@ class RecordingEngine:
         return out
 
 
-def load_trainer(model_path: str, dtype: str, zero_stage: int | None, lora_rank: int = 0):
+def load_trainer(model_path: str, dtype: str, zero_stage: int | None, lora_rank: int = 0, compile_blocks: bool = False):
     """The training forward: a transformers model, or the same inside a DeepSpeed engine (ZeRO-S); with
-    lora_rank > 0 a LoRA policy (its adapters start as PEFT initialises them: B = 0, the base model's output)."""
+    lora_rank > 0 a LoRA policy (its adapters start as PEFT initialises them: B = 0, the base model's output);
+    compile_blocks: each block compiled (modeling.compile_layers), the forward `vlrl train` runs on a GPU."""
     from .config import LoraCfg
     from .distributed import device, init_distributed
 
@@ -157,6 +159,10 @@ def load_trainer(model_path: str, dtype: str, zero_stage: int | None, lora_rank:
         from .modeling import load_vlm
 
         model = load_vlm(model_path, getattr(torch, dtype))
+        if compile_blocks:
+            from .modeling import compile_layers
+
+            compile_layers(model)
         if lora is not None:
             from .lora import wrap
 
@@ -166,7 +172,7 @@ def load_trainer(model_path: str, dtype: str, zero_stage: int | None, lora_rank:
 
     init_distributed()
     policy = build_policy(model_path, lr=0.0, weight_decay=0.0, warmup=0, stage=zero_stage, offload=False,
-                          grad_clip=1.0, dtype=dtype, persistence_threshold=0, lora=lora)
+                          grad_clip=1.0, dtype=dtype, persistence_threshold=0, lora=lora, compile_blocks=compile_blocks)
     policy.eval()
     return policy
 
@@ -409,6 +415,8 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     from .weights import sync_weights
 
     say = progress or (lambda msg: None)
+    if o.compile and o.zero_stage == 3:
+        raise UserError("--compile needs --zero-stage 0-2 or none (ZeRO-3's module hooks and compiled blocks do not mix)")
     model = resolve_model(model)
     records = load_records(data, o.samples * (2 if o.after_update else 1))
     seen, unseen = records[:o.samples], records[o.samples:]
@@ -427,8 +435,9 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
         engine.strict_prompts = False  # report a prompt mismatch instead of raising
     probe = VisionInputProbe()
     engine.attach_vision_probe(probe)
-    say(f"loading the trainer ({o.train_dtype}{'' if o.zero_stage is None else f', DeepSpeed ZeRO-{o.zero_stage}'})")
-    trainer = load_trainer(model, o.train_dtype, o.zero_stage, o.lora_rank)
+    say(f"loading the trainer ({o.train_dtype}{'' if o.zero_stage is None else f', DeepSpeed ZeRO-{o.zero_stage}'}"
+        f"{', compiled blocks' if o.compile else ''})")
+    trainer = load_trainer(model, o.train_dtype, o.zero_stage, o.lora_rank, o.compile)
 
     say(f"generating {len(seen)} rollouts")
     trajs, prompts = _rollouts(engine, seen, processor, o, o.sampling.seed)

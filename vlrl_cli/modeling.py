@@ -22,6 +22,7 @@ import torch.nn.functional as F
 NAME = "flash_grouped_sdpa"  # "flash": the vision code passes cu_seqlens to functions so named
 
 
+@torch.compiler.disable  # data-dependent (segment lengths read on the host): always eager, also in compiled blocks
 def grouped_segment_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                               cu_seq_lens_q=None, cu_seq_lens_k=None, is_causal=False, **_):
     """query/key/value [1, heads, N, dim] of N packed patches; segments given by cu_seq_lens_q.
@@ -30,30 +31,68 @@ def grouped_segment_attention(module, query, key, value, attention_mask=None, sc
     """
     if cu_seq_lens_q is None or attention_mask is not None or is_causal:
         raise ValueError(f"{NAME} is for the vision tower's packed, non-causal segments only")
-    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
         raise ValueError(f"{NAME}: query and key segments differ")
     q, k, v = query[0], key[0], value[0]  # [H, N, D]
     heads, n, dim = q.shape
-    bounds = cu_seq_lens_q.tolist()  # one host sync per layer (the per-segment path makes the same one)
+    groups, inverse = segment_plan(cu_seq_lens_q, q.device)
+    if not groups:
+        return q.new_zeros(1, n, heads, dim), None
+    outs = []
+    for count, length, idx in groups:
+        # [H, G*L, D] -> [G, H, L, D]: each segment is one batch row
+        qg, kg, vg = (t.index_select(1, idx).reshape(heads, count, length, dim).transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling)
+        outs.append(o.transpose(0, 1).reshape(heads, count * length, dim))
+    packed = torch.cat(outs, dim=1)  # [H, N, D] in grouped order
+    return packed.index_select(1, inverse).transpose(0, 1).unsqueeze(0), None
+
+
+_PLANS: dict[int, tuple] = {}  # id(cu_seqlens) -> (weak reference, its version, device, plan)
+
+
+def segment_plan(cu_seqlens: torch.Tensor, device) -> tuple[list[tuple[int, int, torch.Tensor]], torch.Tensor]:
+    """Segments of equal length grouped: [(count, length, patch indices)], and the inverse permutation.
+
+    Cached per cu_seqlens tensor: building the plan reads the boundaries on the host, a GPU sync (and index
+    copies to the GPU, more syncs), and every block of one vision forward, and its recompute under gradient
+    checkpointing, passes the same tensor. Uncached that was ~200 host syncs per training micro-batch of a
+    3B model (32 blocks x forward and recompute), each stopping the CPU from queueing work ahead of the GPU.
+    A hit needs the very same tensor object, unmodified (its version counter); a dead or changed one is rebuilt.
+    """
+    import weakref
+
+    key = id(cu_seqlens)
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter: never cached
+        version = None
+    hit = _PLANS.get(key)
+    if version is not None and hit is not None and hit[0]() is cu_seqlens and hit[1] == version and hit[2] == device:
+        return hit[3]
+    bounds = cu_seqlens.tolist()
     by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
             by_length.setdefault(end - start, []).append(start)
-    order, outs = [], []
+    groups, order = [], []
     for length, starts in by_length.items():
-        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
-        # [H, G*L, D] -> [G, H, L, D]: each segment is one batch row
-        qg, kg, vg = (t.index_select(1, idx).reshape(heads, len(starts), length, dim).transpose(0, 1) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling)
-        outs.append(o.transpose(0, 1).reshape(heads, len(starts) * length, dim))
+        idx = (torch.tensor(starts)[:, None] + torch.arange(length)).reshape(-1)
+        groups.append((len(starts), length, idx))
         order.append(idx)
-    if not outs:
-        return q.new_zeros(1, n, heads, dim), None
-    packed = torch.cat(outs, dim=1)  # [H, N, D] in grouped order
-    inverse = torch.empty(n, dtype=torch.long, device=q.device)
-    order_all = torch.cat(order)
-    inverse[order_all] = torch.arange(order_all.numel(), device=q.device)
-    return packed.index_select(1, inverse).transpose(0, 1).unsqueeze(0), None
+    n = bounds[-1] if bounds else 0
+    inverse = torch.empty(n, dtype=torch.long)
+    if order:
+        order_all = torch.cat(order)
+        inverse[order_all] = torch.arange(order_all.numel())
+    # built on the host, moved in one go per tensor
+    plan = ([(c, l, i.to(device, non_blocking=True)) for c, l, i in groups], inverse.to(device, non_blocking=True))
+    if version is not None:
+        if len(_PLANS) >= 16:  # drop plans of tensors that are gone
+            for k in [k for k, h in _PLANS.items() if h[0]() is None]:
+                del _PLANS[k]
+        _PLANS[key] = (weakref.ref(cu_seqlens), version, device, plan)
+    return plan
 
 
 PACKED = "vlrl_packed_text"  # the language model's attention when training on packed micro-batches

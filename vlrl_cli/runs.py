@@ -259,7 +259,7 @@ def setup_run(recipe, resume: bool) -> RunSetup:
     from .distributed import device, init_distributed, seed_everything
     from .engines import placeholder_token_ids
     from .errors import UserError
-    from .policy import build_policy
+    from .policy import build_policy, compile_wanted
     from .render import load_processor
 
     tr, a = recipe.trainer, recipe.algorithm
@@ -271,7 +271,7 @@ def setup_run(recipe, resume: bool) -> RunSetup:
     policy = build_policy(recipe.model.path, tr.lr, tr.weight_decay, tr.warmup_steps, tr.zero_stage, tr.offload,
                           tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing, total, tr.lr_schedule,
                           tr.zero3_persistence_threshold, recipe.model.attention, recipe.model.lora,
-                          packed=tr.pack_tokens > 0, compile_blocks=recipe.model.compile)
+                          packed=tr.pack_tokens > 0, compile_blocks=compile_wanted(recipe.model.compile, tr.zero_stage))
     ckpt = latest_checkpoint(recipe.run_dir) if resume else None
     if resume and ckpt is None:
         raise UserError(f"--resume: no checkpoint in {recipe.run_dir}/checkpoints")
