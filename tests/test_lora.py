@@ -123,8 +123,9 @@ def test_check_drift_agrees_with_a_lora_policy_before_and_after_an_adapter_chang
 @pytest.mark.model
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(family_models, family):
-    """vision: false -> adapters in the language model only; vision: true -> also every vision block and the
-    projector (merger; Qwen3-VL's deepstack mergers too), never the patch embedding or the head."""
+    """vision: false -> adapters in the language model only; vision: true -> also every vision block, the
+    projector (merger; Qwen3-VL's deepstack mergers too) and the patch embedding (a Conv3d), never the head.
+    With vision adapters trained (B != 0), the merged weights give the adapter model's logits on an image."""
     from vlrl_cli.config import LoraCfg
     from vlrl_cli.lora import wrap
     from vlrl_cli.modeling import load_vlm
@@ -134,10 +135,48 @@ def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(f
         adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
         in_visual = [n for n in adapted if ".visual." in n]
         assert any("language_model" in n for n in adapted)
-        assert not any("patch_embed" in n or "lm_head" in n for n in adapted)
+        assert not any("lm_head" in n for n in adapted)
         if not vision:
             assert not in_visual
             continue
         assert any(".blocks." in n for n in in_visual) and any(".merger." in n for n in in_visual), in_visual
+        assert any(n.endswith("patch_embed.proj") for n in in_visual), in_visual
         if family == "qwen3_vl":
             assert any("deepstack_merger_list" in n for n in in_visual)
+        _assert_merged_equals_adapted(model, family_models[family])
+
+
+def _assert_merged_equals_adapted(model, path):
+    """Give every adapter a random B (PEFT starts B at 0), then compare the adapter model's logits on an image
+    prompt with a plain model loaded with lora.merged_model's weights (linear and convolution merges)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from vlrl_cli.images import to_data_uri
+    from vlrl_cli.lora import merged_model
+    from vlrl_cli.render import load_processor, model_inputs, render_prompt
+    import io
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    processor = load_processor(str(path))
+    buf = io.BytesIO()
+    Image.new("RGB", (84, 56), (200, 30, 30)).save(buf, "PNG")
+    part = {"type": "image_url", "image_url": {"url": to_data_uri(buf.getvalue(), "image/png")}}
+    rp = render_prompt(processor, [{"role": "user", "content": [part, {"type": "text", "text": "colour?"}]}])
+    ids = torch.tensor([rp.input_ids])
+    inputs = model_inputs(processor, ids, torch.ones_like(ids), rp.tensors, "cpu")
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        plain = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+        _, merged = merged_model(model)
+        missing, unexpected = plain.load_state_dict(merged, strict=False)
+        assert not unexpected and not [k for k in missing if "lm_head" not in k], (missing, unexpected)
+        base = plain(**inputs).logits
+        untouched = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()(**inputs).logits
+    assert not torch.allclose(adapted, untouched, atol=1e-3)  # the adapters change the output
+    torch.testing.assert_close(base, adapted, rtol=1e-4, atol=1e-5)

@@ -137,3 +137,26 @@ def test_sft_and_grpo_runs_packed_reproduce_the_padded_runs(tmp_path, tiny_model
     for key in ("grad_norm", "reward_mean", "entropy", "drift_abs_mean"):
         assert [m[key] for m in out["grpo-packed"]] == pytest.approx([m[key] for m in out["grpo-padded"]], rel=1e-3,
                                                                      abs=1e-6), key
+
+
+def test_packed_row_boundaries_are_read_once_per_position_tensor():
+    """The varlen path's sequence boundaries come from the text positions (0 starts a sequence); every layer
+    of a forward passes the same position tensor, so they are computed once (one host sync, not one per
+    layer), and a changed tensor is re-read."""
+    from vlrl_cli import modeling
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    cu, longest = modeling._packed_rows(pos)
+    assert cu.tolist() == [0, 3, 5, 9] and cu.dtype == torch.int32 and longest == 4
+    assert modeling._packed_rows(torch.arange(6)[None]) == (None, 0)  # one sequence: not packed
+    calls = []
+
+    def counting(t):
+        calls.append(1)
+        return modeling._packed_rows(t)
+
+    first = modeling.plan_for("packed_rows", pos, pos.device, counting)
+    assert modeling.plan_for("packed_rows", pos, pos.device, counting) is first and len(calls) == 1
+    pos[0, 5] = 7  # in place: the sequence starting at 5 merges into the one before
+    cu2, longest2 = modeling.plan_for("packed_rows", pos, pos.device, counting)
+    assert len(calls) == 2 and cu2.tolist() == [0, 3, 9] and longest2 == 6

@@ -8,7 +8,8 @@ and there is no adapter state on its side that could go stale or be half-applied
 Default targets: the language model's attention and MLP projections, matched by a regex on the full module
 name (PEFT's short names `gate_proj`, `up_proj`, ... also match the Qwen-VL vision tower's MLP).
 `vision: true` adds the vision tower's attention and MLP projections and the projector's (the merger that
-maps patch features into the language model). The patch embedding (a convolution) stays frozen.
+maps patch features into the language model), and the patch embedding (a 3-D convolution over pixel
+patches: the only layer that sees colours as colours).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ VISION_PROJECTIONS = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down
 # the projector's linear layers: merger.mlp.0 and .2 around a GELU (Qwen2-VL, Qwen2.5-VL), merger.linear_fc1/2 and the
 # deepstack mergers' (Qwen3-VL)
 PROJECTOR = r".*visual\.(merger|deepstack_merger_list\.\d+)\.(mlp\.[02]|linear_fc1|linear_fc2)"
+PATCH_EMBED = r".*visual\.patch_embed\.proj"
 
 
 def target_regex(target_modules: list[str] | None, vision: bool) -> str:
@@ -31,7 +33,7 @@ def target_regex(target_modules: list[str] | None, vision: bool) -> str:
     lm = "|".join(target_modules or LM_PROJECTIONS)
     pattern = rf".*language_model\..*\.({lm})"
     if vision:
-        pattern += rf"|.*visual\.blocks\..*\.({'|'.join(VISION_PROJECTIONS)})|{PROJECTOR}"
+        pattern += rf"|.*visual\.blocks\..*\.({'|'.join(VISION_PROJECTIONS)})|{PROJECTOR}|{PATCH_EMBED}"
     return pattern
 
 
@@ -122,7 +124,9 @@ def _merge(name: str, weight: torch.Tensor, factors) -> tuple[str, torch.Tensor]
     """W + sum(scale * B A) in fp32, returned in W's dtype, under the plain model's parameter name."""
     if not factors:
         return name.replace(".base_layer.", "."), weight.detach()
-    merged = weight.float() + sum(s * (b.float() @ a.float()) for a, b, s in factors)
+    # flatten(1): a convolution's factors are A [r, in, *kernel] and B [out, r, 1, ...]; a linear's are 2-D already
+    merged = weight.float() + sum(s * (b.float().flatten(1) @ a.float().flatten(1)).reshape(weight.shape)
+                                  for a, b, s in factors)
     return name[: -len(".base_layer.weight")] + ".weight", merged.to(weight.dtype)
 
 

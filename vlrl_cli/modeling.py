@@ -48,56 +48,63 @@ def grouped_segment_attention(module, query, key, value, attention_mask=None, sc
     return packed.index_select(1, inverse).transpose(0, 1).unsqueeze(0), None
 
 
-_PLANS: dict[int, tuple] = {}  # id(cu_seqlens) -> (weak reference, its version, device, plan)
+_PLANS: dict[tuple, tuple] = {}  # (kind, id(tensor), device) -> (weak reference, its version, plan)
+
+
+def plan_for(kind: str, tensor: torch.Tensor, device, build):
+    """build(tensor) once per tensor object: every block of one forward (and its recompute under gradient
+    checkpointing) passes the same boundaries tensor, and building a plan from it reads it on the host, a
+    GPU sync that stops the CPU from queueing work ahead of the GPU. A hit needs the very same tensor
+    object, unmodified (its version counter); a dead or changed one is rebuilt. Inference-mode tensors keep
+    no version counter and are never cached."""
+    import weakref
+
+    key = (kind, id(tensor), str(device))
+    try:
+        version = tensor._version
+    except RuntimeError:
+        return build(tensor)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is tensor and hit[1] == version:
+        return hit[2]
+    plan = build(tensor)
+    if len(_PLANS) >= 16:  # drop plans of tensors that are gone
+        for k in [k for k, h in _PLANS.items() if h[0]() is None]:
+            del _PLANS[k]
+    _PLANS[key] = (weakref.ref(tensor), version, plan)
+    return plan
 
 
 def segment_plan(cu_seqlens: torch.Tensor, device) -> tuple[list[tuple[int, int, torch.Tensor]], torch.Tensor]:
     """Segments of equal length grouped: [(count, length, patch indices)], and the inverse permutation.
 
-    Cached per cu_seqlens tensor: building the plan reads the boundaries on the host, a GPU sync (and index
-    copies to the GPU, more syncs), and every block of one vision forward, and its recompute under gradient
-    checkpointing, passes the same tensor. Uncached that was ~200 host syncs per training micro-batch of a
-    3B model (32 blocks x forward and recompute), each stopping the CPU from queueing work ahead of the GPU.
-    A hit needs the very same tensor object, unmodified (its version counter); a dead or changed one is rebuilt.
-    """
-    import weakref
+    Planned once per cu_seqlens tensor (plan_for): uncached, a compiled 3B training micro-batch (32 vision
+    blocks x forward and recompute) made 224 stream syncs."""
+    def build(cu):
+        bounds = cu.tolist()
+        by_length: dict[int, list[int]] = {}
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                by_length.setdefault(end - start, []).append(start)
+        groups, order = [], []
+        for length, starts in by_length.items():
+            idx = (torch.tensor(starts)[:, None] + torch.arange(length)).reshape(-1)
+            groups.append((len(starts), length, idx))
+            order.append(idx)
+        inverse = torch.empty(bounds[-1] if bounds else 0, dtype=torch.long)
+        if order:
+            order_all = torch.cat(order)
+            inverse[order_all] = torch.arange(order_all.numel())
+        # built on the host, moved in one go per tensor
+        return [(c, l, i.to(device, non_blocking=True)) for c, l, i in groups], inverse.to(device, non_blocking=True)
 
-    key = id(cu_seqlens)
-    try:
-        version = cu_seqlens._version
-    except RuntimeError:  # an inference-mode tensor keeps no version counter: never cached
-        version = None
-    hit = _PLANS.get(key)
-    if version is not None and hit is not None and hit[0]() is cu_seqlens and hit[1] == version and hit[2] == device:
-        return hit[3]
-    bounds = cu_seqlens.tolist()
-    by_length: dict[int, list[int]] = {}
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            by_length.setdefault(end - start, []).append(start)
-    groups, order = [], []
-    for length, starts in by_length.items():
-        idx = (torch.tensor(starts)[:, None] + torch.arange(length)).reshape(-1)
-        groups.append((len(starts), length, idx))
-        order.append(idx)
-    n = bounds[-1] if bounds else 0
-    inverse = torch.empty(n, dtype=torch.long)
-    if order:
-        order_all = torch.cat(order)
-        inverse[order_all] = torch.arange(order_all.numel())
-    # built on the host, moved in one go per tensor
-    plan = ([(c, l, i.to(device, non_blocking=True)) for c, l, i in groups], inverse.to(device, non_blocking=True))
-    if version is not None:
-        if len(_PLANS) >= 16:  # drop plans of tensors that are gone
-            for k in [k for k, h in _PLANS.items() if h[0]() is None]:
-                del _PLANS[k]
-        _PLANS[key] = (weakref.ref(cu_seqlens), version, device, plan)
-    return plan
+    return plan_for("segments", cu_seqlens, device, build)
 
 
 PACKED = "vlrl_packed_text"  # the language model's attention when training on packed micro-batches
 
 
+@torch.compiler.disable  # data-dependent (sequence starts read on the host): eager, also in compiled blocks
 def packed_text_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                           position_ids=None, **kwargs):
     """The language model's attention for trainer.pack_tokens: a packed row (batch 1, several sequences end to
@@ -110,13 +117,22 @@ def packed_text_attention(module, query, key, value, attention_mask=None, scalin
     T = query.shape[2]
     if (query.is_cuda and query.shape[0] == 1 and position_ids is not None and key.shape[2] == T
             and position_ids.shape[-1] == T and dropout == 0.0):
-        starts = (position_ids.reshape(-1) == 0).nonzero().flatten()
-        if len(starts) > 1 and int(starts[0]) == 0:
-            cu = torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
-            longest = int((cu[1:] - cu[:-1]).max())
+        cu, longest = plan_for("packed_rows", position_ids, query.device, _packed_rows)  # once per forward
+        if cu is not None:
             q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, dim]
             return _varlen_causal(q, k, v, cu, longest, scaling).unsqueeze(0), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _packed_rows(position_ids: torch.Tensor):
+    """(cu_seqlens int32, longest) of a packed row: a sequence starts wherever the text position is 0; or
+    (None, 0) when the row holds one sequence (nothing packed)."""
+    T = position_ids.shape[-1]
+    starts = (position_ids.reshape(-1) == 0).nonzero().flatten()
+    if len(starts) < 2 or int(starts[0]) != 0:
+        return None, 0
+    cu = torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def _varlen_causal(q, k, v, cu, longest: int, scale):
