@@ -517,7 +517,7 @@ DRIFT_EPILOG = """[bold]Examples[/]
   vlrl check-drift Qwen/Qwen2.5-VL-3B-Instruct data/geo3k/test.parquet --engine vllm --train-dtype bf16 \\
       --zero-stage 3 --after-update --max-mean 0.02 --max-abs 0.5 --json drift.json --plot drift.png
   vlrl check-drift Qwen/Qwen3-VL-4B-Instruct data/geo3k/test.parquet --engine vllm --train-dtype bf16 \
-      --zero-stage 2 --compile --after-update      # the compiled training forward, as vlrl train runs it on a GPU
+      --zero-stage 2 --after-update      # on a GPU the trainer's blocks are compiled, as in vlrl train
 
 Exit code: 1 when --max-mean / --max-abs are exceeded or an agreement check (prompt ids, image tensors,
 image-token counts, seen images after an update) fails; 0 otherwise. Sampling-setting flags are warnings.
@@ -537,8 +537,8 @@ def check_drift_cmd(
     zero_stage: Annotated[Optional[int], typer.Option(help="Wrap the trainer in DeepSpeed ZeRO-S (0-3).", min=0, max=3)] = None,
     lora_rank: Annotated[int, typer.Option(help="Check a LoRA policy of this rank (merged weights to the engine; "
                                                 "--after-update changes the adapters).", min=0)] = 0,
-    compile: Annotated[bool, typer.Option("--compile", help="Compile the trainer's blocks, as `vlrl train` does on a GPU "
-                                                   "(model.compile: auto); proves the compiled forward agrees.")] = False,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the trainer's blocks. Default: "
+                                                   "as `vlrl train` (model.compile: auto), i.e. on a GPU with ZeRO 0-2.")] = None,
     samples: Annotated[int, typer.Option(help="Records to roll out (one sample each).", min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0)] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -563,7 +563,7 @@ def check_drift_cmd(
     if None in dtypes:
         fail(f"--train-dtype / --engine-dtype: use one of {', '.join(DTYPES)}")
     opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage, lora_rank=lora_rank,
-                        compile=compile, samples=samples, sampling=Sampling(temperature, top_p, max_new_tokens, seed, top_k),
+                        compile="auto" if compile is None else compile, samples=samples, sampling=Sampling(temperature, top_p, max_new_tokens, seed, top_k),
                         max_turns=max_turns, after_update=after_update, update_from=update_from, perturb=perturb,
                         max_mean=max_mean, max_abs=max_abs)
     with err.status("check-drift") as status:

@@ -40,7 +40,9 @@ class DriftOptions:
     engine_dtype: str | None = None  # default: the trainer's dtype
     zero_stage: int | None = None  # None: the plain transformers forward; 0-3: wrapped by DeepSpeed
     lora_rank: int = 0  # > 0: the trainer is a LoRA policy (adapters on the language model; lora.py)
-    compile: bool = False  # the trainer's blocks compiled, as `vlrl train` does on a GPU (model.compile)
+    # the trainer's blocks compiled: "auto" as `vlrl train` decides (model.compile: on a GPU with ZeRO 0-2 or
+    # the plain forward), so by default the check scores with the forward training would run
+    compile: bool | str = "auto"
     samples: int = 16  # records (one rollout each); after_update also uses the next `samples` as unseen
     sampling: Sampling = field(default_factory=lambda: Sampling(1.0, 1.0, 64, 0))  # its seed seeds the whole check
     max_turns: int = 1
@@ -415,8 +417,11 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     from .weights import sync_weights
 
     say = progress or (lambda msg: None)
-    if o.compile and o.zero_stage == 3:
+    if o.compile is True and o.zero_stage == 3:
         raise UserError("--compile needs --zero-stage 0-2 or none (ZeRO-3's module hooks and compiled blocks do not mix)")
+    from .policy import compile_wanted
+
+    compiled = compile_wanted(o.compile, o.zero_stage or 0)
     model = resolve_model(model)
     records = load_records(data, o.samples * (2 if o.after_update else 1))
     seen, unseen = records[:o.samples], records[o.samples:]
@@ -436,8 +441,8 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     probe = VisionInputProbe()
     engine.attach_vision_probe(probe)
     say(f"loading the trainer ({o.train_dtype}{'' if o.zero_stage is None else f', DeepSpeed ZeRO-{o.zero_stage}'}"
-        f"{', compiled blocks' if o.compile else ''})")
-    trainer = load_trainer(model, o.train_dtype, o.zero_stage, o.lora_rank, o.compile)
+        f"{', compiled blocks' if compiled else ''})")
+    trainer = load_trainer(model, o.train_dtype, o.zero_stage, o.lora_rank, compiled)
 
     say(f"generating {len(seen)} rollouts")
     trajs, prompts = _rollouts(engine, seen, processor, o, o.sampling.seed)
