@@ -127,3 +127,18 @@ def test_optimizer_groups_bound_the_step_copy_and_keep_every_parameter_in_order(
     groups = param_groups(params, max_numel=100)
     assert [p for g in groups for p in g["params"]] == params  # all of them, model order
     assert [sum(p.numel() for p in g["params"]) for g in groups] == [60, 60, 120, 10]  # a bigger one stands alone
+
+
+def test_fp32_gradient_accumulation_is_planned():
+    """trainer.grad_accum_fp32: DeepSpeed's fp32 gradient buffers (4 bytes per trained parameter, held from
+    the start) instead of the bf16 .grad pair and the step's fp32 group copy. A 3B full fine-tune on one
+    H100 then no longer fits next to vLLM; on an H200 it does."""
+    one = bench_recipe(**{"trainer.zero_stage": 1})
+    acc = bench_recipe(**{"trainer.zero_stage": 1, "trainer.grad_accum_fp32": "true"})
+    a, b = plan_memory(one, "H100-80GB", GPUS["H100-80GB"]), plan_memory(acc, "H100-80GB", GPUS["H100-80GB"])
+    P = b.shape.params
+    assert b.resident["fp32 gradient accumulation"] == pytest.approx(P * 4 / 1e9)
+    assert b.training["gradients"] == pytest.approx(P * 2 / 1e9) and a.training["gradients"] == pytest.approx(P * 4 / 1e9)
+    assert "optimizer step (fp32 grad copy)" not in b.training and "optimizer step (fp32 grad copy)" in a.training
+    assert a.fits and not b.fits, render_plan(b)
+    assert plan_memory(acc, "H200-141GB", GPUS["H200-141GB"]).fits

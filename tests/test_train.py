@@ -402,3 +402,54 @@ def test_each_rank_on_a_machine_gets_its_share_of_the_cpu_threads(monkeypatch):
         assert share_cpu_threads() == 0
     finally:
         torch.set_num_threads(before)
+
+
+def test_fp32_gradient_accumulation_keeps_small_micro_batches_that_bf16_rounds_away(tiny_model):
+    """bf16 training, ZeRO-1, 32 micro-batches of the same input: one with loss weight 1, then 31 with 0.002.
+    The true accumulated gradient is 1.062x the first one's. bf16 .grad accumulation (DeepSpeed's default)
+    rounds every small addition away (1 + 0.002 == 1 in bf16); trainer.grad_accum_fp32 keeps them."""
+    from vlrl_cli import distributed, policy as pol
+
+    distributed.init_distributed()
+    x = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    ratios = {}
+    for fp32 in (False, True):
+        engine = pol.build_policy(str(tiny_model), lr=0.0, weight_decay=0.0, warmup=0, stage=1, offload=False,
+                                  grad_clip=1e9, dtype="bfloat16", grad_accum_fp32=fp32)
+        assert type(engine.optimizer).__name__ == ("BF16_Optimizer" if fp32 else "DeepSpeedZeroOptimizer")
+
+        def norm(weights):
+            for i, w in enumerate(weights):
+                pol.backward_step(engine, engine(input_ids=x).logits.float().pow(2).mean() * w, i == len(weights) - 1)
+            return pol.optimizer_step(engine)
+
+        ratios[fp32] = norm([1.0] + [0.002] * 31) / norm([1.0])
+    expected = 1 + 31 * 0.002
+    assert ratios[True] == pytest.approx(expected, rel=1e-3), ratios
+    assert abs(ratios[False] - 1.0) < 0.01, ratios  # the bf16 sum lost all 31 small micro-batches
+
+
+def test_grad_accum_fp32_trains_resumes_and_is_refused_where_deepspeed_cannot(tmp_path, tiny_model, colors_data):
+    from vlrl_cli.config import RecipeError
+
+    trainer = {"zero_stage": 1, "grad_accum_fp32": True, "steps": 3, "save_every": 1}
+    rec = write_recipe(tmp_path, tiny_model, colors_data, "acc32", model={"dtype": "bfloat16"},
+                       algorithm={"name": "sft", "sft_target": "ground_truth"}, trainer=trainer)
+    r = run_cli(["train", rec])
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = losses(tmp_path / "runs" / "acc32")
+    import shutil
+
+    ckpts = tmp_path / "runs" / "acc32" / "checkpoints"
+    shutil.rmtree(ckpts / "step_3")  # as if killed after step 2's checkpoint
+    (ckpts / "latest").write_text("step_2")
+    r = run_cli(["train", rec, "--resume"])  # from step 2, with BF16_Optimizer's state
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "acc32")] == [1, 2, 3]
+    assert losses(tmp_path / "runs" / "acc32") == pytest.approx(full, rel=1e-3)
+    for bad in ({"zero_stage": 2}, {"zero_stage": 1, "offload": True}):
+        with pytest.raises(RecipeError, match="trainer.grad_accum_fp32 needs"):
+            load_recipe(write_recipe(tmp_path, tiny_model, colors_data, "bad", model={"dtype": "bfloat16"},
+                                     trainer={**trainer, **bad}))
+    with pytest.raises(RecipeError, match="model.dtype bfloat16"):
+        load_recipe(write_recipe(tmp_path, tiny_model, colors_data, "bad", trainer=trainer))

@@ -98,6 +98,10 @@ class TrainerCfg:
     grad_clip: float = 1.0
     zero_stage: int = 0
     offload: bool = False  # ZeRO CPU offload of optimizer state
+    # bf16 training: accumulate the micro-batches' gradients in fp32 (DeepSpeed's BF16_Optimizer; ZeRO-1, no
+    # offload). Off: DeepSpeed's default, bf16 .grad tensors, where a micro-batch's gradient smaller than
+    # 1/256 of the running sum is rounded away (tests/test_train.py). Costs 4 bytes per trained parameter.
+    grad_accum_fp32: bool = False
     # ZeRO-3: parameters smaller than this stay whole on every rank; None = all of them on one rank,
     # DeepSpeed's 100k on several (training.persistence_for); 0 partitions every one (tests on tiny
     # models). Each partitioned parameter costs a fetch per forward / recompute / backward of every micro-batch.
@@ -229,6 +233,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
         raise RecipeError(f"{where}: model.path is required")
     if not recipe.data.train:
         raise RecipeError(f"{where}: data.train is required")
+    tr = recipe.trainer
+    if tr.grad_accum_fp32 and (recipe.model.dtype != "bfloat16" or tr.zero_stage != 1 or tr.offload):
+        raise RecipeError(f"{where}: trainer.grad_accum_fp32 needs model.dtype bfloat16, trainer.zero_stage 1 and no "
+                          f"offload (DeepSpeed's fp32 accumulation; got {recipe.model.dtype}, stage {tr.zero_stage}"
+                          f"{', offload' if tr.offload else ''})")
     if recipe.model.compile is True and recipe.trainer.zero_stage == 3:
         raise RecipeError(f"{where}: model.compile needs trainer.zero_stage 0, 1 or 2 (ZeRO-3 gathers each "
                           "block's parameters in module hooks that a compiled block skips)")

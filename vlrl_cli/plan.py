@@ -110,11 +110,23 @@ def model_shape(config, lora=None) -> ModelShape:
         from .lora import target_regex
 
         pattern = re.compile(target_regex(lora.target_modules, lora.vision))
-        trainable = sum(lora.rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name))
+        trainable = sum(_lora_params(m, lora.rank) for name, m in model.named_modules() if pattern.fullmatch(name))
     text = config.get_text_config()
     return ModelShape(params, trainable, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
                       text.vocab_size)
+
+
+def _lora_params(module, rank: int) -> int:
+    """Adapter parameters PEFT adds to one layer: A [r, in] and B [out, r]; a convolution's A spans its kernel."""
+    import math
+
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return rank * (module.in_features + module.out_features)
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return rank * (module.in_channels * math.prod(module.kernel_size) + module.out_channels)
+    return 0
 
 
 def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpus: int = 1,
@@ -137,6 +149,8 @@ def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpu
     if on_gpu_optimizer:
         resident["fp32 master weights"] = shard(T * 4, 1) / GB if mixed else 0.0
         resident["Adam moments (fp32)"] = shard(T * 8, 1) / GB
+    if tr.grad_accum_fp32:  # BF16_Optimizer's fp32 gradient buffers: whole on every rank, allocated at start
+        resident["fp32 gradient accumulation"] = T * 4 / GB
     resident = {k: v for k, v in resident.items() if v}
 
     seq = min(data_tokens(recipe), r.max_context_tokens) if r.max_turns > 1 else data_tokens(recipe)
@@ -149,12 +163,13 @@ def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpu
     training = {
         # ZeRO 1/2: the bf16 .grad tensors and DeepSpeed's contiguous partition buffer both exist at the peak
         # (measured: 3B full fine-tune on one H100, trainer peak 72.1 GB = held 53.9 + 2 x 7.5 + 3.2)
-        "gradients": (T * w * (1 + 1 / world) if stage in (1, 2) else shard(T * w, 3)) / GB
+        # (with grad_accum_fp32 the bf16 .grad of a micro-batch is folded into the fp32 buffer and freed)
+        "gradients": (T * w if tr.grad_accum_fp32 else T * w * (1 + 1 / world) if stage in (1, 2) else shard(T * w, 3)) / GB
                      + (T * 4 / GB if stage == 0 and mixed else 0.0),
         "activations (estimate)": activations / GB,
         "logits": (N * V * w + 2 * tr.micro_batch * 128 * V * 4) / GB,  # full-width logits + fp32 chunks
     }
-    if on_gpu_optimizer and stage in (1, 2):
+    if on_gpu_optimizer and stage in (1, 2) and not tr.grad_accum_fp32:
         training["optimizer step (fp32 grad copy)"] = min(shard(T, 1), STEP_GROUP) * 4 / GB
     if stage == 2:  # its contiguous-gradient reduce buckets (measured: ZeRO-2 peaks 3.2 GB above ZeRO-1)
         training["ZeRO-2 reduce buckets"] = 3.2

@@ -21,7 +21,8 @@ def persistence_for(world: int, threshold: int | None) -> int:
     return 10**15 if world == 1 else 100_000
 
 
-def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, persistence_threshold: int | None = None) -> dict:
+def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, persistence_threshold: int | None = None,
+                     grad_accum_fp32: bool = False) -> dict:
     zero: dict = {"stage": stage}
     if stage in (1, 2):  # DeepSpeed's default buckets are 5e8 elements (1 GB each in bf16)
         zero.update(reduce_bucket_size=200_000_000, allgather_bucket_size=200_000_000)
@@ -31,7 +32,9 @@ def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, pe
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         zero.update(stage3_param_persistence_threshold=persistence_for(world, persistence_threshold),
                     stage3_gather_16bit_weights_on_model_save=True)
+    extra = {"data_types": {"grad_accum_dtype": "fp32"}} if grad_accum_fp32 else {}  # trainer.grad_accum_fp32
     return {
+        **extra,
         # we feed our own micro-batches and mark the accumulation boundary ourselves (see backward_step)
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -86,7 +89,7 @@ def param_groups(params: list[torch.nn.Parameter], max_numel: int = 100_000_000)
 def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
                  grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
                  schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto",
-                 lora=None, packed: bool = False, compile_blocks: bool = False):
+                 lora=None, packed: bool = False, compile_blocks: bool = False, grad_accum_fp32: bool = False):
     """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine).
 
     lora: the recipe's model.lora; with rank >= 1 the model gets adapters (lora.py) and only they reach
@@ -97,7 +100,7 @@ def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, s
 
     use_lora = lora is not None and lora.rank > 0
 
-    cfg = deepspeed_config(stage, offload, grad_clip, dtype, persistence_threshold)
+    cfg = deepspeed_config(stage, offload, grad_clip, dtype, persistence_threshold, grad_accum_fp32)
     # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full copy per
     # rank) while this object lives. It is process-global, so it is switched off again below: models
     # loaded later (the hf engine's copy, a KL reference) must load whole.
