@@ -155,8 +155,8 @@ def test_packed_row_boundaries_are_read_once_per_position_tensor():
         calls.append(1)
         return modeling._packed_rows(t)
 
-    first = modeling.plan_for("packed_rows", pos, pos.device, counting)
-    assert modeling.plan_for("packed_rows", pos, pos.device, counting) is first and len(calls) == 1
+    first = modeling.per_tensor_plan("packed_rows", pos, pos.device, counting)
+    assert modeling.per_tensor_plan("packed_rows", pos, pos.device, counting) is first and len(calls) == 1
     pos[0, 5] = 7  # in place: the sequence starting at 5 merges into the one before
-    cu2, longest2 = modeling.plan_for("packed_rows", pos, pos.device, counting)
+    cu2, longest2 = modeling.per_tensor_plan("packed_rows", pos, pos.device, counting)
     assert len(calls) == 2 and cu2.tolist() == [0, 3, 9] and longest2 == 6

@@ -51,7 +51,7 @@ def grouped_segment_attention(module, query, key, value, attention_mask=None, sc
 _PLANS: dict[tuple, tuple] = {}  # (kind, id(tensor), device) -> (weak reference, its version, plan)
 
 
-def plan_for(kind: str, tensor: torch.Tensor, device, build):
+def per_tensor_plan(kind: str, tensor: torch.Tensor, device, build):
     """build(tensor) once per tensor object: every block of one forward (and its recompute under gradient
     checkpointing) passes the same boundaries tensor, and building a plan from it reads it on the host, a
     GPU sync that stops the CPU from queueing work ahead of the GPU. A hit needs the very same tensor
@@ -78,7 +78,7 @@ def plan_for(kind: str, tensor: torch.Tensor, device, build):
 def segment_plan(cu_seqlens: torch.Tensor, device) -> tuple[list[tuple[int, int, torch.Tensor]], torch.Tensor]:
     """Segments of equal length grouped: [(count, length, patch indices)], and the inverse permutation.
 
-    Planned once per cu_seqlens tensor (plan_for): uncached, a compiled 3B training micro-batch (32 vision
+    Planned once per cu_seqlens tensor (per_tensor_plan): uncached, a compiled 3B training micro-batch (32 vision
     blocks x forward and recompute) made 224 stream syncs."""
     def build(cu):
         bounds = cu.tolist()
@@ -98,7 +98,7 @@ def segment_plan(cu_seqlens: torch.Tensor, device) -> tuple[list[tuple[int, int,
         # built on the host, moved in one go per tensor
         return [(c, l, i.to(device, non_blocking=True)) for c, l, i in groups], inverse.to(device, non_blocking=True)
 
-    return plan_for("segments", cu_seqlens, device, build)
+    return per_tensor_plan("segments", cu_seqlens, device, build)
 
 
 PACKED = "vlrl_packed_text"  # the language model's attention when training on packed micro-batches
@@ -117,7 +117,7 @@ def packed_text_attention(module, query, key, value, attention_mask=None, scalin
     T = query.shape[2]
     if (query.is_cuda and query.shape[0] == 1 and position_ids is not None and key.shape[2] == T
             and position_ids.shape[-1] == T and dropout == 0.0):
-        cu, longest = plan_for("packed_rows", position_ids, query.device, _packed_rows)  # once per forward
+        cu, longest = per_tensor_plan("packed_rows", position_ids, query.device, _packed_rows)  # once per forward
         if cu is not None:
             q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, dim]
             return _varlen_causal(q, k, v, cu, longest, scaling).unsqueeze(0), None

@@ -32,9 +32,7 @@ def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, pe
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         zero.update(stage3_param_persistence_threshold=persistence_for(world, persistence_threshold),
                     stage3_gather_16bit_weights_on_model_save=True)
-    extra = {"data_types": {"grad_accum_dtype": "fp32"}} if grad_accum_fp32 else {}  # trainer.grad_accum_fp32
-    return {
-        **extra,
+    cfg = {
         # we feed our own micro-batches and mark the accumulation boundary ourselves (see backward_step)
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -45,6 +43,9 @@ def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, pe
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if grad_accum_fp32:  # trainer.grad_accum_fp32: DeepSpeed's BF16_Optimizer adds micro-batches up in fp32
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
