@@ -9,11 +9,14 @@
 #   bash bench/device_runs.sh rollout    # vllm vs hf rollout throughput, weight sync
 #   bash bench/device_runs.sh scale 1|2  # the GRPO step on one and on two GPUs of nvidia-h200-x2, ZeRO-1
 #   bash bench/device_runs.sh generate   # vLLM alone at a GRPO step's shape (32 prompts x 8 x 256)
-#   bash bench/device_runs.sh packprof   # packed vs padded micro-batches, with a profile of each
+#   bash bench/device_runs.sh packprof   # packed vs padded micro-batches (GROUP=8: GRPO groups; PROFILE=1)
+#   bash bench/device_runs.sh trl        # TRL's GRPO step alone on one GPU (the side-by-side comparison)
+#   bash bench/device_runs.sh zero3      # vlrl's GRPO step under ZeRO-3 alone on one GPU (TRL's setting)
 #   bash bench/device_runs.sh mfu a|b    # the training micro-batch (ZeRO-1, 8 x 541 tokens): eager vs compiled
 #        blocks, with and without recompute, micro-batch 16, LoRA rank 64 (train-profile, side by side)
 #   bash bench/device_runs.sh fit full3b|lora3b|lora7b   # one H100: 3B full fine-tune without offload,
-#        3B LoRA rank 64 on the same batch, 7B LoRA rank 64 (then: gpu_perf.py fit --dir $OUT)
+#        3B LoRA rank 64 on the same batch, 7B LoRA rank 64 (then: gpu_perf.py fit --dir $OUT); env ZERO, MB,
+#        COMPILE=1, NOCKPT=1 (no recompute), FP32ACC=1 (trainer.grad_accum_fp32, with ZERO=1)
 set -uo pipefail
 . /tmp/kit/env.sh
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
@@ -57,6 +60,21 @@ steps)
   wait
   tail -n 3 $OUT/gpu0.log $OUT/step1*.log $OUT/trl.log
   ;;
+trl)
+  # the TRL side of the comparison alone on an idle one-GPU machine (H200: its peak was 121 GB); TRL's
+  # process does not exit after training (its result is written first): a time limit ends it
+  timeout ${TRL_LIMIT:-580} torchrun --nproc-per-node 1 --master-port 29611 bench/trl_grpo.py --model $M \
+     --data $D --steps $TRL_STEPS --json $OUT/trl.json > $OUT/trl.log 2>&1
+  tail -n 3 $OUT/trl.log
+  ;;
+zero3)
+  # vlrl's side of the TRL comparison alone: the same GRPO steps under ZeRO-3, as TRL runs
+  $P recipe --model $M --data $D --out /tmp/step1.yaml --prompts 32 --tokens 256 --steps $STEPS --name step1 \
+    --run-dir /tmp/runs --zero-stage 3 ${COMPILE:+--compile}
+  python3 -m vlrl_cli train /tmp/step1.yaml --overwrite > $OUT/step1.log 2>&1
+  mkdir -p $OUT/step1 && cp /tmp/runs/step1/metrics.jsonl $OUT/step1/
+  tail -n 3 $OUT/step1.log
+  ;;
 two)
   for z in 3 2; do
     name=step2; [ $z = 2 ] && name=step2_z2
@@ -94,8 +112,10 @@ generate)
   ;;
 packprof)
   # issue 15.2: packed vs padded at one token budget, with a profiler table of one pass of each
-  $P pack --model $M --data $D --budget ${BUDGET:-16384} --json $OUT/pack_${BUDGET:-16384}.json \
-    --profile $OUT/packprof_${BUDGET:-16384} > $OUT/pack.log 2>&1
+  # GROUP=8: sequences in GRPO groups sharing a prompt image; COMPILE=1: compiled blocks
+  tag=${BUDGET:-16384}_g${GROUP:-1}${COMPILE:+_compile}
+  $P pack --model $M --data $D --budget ${BUDGET:-16384} --group ${GROUP:-1} ${COMPILE:+--compile} \
+    --json $OUT/pack_$tag.json ${PROFILE:+--profile $OUT/packprof_$tag} >> $OUT/pack.log 2>&1
   tail -n 2 $OUT/pack.log; cat $OUT/pack_*.json
   ;;
 mfu)
@@ -115,7 +135,7 @@ fit)
   # 32 prompts x 8 samples x 256 tokens, micro-batch 8, ZeRO-2, vLLM at 0.15 of the GPU (what fits next to
   # a 3B full fine-tune's 60 GB of weights, gradients, master weights and moments: `vlrl train --plan`;
   # at 0.2 the second step's wake-up ran out of memory on an H100)
-  name=$2${MB:+_m$MB}${ZERO:+_z$ZERO}${COMPILE:+_compile}${NOCKPT:+_nockpt}
+  name=$2${MB:+_m$MB}${ZERO:+_z$ZERO}${COMPILE:+_compile}${NOCKPT:+_nockpt}${FP32ACC:+_fp32acc}
   case "$2" in
     full3b) model=$M extra="" ;;
     lora3b) model=$M extra="--lora-rank 64" ;;
@@ -124,7 +144,7 @@ fit)
   esac
   $P recipe --model $model --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps ${STEPS:-3} --name $name \
     --run-dir /tmp/runs --zero-stage ${ZERO:-2} --gpu-mem ${GPU_MEM:-0.15} --micro-batch ${MB:-8} $extra \
-    ${COMPILE:+--compile} ${NOCKPT:+--no-checkpointing}
+    ${COMPILE:+--compile} ${NOCKPT:+--no-checkpointing} ${FP32ACC:+--grad-accum-fp32}
   python3 -m vlrl_cli train /tmp/$name.yaml --overwrite > $OUT/$name.log 2>&1
   mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
   tail -n 3 $OUT/$name.log
@@ -134,5 +154,5 @@ rollout)
   CUDA_VISIBLE_DEVICES=0 $P rollout --model $M --data $D --engine hf --prompts 6 --json $OUT/rollout_hf.json
   CUDA_VISIBLE_DEVICES=0 $P sync --model $M --data $D --json $OUT/sync.json --profile $OUT/sync_profile.txt
   ;;
-*) echo "usage: $0 setup|profile|steps|two|rollout" >&2; exit 2 ;;
+*) echo "usage: $0 setup|profile|steps|trl|zero3|two|rollout|scale|generate|packprof|mfu|fit" >&2; exit 2 ;;
 esac

@@ -258,7 +258,8 @@ def cmd_pack(a):
     policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False, grad_clip=1.0,
                           dtype=dtype, gradient_checkpointing=True, packed=not a.sdpa_mask, compile_blocks=a.compile)
     policy.train()
-    processor, reqs = requests_for(a.model, a.data, a.seqs)
+    processor, reqs = requests_for(a.model, a.data, -(-a.seqs // a.group))
+    reqs = [r for r in reqs for _ in range(a.group)][:a.seqs]  # a GRPO group: n responses to one prompt image
     special = set(placeholder_token_ids(processor))
     ordinary = [i for i in range(len(processor.tokenizer)) if i not in special]
     rng = random.Random(0)
@@ -271,7 +272,7 @@ def cmd_pack(a):
     lengths = [len(x.token_ids) for x in seqs]
     per_padded = max(1, a.budget // (len(reqs[0].input_ids) + a.max_tokens))
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    result = {"device": device_name(), "model": a.model, "sequences": len(seqs), "tokens": sum(lengths),
+    result = {"device": device_name(), "model": a.model, "sequences": len(seqs), "group": a.group, "tokens": sum(lengths),
               "budget_tokens": a.budget, "response_tokens": [a.min_tokens, a.max_tokens],
               "packed_attention": "sdpa + block mask" if a.sdpa_mask else "varlen flash (modeling.packed_text_attention)"}
     for mode in ("padded", "packed", "padded", "packed"):  # each twice: the first pass warms up
@@ -341,6 +342,8 @@ def cmd_recipe(a):
                     "eval_every": 0, "warmup_steps": 0, "offload": a.offload},
         "run": {"name": a.name, "dir": a.run_dir},
     }
+    if a.grad_accum_fp32:
+        recipe["trainer"]["grad_accum_fp32"] = True
     if a.lora_rank:
         recipe["model"]["lora"] = {"rank": a.lora_rank, "alpha": 2 * a.lora_rank}
     Path(a.out).write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -565,10 +568,13 @@ def main():
     r.add_argument("--run-dir", default="/tmp/bench-runs")
     r.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank (alpha = 2 x rank); 0 = full fine-tune")
     r.add_argument("--offload", action="store_true")
+    r.add_argument("--grad-accum-fp32", action="store_true", help="trainer.grad_accum_fp32 (ZeRO-1, bf16, no offload)")
     pk = sub.add_parser("pack", help="issue-15 figure: packed vs padded micro-batches at one token budget")
     pk.add_argument("--model", required=True)
     pk.add_argument("--data", required=True)
     pk.add_argument("--seqs", type=int, default=64)
+    pk.add_argument("--group", type=int, default=1, help="consecutive sequences sharing one prompt image, as a "
+                    "GRPO group's n samples do (the vision tower encodes it once per micro-batch); 1: all distinct")
     pk.add_argument("--budget", type=int, default=16384)
     pk.add_argument("--min-tokens", type=int, default=16)
     pk.add_argument("--max-tokens", type=int, default=1024)

@@ -168,3 +168,43 @@ def test_compile_setting_resolves_and_zero3_is_refused(tmp_path, tiny_model):
     assert load_recipe(None, base + ["model.compile=auto", "trainer.zero_stage=3"]).model.compile == "auto"
     with pytest.raises(RecipeError, match="model.compile"):
         load_recipe(None, base + ["model.compile=fast"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(models, family):
+    """share_repeated_images (load_vlm installs it): the first and last sequences carry the same image (as a
+    GRPO group's samples do) and the multi-turn one three distinct frames. The tower must see each distinct
+    image once, and log-probs and every gradient must equal the model that encodes every copy, padded and
+    packed (Qwen3-VL's deepstack features are expanded too)."""
+    from vlrl_cli.batches import make_batch, sequence_logprobs
+
+    from test_packing import sequences
+
+    processor = load_processor(models[family])
+    seqs = sequences(processor)
+    every = sum(int(s.tensors["image_grid_thw"].prod(-1).sum()) for s in seqs if s.tensors)
+    repeated = int(seqs[0].tensors["image_grid_thw"].prod(-1).sum())
+    plain = AutoModelForImageTextToText.from_pretrained(models[family], dtype=torch.float32)
+    modeling.use_grouped_vision_attention(plain)
+    shared = modeling.load_vlm(str(models[family]), torch.float32)
+    rows = []
+    shared.model.visual.patch_embed.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    for packed in (False, True):
+        results = []
+        for model in (plain, shared):
+            model.zero_grad()
+            b = make_batch(seqs, processor, "cpu", packed_for=model if packed else None)
+            lp = sequence_logprobs(model, b, 1.0, [processor.image_token_id], only=b.loss_mask)
+            (-(lp * b.loss_mask).sum()).backward()
+            results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        (lp_p, g_p), (lp_s, g_s) = results
+        torch.testing.assert_close(lp_s, lp_p, rtol=1e-4, atol=1e-5)
+        assert g_p.keys() == g_s.keys() and any("visual" in n for n in g_p)
+        for n in g_p:
+            torch.testing.assert_close(g_s[n], g_p[n], rtol=1e-3, atol=1e-5, msg=n)
+    assert rows == [every - repeated] * 2, (rows, every, repeated)  # the repeat was dropped, nothing else
+    # nothing repeated: the tower's input is untouched
+    rows.clear()
+    with torch.no_grad():
+        shared(**make_batch(seqs[1:3], processor, "cpu").inputs)
+    assert rows == [int(seqs[2].tensors["image_grid_thw"].prod(-1).sum())]

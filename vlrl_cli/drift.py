@@ -158,18 +158,9 @@ def load_trainer(model_path: str, dtype: str, zero_stage: int | None, lora_rank:
 
     lora = LoraCfg(rank=lora_rank) if lora_rank > 0 else None
     if zero_stage is None:
-        from .modeling import load_vlm
+        from .policy import prepare_model
 
-        model = load_vlm(model_path, getattr(torch, dtype))
-        if compile_blocks:
-            from .modeling import compile_layers
-
-            compile_layers(model)
-        if lora is not None:
-            from .lora import wrap
-
-            model = wrap(model, lora)
-        return model.to(device()).eval()
+        return prepare_model(model_path, dtype, compile_blocks=compile_blocks, lora=lora).to(device()).eval()
     from .policy import build_policy
 
     init_distributed()

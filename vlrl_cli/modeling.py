@@ -200,10 +200,96 @@ def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
     from transformers import AutoModelForImageTextToText
 
     if attention != "auto":
-        return from_pretrained(AutoModelForImageTextToText, path, dtype=dtype, attn_implementation=attention)
-    model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype)
-    use_grouped_vision_attention(model)
+        model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype, attn_implementation=attention)
+    else:
+        model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype)
+        use_grouped_vision_attention(model)
+    share_repeated_images(model)
     return model
+
+
+def share_repeated_images(model):
+    """Run the vision tower once per distinct image of a forward. A GRPO group's n samples carry the same
+    prompt image, and their sequences share a micro-batch (trainer.micro_batch >= n, or a packed row), so
+    the tower would otherwise encode that image n times, forward and backward: at 3B the tower is a fifth of
+    the trainer's FLOPs per sequence. Every copy gets the distinct image's features (the gradients of the
+    copies add up in backward, as through separate runs), so this changes rounding, never the result.
+
+    Two forward hooks on the tower, found by content (equal grid and equal pixels: multi-turn episodes
+    repeat their first frame without sharing tensors): the first drops the repeats from the input, the
+    second expands the outputs back to every image in order. Hooks, not a replaced forward, so DeepSpeed's
+    own hooks and a deepcopy of the model keep working. Returns the visual module (None: no vision tower)."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if visual is None or getattr(visual, "_vlrl_shares_images", False):
+        return visual
+    visual.register_forward_pre_hook(_keep_distinct_images, with_kwargs=True)
+    visual.register_forward_hook(_expand_to_every_image)
+    visual._vlrl_shares_images = True
+    return visual
+
+
+def _keep_distinct_images(module, args, kwargs):
+    module._vlrl_copies = None
+    pixels = args[0] if args else kwargs.get("hidden_states")
+    grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+    if pixels is None or grid is None or len(grid) < 2:
+        return None
+    sizes = grid.prod(-1).tolist()
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    # a cheap fingerprint per image (one host read; a reduction per image, so equal images sum equally),
+    # confirmed by an exact comparison where two agree
+    sums = torch.stack([pixels[a:a + n].detach().float().sum() for a, n in zip(starts, sizes)]).tolist()
+    grids = [tuple(g) for g in grid.tolist()]
+    first_of, distinct = [], []  # for each image, the position of its distinct image in `distinct`
+    seen: dict[tuple, list[int]] = {}
+    for i in range(len(sizes)):
+        key = (grids[i], sums[i])
+        match = next((u for u in seen.get(key, [])
+                      if torch.equal(pixels[starts[i]:starts[i] + sizes[i]],
+                                     pixels[starts[distinct[u]]:starts[distinct[u]] + sizes[distinct[u]]])), None)
+        if match is None:
+            match = len(distinct)
+            distinct.append(i)
+            seen.setdefault(key, []).append(match)
+        first_of.append(match)
+    if len(distinct) == len(sizes):
+        return None
+    keep = torch.cat([torch.arange(starts[i], starts[i] + sizes[i], device=pixels.device) for i in distinct])
+    module._vlrl_copies = (first_of, [sizes[i] for i in distinct])
+    new_pixels, new_grid = pixels[keep], grid[distinct]
+    if len(args) > 1:
+        return (new_pixels, new_grid, *args[2:]), kwargs
+    if args:
+        return (new_pixels, *args[1:]), {**kwargs, "grid_thw": new_grid}
+    return args, {**kwargs, "hidden_states": new_pixels, "grid_thw": new_grid}
+
+
+def _expand_to_every_image(module, args, output):
+    copies, module._vlrl_copies = module._vlrl_copies, None
+    if copies is None:
+        return None
+    first_of, sizes = copies
+    merge = module.spatial_merge_size ** 2
+
+    def expand(x, per_image):  # rows of the distinct images -> rows of every image, in order
+        starts = [0]
+        for n in per_image[:-1]:
+            starts.append(starts[-1] + n)
+        index = torch.cat([torch.arange(starts[u], starts[u] + per_image[u], device=x.device) for u in first_of])
+        return x.index_select(0, index)
+
+    merged = [n // merge for n in sizes]
+    if isinstance(output, torch.Tensor):  # a tower that returns the merged features only
+        return expand(output, merged)
+    if getattr(output, "pooler_output", None) is not None:
+        output.pooler_output = expand(output.pooler_output, merged)
+    if getattr(output, "last_hidden_state", None) is not None:
+        output.last_hidden_state = expand(output.last_hidden_state, sizes)
+    if getattr(output, "deepstack_features", None) is not None:  # Qwen3-VL: merged features of some blocks
+        output.deepstack_features = [expand(f, merged) for f in output.deepstack_features]
+    return output
 
 
 def use_grouped_vision_attention(model) -> bool:

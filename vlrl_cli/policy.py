@@ -87,25 +87,11 @@ def param_groups(params: list[torch.nn.Parameter], max_numel: int = 100_000_000)
     return groups
 
 
-def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
-                 grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
-                 schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto",
-                 lora=None, packed: bool = False, compile_blocks: bool = False, grad_accum_fp32: bool = False):
-    """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine).
-
-    lora: the recipe's model.lora; with rank >= 1 the model gets adapters (lora.py) and only they reach
-    the optimizer. packed: micro-batches will be packed (trainer.pack_tokens; modeling.packed_text_attention)."""
-    import deepspeed
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-
-    use_lora = lora is not None and lora.rank > 0
-
-    cfg = deepspeed_config(stage, offload, grad_clip, dtype, persistence_threshold, grad_accum_fp32)
-    # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full copy per
-    # rank) while this object lives. It is process-global, so it is switched off again below: models
-    # loaded later (the hf engine's copy, a KL reference) must load whole.
-    hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 else None
+def prepare_model(model_path: str, dtype: str, attention: str = "auto", packed: bool = False,
+                  gradient_checkpointing: bool = False, compile_blocks: bool = False, lora=None):
+    """The model the trainer trains, before DeepSpeed: loaded, then (in this order, which matters) the packed
+    attention, the recompute, the compiled blocks, and last the LoRA adapters around them. check-drift's
+    plain trainer comes from here too, so it is the forward `vlrl train` runs."""
     model = load_vlm(model_path, getattr(torch, dtype), attention)
     if packed and attention == "auto":  # trainer.pack_tokens: packed rows through the varlen kernel on a GPU
         from .modeling import use_packed_text_attention
@@ -117,12 +103,32 @@ def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, s
         from .modeling import compile_layers
 
         compile_layers(model)
-    if use_lora:
+    if lora is not None and lora.rank > 0:
         from .lora import wrap
 
         model = wrap(model, lora)
         if gradient_checkpointing:  # checkpointed blocks need an input that requires grad
             model.enable_input_require_grads()
+    return model
+
+
+def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
+                 grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
+                 schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto",
+                 lora=None, packed: bool = False, compile_blocks: bool = False, grad_accum_fp32: bool = False):
+    """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine).
+
+    lora: the recipe's model.lora; with rank >= 1 the model gets adapters (lora.py) and only they reach
+    the optimizer. packed: micro-batches will be packed (trainer.pack_tokens; modeling.packed_text_attention)."""
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    cfg = deepspeed_config(stage, offload, grad_clip, dtype, persistence_threshold, grad_accum_fp32)
+    # transformers' own ZeRO-3 integration: weights are loaded straight into partitions (no full copy per
+    # rank) while this object lives. It is process-global, so it is switched off again below: models
+    # loaded later (the hf engine's copy, a KL reference) must load whole.
+    hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 else None
+    model = prepare_model(model_path, dtype, attention, packed, gradient_checkpointing, compile_blocks, lora)
     params = param_groups([p for p in model.parameters() if p.requires_grad])  # all of them, or the adapters
     if offload and stage > 0:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
