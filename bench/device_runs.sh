@@ -9,7 +9,8 @@
 #   bash bench/device_runs.sh rollout    # vllm vs hf rollout throughput, weight sync
 #   bash bench/device_runs.sh scale 1|2  # the GRPO step on one and on two GPUs of nvidia-h200-x2, ZeRO-1
 #   bash bench/device_runs.sh generate   # vLLM alone at a GRPO step's shape (32 prompts x 8 x 256)
-#   bash bench/device_runs.sh packprof   # packed vs padded micro-batches (GROUP=8: GRPO groups; PROFILE=1)
+#   bash bench/device_runs.sh packprof   # packed vs padded micro-batches (GROUP=8: GRPO groups; PROFILE=1;
+#        NOSHARE=1: every copy of a repeated image encoded)
 #   bash bench/device_runs.sh trl        # TRL's GRPO step alone on one GPU (the side-by-side comparison)
 #   bash bench/device_runs.sh zero3      # vlrl's GRPO step under ZeRO-3 alone on one GPU (TRL's setting)
 #   bash bench/device_runs.sh mfu a|b    # the training micro-batch (ZeRO-1, 8 x 541 tokens): eager vs compiled
@@ -113,8 +114,8 @@ generate)
 packprof)
   # issue 15.2: packed vs padded at one token budget, with a profiler table of one pass of each
   # GROUP=8: sequences in GRPO groups sharing a prompt image; COMPILE=1: compiled blocks
-  tag=${BUDGET:-16384}_g${GROUP:-1}${COMPILE:+_compile}
-  $P pack --model $M --data $D --budget ${BUDGET:-16384} --group ${GROUP:-1} ${COMPILE:+--compile} \
+  tag=${BUDGET:-16384}_g${GROUP:-1}${COMPILE:+_compile}${NOSHARE:+_noshare}
+  $P pack --model $M --data $D --budget ${BUDGET:-16384} --group ${GROUP:-1} ${COMPILE:+--compile} ${NOSHARE:+--no-share-images} \
     --json $OUT/pack_$tag.json ${PROFILE:+--profile $OUT/packprof_$tag} >> $OUT/pack.log 2>&1
   tail -n 2 $OUT/pack.log; cat $OUT/pack_*.json
   ;;

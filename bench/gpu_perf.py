@@ -258,6 +258,10 @@ def cmd_pack(a):
     policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False, grad_clip=1.0,
                           dtype=dtype, gradient_checkpointing=True, packed=not a.sdpa_mask, compile_blocks=a.compile)
     policy.train()
+    if a.no_share_images:  # the vision tower encodes every copy of a repeated image (as before f3e5f37)
+        from vlrl_cli.modeling import share_repeated_images
+
+        share_repeated_images(policy.module, enabled=False)
     processor, reqs = requests_for(a.model, a.data, -(-a.seqs // a.group))
     reqs = [r for r in reqs for _ in range(a.group)][:a.seqs]  # a GRPO group: n responses to one prompt image
     special = set(placeholder_token_ids(processor))
@@ -272,7 +276,8 @@ def cmd_pack(a):
     lengths = [len(x.token_ids) for x in seqs]
     per_padded = max(1, a.budget // (len(reqs[0].input_ids) + a.max_tokens))
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    result = {"device": device_name(), "model": a.model, "sequences": len(seqs), "group": a.group, "tokens": sum(lengths),
+    result = {"device": device_name(), "model": a.model, "sequences": len(seqs), "group": a.group,
+              "share_images": not a.no_share_images, "tokens": sum(lengths),
               "budget_tokens": a.budget, "response_tokens": [a.min_tokens, a.max_tokens],
               "packed_attention": "sdpa + block mask" if a.sdpa_mask else "varlen flash (modeling.packed_text_attention)"}
     for mode in ("padded", "packed", "padded", "packed"):  # each twice: the first pass warms up
@@ -575,6 +580,7 @@ def main():
     pk.add_argument("--seqs", type=int, default=64)
     pk.add_argument("--group", type=int, default=1, help="consecutive sequences sharing one prompt image, as a "
                     "GRPO group's n samples do (the vision tower encodes it once per micro-batch); 1: all distinct")
+    pk.add_argument("--no-share-images", action="store_true", help="encode every copy of a repeated image")
     pk.add_argument("--budget", type=int, default=16384)
     pk.add_argument("--min-tokens", type=int, default=16)
     pk.add_argument("--max-tokens", type=int, default=1024)

@@ -208,3 +208,9 @@ def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(m
     with torch.no_grad():
         shared(**make_batch(seqs[1:3], processor, "cpu").inputs)
     assert rows == [int(seqs[2].tensors["image_grid_thw"].prod(-1).sum())]
+    # switched off (benchmarks compare both): every copy is encoded again
+    modeling.share_repeated_images(shared, enabled=False)
+    rows.clear()
+    with torch.no_grad():
+        shared(**make_batch(seqs, processor, "cpu").inputs)
+    assert rows == [every]

@@ -208,7 +208,7 @@ def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
     return model
 
 
-def share_repeated_images(model):
+def share_repeated_images(model, enabled: bool = True):
     """Run the vision tower once per distinct image of a forward. A GRPO group's n samples carry the same
     prompt image, and their sequences share a micro-batch (trainer.micro_batch >= n, or a packed row), so
     the tower would otherwise encode that image n times, forward and backward: at 3B the tower is a fifth of
@@ -218,13 +218,17 @@ def share_repeated_images(model):
     Two forward hooks on the tower, found by content (equal grid and equal pixels: multi-turn episodes
     repeat their first frame without sharing tensors): the first drops the repeats from the input, the
     second expands the outputs back to every image in order. Hooks, not a replaced forward, so DeepSpeed's
-    own hooks and a deepcopy of the model keep working. Returns the visual module (None: no vision tower)."""
+    own hooks and a deepcopy of the model keep working. enabled=False takes the hooks off again (benchmarks
+    compare both). Returns the visual module (None: no vision tower)."""
     visual = getattr(getattr(model, "model", None), "visual", None)
-    if visual is None or getattr(visual, "_vlrl_shares_images", False):
-        return visual
-    visual.register_forward_pre_hook(_keep_distinct_images, with_kwargs=True)
-    visual.register_forward_hook(_expand_to_every_image)
-    visual._vlrl_shares_images = True
+    if visual is None:
+        return None
+    hooks = visual.__dict__.pop("_vlrl_share_hooks", ())
+    for h in hooks:
+        h.remove()
+    if enabled:
+        visual._vlrl_share_hooks = (visual.register_forward_pre_hook(_keep_distinct_images, with_kwargs=True),
+                                    visual.register_forward_hook(_expand_to_every_image))
     return visual
 
 
