@@ -461,3 +461,11 @@ def test_packed_rows_through_the_varlen_kernel_match_padded_batches(gpu_tiny, fa
     diff = (padded - packed).abs()[valid].float()
     record("packed_varlen", family, {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max())})
     assert diff.mean() < 5e-3 and diff.max() < 5e-2, (float(diff.mean()), float(diff.max()))
+
+
+def test_load_vlm_shares_repeated_images_on_a_gpu(gpu_tiny_qwen2_5):
+    """On a GPU every loaded model encodes a repeated image once (modeling.share_repeated_images)."""
+    from vlrl_cli.modeling import load_vlm
+
+    model = load_vlm(str(gpu_tiny_qwen2_5), torch.bfloat16).cuda()
+    assert len(model.model.visual.__dict__.get("_vlrl_share_hooks", ())) == 2

@@ -172,7 +172,7 @@ def test_compile_setting_resolves_and_zero3_is_refused(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(models, family):
-    """share_repeated_images (load_vlm installs it): the first and last sequences carry the same image (as a
+    """share_repeated_images (load_vlm installs it on a GPU): the first and last sequences carry the same image (as a
     GRPO group's samples do) and the multi-turn one three distinct frames. The tower must see each distinct
     image once, and log-probs and every gradient must equal the model that encodes every copy, padded and
     packed (Qwen3-VL's deepstack features are expanded too)."""
@@ -187,6 +187,7 @@ def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(m
     plain = AutoModelForImageTextToText.from_pretrained(models[family], dtype=torch.float32)
     modeling.use_grouped_vision_attention(plain)
     shared = modeling.load_vlm(str(models[family]), torch.float32)
+    modeling.share_repeated_images(shared)  # load_vlm switches it on where a GPU is present
     rows = []
     shared.model.visual.patch_embed.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     for packed in (False, True):

@@ -195,8 +195,8 @@ def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
 
     attention "auto": transformers' default (sdpa) with the vision tower's attention grouped (see above);
     any other value is a transformers attn_implementation ("flash_attention_2" where flash-attn is
-    installed, "sdpa", "eager") used as it is for the whole model. Either way a repeated image is encoded
-    once per forward (share_repeated_images).
+    installed, "sdpa", "eager") used as it is for the whole model. Either way, where a GPU is present, a
+    repeated image is encoded once per forward (share_repeated_images).
     """
     from transformers import AutoModelForImageTextToText
 
@@ -205,7 +205,12 @@ def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
     else:
         model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype)
         use_grouped_vision_attention(model)
-    share_repeated_images(model)
+    # on a GPU only, for now: sharing changes the rounding, and the CPU demo's GRPO run (tests/test_demo.py)
+    # is sensitive to rounding - with sharing its exact run stalled at 3 of 4 colours (0.73) where the same
+    # run without reached 1.0, with equal gradient norms to 1e-7 for steps 1-4 (see README, "Each distinct
+    # image encoded once"). The CPU tests switch it on explicitly.
+    if torch.cuda.is_available():
+        share_repeated_images(model)
     return model
 
 
