@@ -220,7 +220,7 @@ def share_repeated_images(model, enabled: bool = True):
     the tower would otherwise encode that image n times, forward and backward. At Qwen2.5-VL-3B's size with
     448-px images that is about 30% of the trainer's FLOPs per sequence (1,024 patches through the 0.67 B
     tower against ~540 tokens through the 3.1 B language model); the GRPO step's training phase went from
-    10.1 to 8.8 s on an H200 (two leases, bench/results/gpu_runs/share_2026_11_24). Every copy gets the distinct image's
+    10.2 to 8.7 s on an H200 (two leases, bench/results/gpu_runs/share_2026_11_24). Every copy gets the distinct image's
     features (the gradients of the copies add up in backward, as through separate runs), so this changes
     rounding, never the result.
 
