@@ -16,6 +16,8 @@ of splitting; it is used for the vision config only, never the language model.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -241,6 +243,11 @@ def share_repeated_images(model, enabled: bool = True):
     return visual
 
 
+def _starts(sizes: list[int]) -> list[int]:
+    """Where each image's rows start in the concatenation of images of these sizes."""
+    return [0, *itertools.accumulate(sizes[:-1])]
+
+
 def _keep_distinct_images(module, args, kwargs):
     module._vlrl_copies = None
     pixels = args[0] if args else kwargs.get("hidden_states")
@@ -248,9 +255,7 @@ def _keep_distinct_images(module, args, kwargs):
     if pixels is None or grid is None or len(grid) < 2:
         return None
     sizes = grid.prod(-1).tolist()
-    starts = [0]
-    for n in sizes[:-1]:
-        starts.append(starts[-1] + n)
+    starts = _starts(sizes)
     # a cheap fingerprint per image (one host read; a reduction per image, so equal images sum equally),
     # confirmed by an exact comparison where two agree
     sums = torch.stack([pixels[a:a + n].detach().float().sum() for a, n in zip(starts, sizes)]).tolist()
@@ -287,9 +292,7 @@ def _expand_to_every_image(module, args, output):
     merge = module.spatial_merge_size ** 2
 
     def expand(x, per_image):  # rows of the distinct images -> rows of every image, in order
-        starts = [0]
-        for n in per_image[:-1]:
-            starts.append(starts[-1] + n)
+        starts = _starts(per_image)
         index = torch.cat([torch.arange(starts[u], starts[u] + per_image[u], device=x.device) for u in first_of])
         return x.index_select(0, index)
 
