@@ -62,10 +62,13 @@ steps)
   tail -n 3 $OUT/gpu0.log $OUT/step1*.log $OUT/trl.log
   ;;
 trl)
+  # TRL travels in .trl-kit (bench/trl-kit.sh builds it here; carry it with this run)
+  [ -d .trl-kit/site ] && export PYTHONPATH=$PWD/.trl-kit/site:$PYTHONPATH
+  python3 -c "import trl; print('trl', trl.__version__)" > $OUT/trl.log 2>&1 || { cat $OUT/trl.log; exit 1; }
   # the TRL side of the comparison alone on an idle one-GPU machine (H200: its peak was 121 GB); TRL's
   # process does not exit after training (its result is written first): a time limit ends it
   timeout ${TRL_LIMIT:-580} torchrun --nproc-per-node 1 --master-port 29611 bench/trl_grpo.py --model $M \
-     --data $D --steps $TRL_STEPS --json $OUT/trl.json > $OUT/trl.log 2>&1
+     --data $D --steps $TRL_STEPS --json $OUT/trl.json >> $OUT/trl.log 2>&1
   tail -n 3 $OUT/trl.log
   ;;
 zero3)
