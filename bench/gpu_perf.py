@@ -258,9 +258,9 @@ def cmd_pack(a):
     policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False, grad_clip=1.0,
                           dtype=dtype, gradient_checkpointing=True, packed=not a.sdpa_mask, compile_blocks=a.compile)
     policy.train()
-    if a.no_share_images:  # the vision tower encodes every copy of a repeated image (as before f3e5f37)
-        from vlrl_cli.modeling import share_repeated_images
+    from vlrl_cli.modeling import share_repeated_images, shares_images
 
+    if a.no_share_images:  # the vision tower encodes every copy of a repeated image (as before f3e5f37)
         share_repeated_images(policy.module, enabled=False)
     processor, reqs = requests_for(a.model, a.data, -(-a.seqs // a.group))
     reqs = [r for r in reqs for _ in range(a.group)][:a.seqs]  # a GRPO group: n responses to one prompt image
@@ -277,7 +277,7 @@ def cmd_pack(a):
     per_padded = max(1, a.budget // (len(reqs[0].input_ids) + a.max_tokens))
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     result = {"device": device_name(), "model": a.model, "sequences": len(seqs), "group": a.group,
-              "share_images": not a.no_share_images, "tokens": sum(lengths),
+              "share_images": shares_images(policy.module), "tokens": sum(lengths),
               "budget_tokens": a.budget, "response_tokens": [a.min_tokens, a.max_tokens],
               "packed_attention": "sdpa + block mask" if a.sdpa_mask else "varlen flash (modeling.packed_text_attention)"}
     for mode in ("padded", "packed", "padded", "packed"):  # each twice: the first pass warms up

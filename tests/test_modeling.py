@@ -188,6 +188,7 @@ def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(m
     modeling.use_grouped_vision_attention(plain)
     shared = modeling.load_vlm(str(models[family]), torch.float32)
     modeling.share_repeated_images(shared)  # load_vlm switches it on where a GPU is present
+    assert modeling.shares_images(shared) and not modeling.shares_images(plain)
     rows = []
     shared.model.visual.patch_embed.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     for packed in (False, True):
@@ -211,6 +212,7 @@ def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(m
     assert rows == [int(seqs[2].tensors["image_grid_thw"].prod(-1).sum())]
     # switched off (benchmarks compare both): every copy is encoded again
     modeling.share_repeated_images(shared, enabled=False)
+    assert not modeling.shares_images(shared)
     rows.clear()
     with torch.no_grad():
         shared(**make_batch(seqs, processor, "cpu").inputs)

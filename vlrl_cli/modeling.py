@@ -243,6 +243,12 @@ def share_repeated_images(model, enabled: bool = True):
     return visual
 
 
+def shares_images(model) -> bool:
+    """Whether share_repeated_images' hooks are on this model's vision tower (benchmarks record it)."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    return bool(visual is not None and visual.__dict__.get("_vlrl_share_hooks"))
+
+
 def _starts(sizes: list[int]) -> list[int]:
     """Where each image's rows start in the concatenation of images of these sizes."""
     return [0, *itertools.accumulate(sizes[:-1])]
