@@ -170,6 +170,27 @@ def test_compile_setting_resolves_and_zero3_is_refused(tmp_path, tiny_model):
         load_recipe(None, base + ["model.compile=fast"])
 
 
+def test_model_share_images_decides_the_trainers_tower_hooks(tiny_model, tmp_path):
+    """model.share_images: true / false as given; auto is load_vlm's choice (on where a GPU is present)."""
+    from vlrl_cli.config import RecipeError, load_recipe
+    from vlrl_cli.policy import prepare_model
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    base = ["model.path=" + str(tiny_model), f"data.train={data}"]
+    assert load_recipe(None, base).model.share_images == "auto"
+    assert load_recipe(None, base + ["model.share_images=true"]).model.share_images is True
+    with pytest.raises(RecipeError, match="model.share_images"):
+        load_recipe(None, base + ["model.share_images=yes please"])
+    on_gpu = torch.cuda.is_available()
+    for setting, expected in ((True, True), (False, False), ("auto", on_gpu)):
+        assert modeling.shares_images(prepare_model(str(tiny_model), "float32", share_images=setting)) is expected
+    lora = load_recipe(None, base + ["model.lora.rank=4", "model.share_images=true"]).model.lora
+    # the adapters wrap the model after the hooks are on, and the hooks stay on the tower
+    wrapped = prepare_model(str(tiny_model), "float32", lora=lora, share_images=True)
+    assert modeling.shares_images(wrapped.base_model.model)
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(models, family):
     """share_repeated_images (load_vlm installs it on a GPU): the first and last sequences carry the same image (as a

@@ -34,6 +34,9 @@ class ModelCfg:
     # auto: on when training on a GPU with ZeRO 0-2 (policy.compile_wanted); never on the CPU, where a tiny
     # model gains nothing and would wait for the compiler
     compile: bool | str = "auto"
+    # the trainer's vision tower encodes each distinct image of a forward once (modeling.share_repeated_images:
+    # a GRPO group's samples repeat their prompt image). auto: on where a GPU is present (load_vlm)
+    share_images: bool | str = "auto"
     attention: str = "auto"  # trainer / hf engine: auto (sdpa, vision batched) | a transformers attn_implementation
     lora: LoraCfg = field(default_factory=LoraCfg)  # adapters only (lora.py); rank 0 = full fine-tune
 

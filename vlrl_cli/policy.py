@@ -88,11 +88,16 @@ def param_groups(params: list[torch.nn.Parameter], max_numel: int = 100_000_000)
 
 
 def prepare_model(model_path: str, dtype: str, attention: str = "auto", packed: bool = False,
-                  gradient_checkpointing: bool = False, compile_blocks: bool = False, lora=None):
+                  gradient_checkpointing: bool = False, compile_blocks: bool = False, lora=None,
+                  share_images: bool | str = "auto"):
     """The model the trainer trains, before DeepSpeed: loaded, then (in this order, which matters) the packed
     attention, the recompute, the compiled blocks, and last the LoRA adapters around them. check-drift's
     plain trainer comes from here too, so it is the forward `vlrl train` runs."""
     model = load_vlm(model_path, getattr(torch, dtype), attention)
+    if share_images != "auto":  # model.share_images; auto keeps load_vlm's choice
+        from .modeling import share_repeated_images
+
+        share_repeated_images(model, enabled=bool(share_images))
     if packed and attention == "auto":  # trainer.pack_tokens: packed rows through the varlen kernel on a GPU
         from .modeling import use_packed_text_attention
 
@@ -115,7 +120,8 @@ def prepare_model(model_path: str, dtype: str, attention: str = "auto", packed: 
 def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, stage: int, offload: bool,
                  grad_clip: float, dtype: str, gradient_checkpointing: bool = False, total_steps: int = 0,
                  schedule: str = "constant", persistence_threshold: int | None = None, attention: str = "auto",
-                 lora=None, packed: bool = False, compile_blocks: bool = False, grad_accum_fp32: bool = False):
+                 lora=None, packed: bool = False, compile_blocks: bool = False, grad_accum_fp32: bool = False,
+                 share_images: bool | str = "auto"):
     """The policy as a DeepSpeed engine (called `policy` everywhere; "engine" is the rollout engine).
 
     lora: the recipe's model.lora; with rank >= 1 the model gets adapters (lora.py) and only they reach
@@ -128,7 +134,8 @@ def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, s
     # rank) while this object lives. It is process-global, so it is switched off again below: models
     # loaded later (the hf engine's copy, a KL reference) must load whole.
     hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 else None
-    model = prepare_model(model_path, dtype, attention, packed, gradient_checkpointing, compile_blocks, lora)
+    model = prepare_model(model_path, dtype, attention, packed, gradient_checkpointing, compile_blocks, lora,
+                          share_images)
     params = param_groups([p for p in model.parameters() if p.requires_grad])  # all of them, or the adapters
     if offload and stage > 0:
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -272,7 +272,7 @@ def setup_run(recipe, resume: bool) -> RunSetup:
                           tr.grad_clip, recipe.model.dtype, recipe.model.gradient_checkpointing, total, tr.lr_schedule,
                           tr.zero3_persistence_threshold, recipe.model.attention, recipe.model.lora,
                           packed=tr.pack_tokens > 0, compile_blocks=compile_wanted(recipe.model.compile, tr.zero_stage),
-                          grad_accum_fp32=tr.grad_accum_fp32)
+                          grad_accum_fp32=tr.grad_accum_fp32, share_images=recipe.model.share_images)
     ckpt = latest_checkpoint(recipe.run_dir) if resume else None
     if resume and ckpt is None:
         raise UserError(f"--resume: no checkpoint in {recipe.run_dir}/checkpoints")
