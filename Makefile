@@ -11,7 +11,7 @@ FLOOR    := .venv-floor
 # the Tinker recipes `vlrl serve` is tested against (tests/test_serve_cookbook.py), unmodified
 COOKBOOK := 0.6.1
 
-.PHONY: install test test-newest test-floor browser demo demo-lora demo-maze bench clean
+.PHONY: install test test-newest test-floor browser demo demo-maze bench clean
 
 install: $(VENV)/.installed
 
@@ -44,10 +44,6 @@ test-floor: install $(FLOOR)/.installed
 
 demo: install
 	bash scripts/demo.sh $(VLRL) $(DEMO)
-
-# the same, then GRPO with LoRA adapters from the same SFT checkpoint (recipes/colors-tiny-lora.yaml)
-demo-lora: install
-	DEMO_LORA=1 bash scripts/demo.sh $(VLRL) $(DEMO)
 
 # the multi-turn image task: 2x2 mazes, a new frame after every move
 demo-maze: install

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the CPU: a tiny random Qwen2.5-VL learns the synthetic colours task.
 #   prepare -> validate -> SFT (answer format only) -> eval -> GRPO -> eval, then a before/after table.
-# Usage: scripts/demo.sh VLRL OUTDIR     (DEMO_LORA=1: also GRPO with LoRA adapters from the same SFT checkpoint,
-#        recipes/colors-tiny-lora.yaml, and its eval; `make demo-lora`)
+# Usage: scripts/demo.sh VLRL OUTDIR
 set -euo pipefail
 VLRL=${1:-vlrl}
 OUT=${2:-demo-out}
 PY=$(dirname "$VLRL")/python
 SAMPLE=../shared/data/geometry3k-sample
-rm -rf "$OUT" runs/colors-sft runs/colors-grpo runs/colors-grpo-lora && mkdir -p "$OUT"
+rm -rf "$OUT" runs/colors-sft runs/colors-grpo && mkdir -p "$OUT"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 start=$(date +%s)
 
@@ -41,13 +40,6 @@ step "7. eval after GRPO"
 GRPO=runs/colors-grpo/checkpoints/$(cat runs/colors-grpo/checkpoints/latest)/hf
 $VLRL eval "$GRPO" "$OUT/colors/val.parquet" --out "$OUT/eval-grpo" --max-new-tokens 4
 
-if [ "${DEMO_LORA:-0}" = 1 ]; then
-  step "7b. GRPO with LoRA adapters instead (rank 32 on the language model and the vision tower), from the same SFT checkpoint"
-  $VLRL train recipes/colors-tiny-lora.yaml
-  LORA=runs/colors-grpo-lora/checkpoints/$(cat runs/colors-grpo-lora/checkpoints/latest)/hf
-  $VLRL eval "$LORA" "$OUT/colors/val.parquet" --out "$OUT/eval-grpo-lora" --max-new-tokens 4
-fi
-
 step "8. check-drift: does the rollout engine agree with the trainer? (hf engine in bf16 vs the fp32 trainer,
    then a weight update pushed through the training sync path and re-checked on seen and unseen images)"
 $VLRL check-drift "$GRPO" "$OUT/colors/val.parquet" --samples 16 --max-new-tokens 8 --engine-dtype bf16 \
@@ -55,12 +47,10 @@ $VLRL check-drift "$GRPO" "$OUT/colors/val.parquet" --samples 16 --max-new-token
 
 step "before / after (held-out colours, greedy)"
 "$PY" - "$OUT" "$(( $(date +%s) - start ))" <<'PYEOF'
-import json, os, sys
+import json, sys
 out, secs = sys.argv[1], sys.argv[2]
 rows = [("after SFT (format only)", json.load(open(f"{out}/eval-sft/metrics.json"))),
         ("after GRPO", json.load(open(f"{out}/eval-grpo/metrics.json")))]
-if os.path.exists(f"{out}/eval-grpo-lora/metrics.json"):
-    rows.append(("after GRPO with LoRA", json.load(open(f"{out}/eval-grpo-lora/metrics.json"))))
 print(f"{'stage':<26}{'accuracy':>10}{'format':>10}{'records':>9}")
 for name, m in rows:
     print(f"{name:<26}{m['accuracy']:>10.3f}{m['format_rate']:>10.3f}{m['records']:>9}")

@@ -12,11 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_demo(tmp_path, script: str, timeout: int, **env_extra):
+def run_demo(tmp_path, script: str, timeout: int):
     """A demo script as `make` runs it, in a fresh folder that sees the repository's recipes."""
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     vlrl = Path(sys.executable).parent / "vlrl"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_extra}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(["bash", str(ROOT / "scripts" / script), str(vlrl), "demo-out"], cwd=tmp_path,
                        capture_output=True, text=True, env=env, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -25,17 +25,12 @@ def run_demo(tmp_path, script: str, timeout: int, **env_extra):
 
 @pytest.mark.slow
 def test_demo_learns_colours(tmp_path):
-    """`make demo-lora`: the demo, and its GRPO stage once more with LoRA adapters (issue 12: >= 0.85 too)."""
-    r = run_demo(tmp_path, "demo.sh", 1800, DEMO_LORA="1")
+    r = run_demo(tmp_path, "demo.sh", 1200)
     sft = json.loads((tmp_path / "demo-out" / "eval-sft" / "metrics.json").read_text())
     grpo = json.loads((tmp_path / "demo-out" / "eval-grpo" / "metrics.json").read_text())
     assert sft["format_rate"] > 0.9 and sft["accuracy"] <= 0.35, sft["accuracy"]
     assert grpo["accuracy"] >= 0.85, grpo["accuracy"]
-    lora = json.loads((tmp_path / "demo-out" / "eval-grpo-lora" / "metrics.json").read_text())
-    assert lora["accuracy"] >= 0.85, lora["accuracy"]
-    adapter = tmp_path / "runs" / "colors-grpo-lora" / "checkpoints" / "step_200" / "adapter"
-    assert (adapter / "adapter_config.json").exists(), sorted(p.name for p in adapter.parent.iterdir())
-    assert "after GRPO with LoRA" in r.stdout
+    assert "after GRPO" in r.stdout
     drift = json.loads((tmp_path / "demo-out" / "drift.json").read_text())
     assert all(c["passed"] is not False for c in drift["checks"] if c["severity"] == "error"), drift["checks"]
     assert (tmp_path / "demo-out" / "eval-grpo" / "report.html").exists()
