@@ -357,6 +357,47 @@ def test_ppo_epochs_log_the_first_epochs_kl_and_score_the_reference_once(tmp_pat
     assert out[2][0]["clip_frac"] == 0.0  # epoch 0 is on the anchor itself: nothing is clipped
 
 
+@pytest.mark.model
+def test_the_next_steps_episodes_are_rendered_on_another_thread_while_this_step_trains(tmp_path, tiny_model,
+                                                                                      colors_data, monkeypatch):
+    """Issue 15.3: the generate phase only generates. Step k+1's episodes (resets, prompts with images) are built
+    on the render thread after step k's rollouts, and step k+1's rollouts run on exactly those episodes,
+    which hold step k+1's prompts."""
+    import threading
+
+    from vlrl_cli import grpo
+    from vlrl_cli.records import load_records, prompts_for_step
+    from vlrl_cli.train import run_training
+
+    events = []
+    real_start, real_run = grpo.start_episodes, grpo.run_episodes
+
+    def start(records, processor, *args, **kw):
+        events.append(("build", threading.current_thread().name, [r["id"] for r in records], processor))
+        groups = real_start(records, processor, *args, **kw)
+        events.append(("built", id(groups)))
+        return groups
+
+    def run(engine, groups, *args, **kw):
+        events.append(("run", id(groups), [eps[0].record["id"] for eps in groups]))
+        return real_run(engine, groups, *args, **kw)
+
+    monkeypatch.setattr(grpo, "start_episodes", start)
+    monkeypatch.setattr(grpo, "run_episodes", run)
+    rec = load_recipe(write_recipe(tmp_path, tiny_model, colors_data, "render", trainer={"steps": 3}))
+    run_training(rec)
+    assert [e[0] for e in events] == ["build", "built", "run"] * 3  # each step's build is done before its rollouts
+    train = load_records(rec.data.train)
+    for k in range(3):
+        build, built, rollout = events[3 * k: 3 * k + 3]
+        assert build[1].startswith("vlrl-render"), build[1]
+        want = [train[i]["id"] for i in prompts_for_step(len(train), k, 4, rec.trainer.seed, 0, 1)]
+        assert build[2] == rollout[2] == want and built[1] == rollout[1]
+    processors = {id(e[3]) for e in events if e[0] == "build"}
+    assert len(processors) == 1  # one processor of the render thread's own, reused
+    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "render")] == [1, 2, 3]
+
+
 BROKEN_ENV = """
 from vlrl_cli.envs.base import Env
 

@@ -128,12 +128,10 @@ class Episode:
         return render_text(self.processor, delta, obs_images)
 
 
-def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int,
-            max_context: int, env_registry: dict | None = None, max_prompt: int | None = None,
-            timings: dict | None = None) -> list[Trajectory]:
-    """n episodes per record, run to the end; returns trajectories grouped by record, in order.
-    timings: if given, gets "engine_s", the seconds spent inside the engine's generate calls (the rest of
-    a collect is rendering prompts, environments and rewards).
+def start_episodes(records: list[dict], processor, n: int, max_context: int, env_registry: dict | None = None,
+                   max_prompt: int | None = None) -> list[list[Episode]]:
+    """n episodes per record, reset, with the prompt rendered once per record (images included). Needs no
+    engine, so the GRPO loop builds the next step's episodes on another thread while the trainer runs.
 
     A prompt longer than `max_prompt` tokens is not generated from: its episodes end at once with
     done_reason "prompt_too_long" and no response (the trainer skips them; metrics count them).
@@ -147,6 +145,14 @@ def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampl
             for ep in eps:
                 ep.done, ep.traj.done_reason = True, "prompt_too_long"
         groups.append(eps)
+    return groups
+
+
+def run_episodes(engine: RolloutEngine, groups: list[list[Episode]], sampling: Sampling, max_turns: int,
+                 timings: dict | None = None) -> list[Trajectory]:
+    """Every episode run to the end with the engine; returns their trajectories, grouped by record, in order.
+    timings: if given, gets "engine_s", the seconds spent inside the engine's generate calls (the rest is
+    environments, rewards and rendering observations)."""
     live = [eps for eps in groups if not eps[0].done]
     # first turn: the n samples of a prompt share it, so one request with n samples per record
     engine_s = 0.0
@@ -158,7 +164,7 @@ def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampl
         engine_s += time.perf_counter() - t
         return out
 
-    firsts = generate([eps[0].request(n) for eps in live], sampling) if live else []
+    firsts = generate([eps[0].request(len(eps)) for eps in live], sampling) if live else []
     for eps, gens in zip(live, firsts):
         for ep, gen in zip(eps, gens):
             ep.observe(gen)
@@ -179,3 +185,12 @@ def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampl
     if timings is not None:
         timings["engine_s"] = timings.get("engine_s", 0.0) + engine_s
     return out
+
+
+def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int,
+            max_context: int, env_registry: dict | None = None, max_prompt: int | None = None,
+            timings: dict | None = None) -> list[Trajectory]:
+    """n episodes per record, run to the end (start_episodes, then run_episodes); returns trajectories grouped
+    by record, in order."""
+    groups = start_episodes(records, processor, n, max_context, env_registry, max_prompt)
+    return run_episodes(engine, groups, sampling, max_turns, timings)
