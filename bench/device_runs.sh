@@ -108,7 +108,7 @@ scale)
 generate)
   # issue 15.3 at equal shape: vLLM alone on 32 prompts x 8 samples x 256 tokens (what a GRPO step
   # generates), at the 0.15 memory fraction the fit runs use; then compare with their time_generate_* parts
-  $P rollout --model $M --data $D --prompts 32 --n 8 --tokens 256 --gpu-mem 0.15 --json $OUT/rollout_32x8.json \
+  $P rollout --model $M --data $D --prompts 32 --n 8 --tokens 256 --gpu-mem 0.15 --repeats ${REPEATS:-5} --json $OUT/rollout_32x8.json \
     > $OUT/rollout_32x8.log 2>&1
   $P rollout --model $M --data $D --prompts 256 --n 1 --tokens 256 --gpu-mem 0.15 --json $OUT/rollout_256x1.json \
     >> $OUT/rollout_32x8.log 2>&1

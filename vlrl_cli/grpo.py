@@ -107,8 +107,6 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         t_sleep = time.perf_counter()
         engine.sleep(discard_weights=True)  # step 5 pushes every weight before the next generate
         gen_times["sleep_s"] = time.perf_counter() - t_sleep
-        if step + 1 < tr.steps:
-            upcoming = renderer.submit(episodes_for, step + 1)
         t_gen = time.perf_counter() - t0
         if torch.cuda.is_available():  # from here to the sync: the trainer's phases
             torch.cuda.reset_peak_memory_stats()
@@ -142,6 +140,11 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
                 if ref is not None:
                     refs[m] = batches.sequence_logprobs(ref, b, r.temperature, banned, only=b.loss_mask)
         t_score = time.perf_counter() - t1
+        # the next step's episodes, rendered while the GPU trains; not earlier, during the batch building above:
+        # that is Python work too, and the two threads would only take turns at the interpreter lock (measured
+        # on an H200: building the batches took the rendering's time longer)
+        if step + 1 < tr.steps:
+            upcoming = renderer.submit(episodes_for, step + 1)
 
         # 4. updates: gradients accumulate over micro-batches, one optimizer step per epoch
         t2 = time.perf_counter()
