@@ -78,8 +78,9 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
 
     # A step's episodes (environment resets, prompts rendered with their images) need no engine: the next
     # step's are built on a second thread while this step trains, so the generate phase only generates.
-    # Rendering 32 prompts was ~0.2 s of a 3.2 s generate phase on an H200 (issue 15.3). The thread has its
-    # own processor, because a fast tokenizer refuses to be used from two threads at once.
+    # Rendering 32 prompts was ~0.2 s of a 3.2 s generate phase on an H200 (issue 15.3; the README has the
+    # A/B). The thread has its own processor: a fast tokenizer used by two threads at once can fail with
+    # "Already borrowed".
     render_processor = load_processor(recipe.model.path)
     renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrl-render")
 
