@@ -361,11 +361,12 @@ def test_ppo_epochs_log_the_first_epochs_kl_and_score_the_reference_once(tmp_pat
 def test_the_next_steps_episodes_are_rendered_on_another_thread_while_this_step_trains(tmp_path, tiny_model,
                                                                                       colors_data, monkeypatch):
     """Issue 15.3: the generate phase only generates. Step k+1's episodes (resets, prompts with images) are built
-    on the render thread after step k's rollouts, and step k+1's rollouts run on exactly those episodes,
-    which hold step k+1's prompts."""
+    on the render thread once step k's training batches exist (not while they are built: both are Python work,
+    and on an H200 the batch building got slower by what the rendering took), and step k+1's rollouts run on
+    exactly those episodes, which hold step k+1's prompts."""
     import threading
 
-    from vlrl_cli import grpo
+    from vlrl_cli import batches, grpo
     from vlrl_cli.records import load_records, prompts_for_step
     from vlrl_cli.train import run_training
 
@@ -382,10 +383,24 @@ def test_the_next_steps_episodes_are_rendered_on_another_thread_while_this_step_
         events.append(("run", id(groups), [eps[0].record["id"] for eps in groups]))
         return real_run(engine, groups, *args, **kw)
 
+    real_batch = batches.make_batch
+
+    def batch(*args, **kw):
+        events.append(("batch",))
+        return real_batch(*args, **kw)
+
     monkeypatch.setattr(grpo, "start_episodes", start)
     monkeypatch.setattr(grpo, "run_episodes", run)
+    monkeypatch.setattr(batches, "make_batch", batch)
     rec = load_recipe(write_recipe(tmp_path, tiny_model, colors_data, "render", trainer={"steps": 3}))
     run_training(rec)
+    kinds = [e[0] for e in events]
+    for k in (1, 2):  # step k's build starts after the last batch of step k - 1 and is done before its rollouts
+        builds = [i for i, x in enumerate(kinds) if x == "build"]
+        runs = [i for i, x in enumerate(kinds) if x == "run"]
+        last_batch = max(i for i, x in enumerate(kinds[:runs[k]]) if x == "batch")
+        assert runs[k - 1] < last_batch < builds[k], kinds
+    events[:] = [e for e in events if e[0] != "batch"]
     assert [e[0] for e in events] == ["build", "built", "run"] * 3  # each step's build is done before its rollouts
     train = load_records(rec.data.train)
     for k in range(3):
