@@ -17,6 +17,7 @@ Launch: `vlrl train recipes/colors-tiny.yaml` (one process; CPU or one GPU), `vl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -31,7 +32,6 @@ from .distributed import all_ranks, equal_micro_batches, loss_normalisers
 from .engines import RolloutEngine, make_engine
 from .losses import group_advantages, keep_informative_groups, micro_batch_loss
 from .records import load_records, prompts_for_step
-from .render import load_processor
 from .rollout import Trajectory, collect, run_episodes, start_episodes
 from .runs import checkpoint_due, setup_run
 from .weights import sync_weights
@@ -79,9 +79,9 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     # A step's episodes (environment resets, prompts rendered with their images) need no engine: the next
     # step's are built on a second thread while this step trains, so the generate phase only generates.
     # Rendering 32 prompts was ~0.2 s of a 3.2 s generate phase on an H200 (issue 15.3; the README has the
-    # A/B). The thread has its own processor: a fast tokenizer used by two threads at once can fail with
-    # "Already borrowed".
-    render_processor = load_processor(recipe.model.path)
+    # A/B). The thread has its own copy of the run's processor (the same settings by construction): a fast
+    # tokenizer used by two threads at once can fail with "Already borrowed".
+    render_processor = copy.deepcopy(processor)
     renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrl-render")
 
     def episodes_for(step: int):
