@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the CPU: a tiny random Qwen2.5-VL learns the synthetic colours task.
-#   prepare -> validate -> SFT (answer format only) -> eval -> GRPO -> eval, then a before/after table.
+#   prepare -> validate -> SFT (answer format only) -> eval -> GRPO -> eval -> GRPO with LoRA -> eval -> check-drift,
+#   then a before/after table.
 # Usage: scripts/demo.sh VLRL OUTDIR
 set -euo pipefail
 VLRL=${1:-vlrl}
 OUT=${2:-demo-out}
 PY=$(dirname "$VLRL")/python
 SAMPLE=../shared/data/geometry3k-sample
-rm -rf "$OUT" runs/colors-sft runs/colors-grpo && mkdir -p "$OUT"
+rm -rf "$OUT" runs/colors-sft runs/colors-grpo runs/colors-grpo-lora && mkdir -p "$OUT"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 start=$(date +%s)
 
@@ -40,7 +41,14 @@ step "7. eval after GRPO"
 GRPO=runs/colors-grpo/checkpoints/$(cat runs/colors-grpo/checkpoints/latest)/hf
 $VLRL eval "$GRPO" "$OUT/colors/val.parquet" --out "$OUT/eval-grpo" --max-new-tokens 4
 
-step "8. check-drift: does the rollout engine agree with the trainer? (hf engine in bf16 vs the fp32 trainer,
+step "8. GRPO again from the same SFT checkpoint, LoRA adapters only (rank 32, vision tower included)"
+$VLRL train recipes/colors-tiny-lora.yaml
+LORA=runs/colors-grpo-lora/checkpoints/$(cat runs/colors-grpo-lora/checkpoints/latest)/hf
+
+step "9. eval after GRPO with LoRA (the checkpoint's merged export)"
+$VLRL eval "$LORA" "$OUT/colors/val.parquet" --out "$OUT/eval-grpo-lora" --max-new-tokens 4
+
+step "10. check-drift: does the rollout engine agree with the trainer? (hf engine in bf16 vs the fp32 trainer,
    then a weight update pushed through the training sync path and re-checked on seen and unseen images)"
 $VLRL check-drift "$GRPO" "$OUT/colors/val.parquet" --samples 16 --max-new-tokens 8 --engine-dtype bf16 \
     --after-update --max-mean 0.05 --json "$OUT/drift.json" --plot "$OUT/drift.png"
@@ -50,7 +58,8 @@ step "before / after (held-out colours, greedy)"
 import json, sys
 out, secs = sys.argv[1], sys.argv[2]
 rows = [("after SFT (format only)", json.load(open(f"{out}/eval-sft/metrics.json"))),
-        ("after GRPO", json.load(open(f"{out}/eval-grpo/metrics.json")))]
+        ("after GRPO", json.load(open(f"{out}/eval-grpo/metrics.json"))),
+        ("after GRPO with LoRA", json.load(open(f"{out}/eval-grpo-lora/metrics.json")))]
 print(f"{'stage':<26}{'accuracy':>10}{'format':>10}{'records':>9}")
 for name, m in rows:
     print(f"{name:<26}{m['accuracy']:>10.3f}{m['format_rate']:>10.3f}{m['records']:>9}")
