@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -57,6 +58,15 @@ def vllm_grpo_sets(model, data, tmp_path, *extra: str) -> list[str]:
              f"data.val={data / 'val.parquet'}", f"run.dir={tmp_path / 'runs'}", "model.dtype=bfloat16",
              "rollout.gpu_memory_utilization=0.2", *extra]
     return [a for kv in pairs for a in ("--set", kv)]
+
+
+def run_logged(name: str, *args, timeout: int = 400) -> int:
+    """`vlrl ARGS` with its output streamed to NAME.log under $OUT (or the temp folder), so a hang still
+    leaves a log that comes back from the device; returns the exit status."""
+    logs = os.environ.get("OUT") or tempfile.gettempdir()
+    with open(os.path.join(logs, f"{name}.log"), "w") as f:
+        return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                              timeout=timeout).returncode
 
 
 def record(name: str, family: str, figures: dict) -> None:
@@ -148,24 +158,17 @@ def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny_qwen2_5):
     from vlrl_cli.runs import read_metrics
 
     data = tmp_path / "colors"
-    logs = os.environ.get("OUT") or str(tmp_path)
-
-    def run(name, *args, timeout=300):
-        with open(os.path.join(logs, f"{name}.log"), "w") as f:  # streamed, so a hang still leaves a log
-            return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
-
     # 84-px images as in the CPU demo: at 56 px the tiny vision tower confuses blue and red
-    assert run("prepare", "prepare", "colors", "--out", data, "--rows", "1200", "--image-size", "84") == 0
+    assert run_logged("prepare", "prepare", "colors", "--out", data, "--rows", "1200", "--image-size", "84") == 0
     # the recipes' own precision (fp32, vLLM too): in bf16 the same recipe never learned on the GPU
     # (held-out 0.0 at every evaluation over 80 steps, session of 2026-11-24)
     common = ["--set", f"data.train={data / 'train.parquet'}", "--set", f"run.dir={tmp_path / 'runs'}"]
-    assert run("sft", "train", "recipes/colors-tiny-sft.yaml", "--set", f"model.path={gpu_tiny}", *common) == 0
+    assert run_logged("sft", "train", "recipes/colors-tiny-sft.yaml", "--set", f"model.path={gpu_tiny}", *common) == 0
     sft = tmp_path / "runs" / "colors-sft" / "checkpoints" / "step_40" / "hf"
-    assert run("grpo", "train", "recipes/colors-tiny.yaml", "--set", f"model.path={sft}", "--set", "rollout.engine=vllm",
-               "--set", f"data.val={data / 'val.parquet'}", "--set", "trainer.steps=100", "--set", "trainer.eval_every=50",
-               "--set", "trainer.lr=1e-3", "--set", "trainer.warmup_steps=10", "--set", "trainer.lr_schedule=linear",
-               "--set", "rollout.prompts_per_step=32", *common, timeout=420) == 0
+    assert run_logged("grpo", "train", "recipes/colors-tiny.yaml", "--set", f"model.path={sft}", "--set", "rollout.engine=vllm",
+                      "--set", f"data.val={data / 'val.parquet'}", "--set", "trainer.steps=100", "--set", "trainer.eval_every=50",
+                      "--set", "trainer.lr=1e-3", "--set", "trainer.warmup_steps=10", "--set", "trainer.lr_schedule=linear",
+                      "--set", "rollout.prompts_per_step=32", *common, timeout=420) == 0
     m = read_metrics(tmp_path / "runs" / "colors-grpo")
     first = sum(x["reward_mean"] for x in m[:10]) / 10
     last = sum(x["reward_mean"] for x in m[-10:]) / 10
@@ -186,19 +189,13 @@ def test_lora_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny_qwen2_5):
     from vlrl_cli.runs import read_metrics
 
     data = tmp_path / "colors"
-    logs = os.environ.get("OUT") or str(tmp_path)
-
-    def run(name, *args, timeout=420):
-        with open(os.path.join(logs, f"{name}.log"), "w") as f:
-            return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
-
-    assert run("lora_prepare", "prepare", "colors", "--out", data, "--rows", "1200", "--image-size", "84") == 0
+    assert run_logged("lora_prepare", "prepare", "colors", "--out", data, "--rows", "1200", "--image-size", "84") == 0
     common = ["--set", f"data.train={data / 'train.parquet'}", "--set", f"run.dir={tmp_path / 'runs'}"]
-    assert run("lora_sft", "train", "recipes/colors-tiny-sft.yaml", "--set", f"model.path={gpu_tiny_qwen2_5}", *common) == 0
+    assert run_logged("lora_sft", "train", "recipes/colors-tiny-sft.yaml", "--set", f"model.path={gpu_tiny_qwen2_5}", *common) == 0
     sft = tmp_path / "runs" / "colors-sft" / "checkpoints" / "step_40" / "hf"
-    assert run("lora_grpo", "train", "recipes/colors-tiny-lora.yaml", "--set", f"model.path={sft}",
-               "--set", "rollout.engine=vllm", "--set", f"data.val={data / 'val.parquet'}", *common) == 0
+    assert run_logged("lora_grpo", "train", "recipes/colors-tiny-lora.yaml", "--set", f"model.path={sft}",
+                      "--set", "rollout.engine=vllm", "--set", f"data.val={data / 'val.parquet'}", *common,
+                      timeout=900) == 0  # 150 steps: about 6 minutes on an H100
     m = read_metrics(tmp_path / "runs" / "colors-grpo-lora")
     record("lora_learns", "qwen2_5_vl", {"steps": m})
     vals = [x["val_accuracy"] for x in m if "val_accuracy" in x]
@@ -351,26 +348,21 @@ def test_maze_learns_with_vllm_and_drift_stays_small_on_every_turn(tmp_path, gpu
 
     data, logs = tmp_path / "maze", os.environ.get("OUT") or str(tmp_path)
 
-    def run(name, *args, timeout=400):
-        with open(os.path.join(logs, f"{name}.log"), "w") as f:
-            return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], stdout=f,
-                                  stderr=subprocess.STDOUT, timeout=timeout).returncode
-
-    assert run("maze_prepare", "prepare", "maze2d", "--out", data, "--rows", "400", "--val-rows", "40",
-               "--maze-size", "2", "--max-steps", "2", "--cell-px", "56") == 0
+    assert run_logged("maze_prepare", "prepare", "maze2d", "--out", data, "--rows", "400", "--val-rows", "40",
+                      "--maze-size", "2", "--max-steps", "2", "--cell-px", "56") == 0
     # the recipes' own precision (fp32, vLLM too): in bf16 the same recipe never learned on the GPU
     # (held-out 0.0 at every evaluation over 80 steps, session of 2026-11-24)
     common = ["--set", f"data.train={data / 'train.parquet'}", "--set", f"run.dir={tmp_path / 'runs'}"]
-    assert run("maze_sft", "train", "recipes/maze2d-tiny-sft.yaml", "--set", f"model.path={gpu_tiny_qwen2_5}", *common) == 0
+    assert run_logged("maze_sft", "train", "recipes/maze2d-tiny-sft.yaml", "--set", f"model.path={gpu_tiny_qwen2_5}", *common) == 0
     sft = tmp_path / "runs" / "maze-sft" / "checkpoints" / "step_30" / "hf"
-    assert run("maze_grpo", "train", "recipes/maze2d-tiny.yaml", "--set", f"model.path={sft}", "--set", "rollout.engine=vllm",
-               "--set", "rollout.gpu_memory_utilization=0.2", "--set", f"data.val={data / 'val.parquet'}", *common,
-               timeout=1200) == 0  # 80 steps of about 7.5 s on an H100 (fp32, 2 turns): 400 s cut it at step 52
+    assert run_logged("maze_grpo", "train", "recipes/maze2d-tiny.yaml", "--set", f"model.path={sft}", "--set", "rollout.engine=vllm",
+                      "--set", "rollout.gpu_memory_utilization=0.2", "--set", f"data.val={data / 'val.parquet'}", *common,
+                      timeout=1200) == 0  # 80 steps of about 7.5 s on an H100 (fp32, 2 turns): 400 s cut it at step 52
     m = read_metrics(tmp_path / "runs" / "maze-grpo")
     final = tmp_path / "runs" / "maze-grpo" / "checkpoints" / "step_80" / "hf"
     report = os.path.join(logs, "drift_maze_vllm.json")
-    rc = run("maze_drift", "check-drift", final, data / "val.parquet", "--engine", "vllm", "--train-dtype", "fp32",
-             "--samples", "32", "--max-new-tokens", "8", "--max-turns", "2", "--max-mean", "0.02", "--json", report)
+    rc = run_logged("maze_drift", "check-drift", final, data / "val.parquet", "--engine", "vllm", "--train-dtype", "fp32",
+                    "--samples", "32", "--max-new-tokens", "8", "--max-turns", "2", "--max-mean", "0.02", "--json", report)
     with open(report) as f:
         turns = {k: v["abs_diff"]["mean"] for k, v in json.load(f)["stats"]["by_turn"].items() if v.get("tokens")}
     vals = [x["val_accuracy"] for x in m if "val_accuracy" in x]
