@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU benchmark runs, as made on the device (nvidia-h200-x2) after the kit is staged
-# (../shared/device/README.md). Each part fits one device call (<= 10 minutes); results go to $OUT.
+# The GPU benchmark runs, as made on the device after the kit is staged (../shared/device/README.md). Each
+# part fits one device call (<= 10 minutes); results go to $OUT.
 #
+#   bash bench/device_runs.sh recipe NAME... # shipped recipes at their real shape -> bench/results/recipes.json
 #   bash bench/device_runs.sh setup      # opencv wheel, the 3B-size model, 512 image prompts
 #   bash bench/device_runs.sh profile    # where training time goes: train-profile variants, 1 and 2 GPUs
 #   bash bench/device_runs.sh steps      # GRPO steps: vlrl on GPU 0 and TRL on GPU 1, side by side
@@ -27,6 +28,17 @@ M=/tmp/q3b D=/tmp/bd/train.parquet STEPS=${STEPS:-4} TRL_STEPS=${TRL_STEPS:-3}
 P="python3 bench/gpu_perf.py"
 
 case "$1" in
+recipe)
+  # shipped recipes at their real shape (random weights of their model's released size), two steps each with
+  # the prompts per step cut to PROMPTS; GPU_GB caps each run at an 80 GB GPU's memory. Geometry3K's sample
+  # travels in bench/.work/geometry3k-sample (cp -r ../shared/data/geometry3k-sample bench/.work/; carry it).
+  #   bash bench/device_runs.sh recipe geometry3k-7b-lora maze2d ...   ->  $OUT/recipe_NAME.json (+ .log)
+  shift
+  for name in "$@"; do
+    python3 bench/recipe_shape.py recipes/$name.yaml --prompts ${PROMPTS:-8} --steps ${STEPS:-2} \
+      --gpu-gb ${GPU_GB:-80} --work /tmp/shape --out $OUT/recipe_$name.json
+  done
+  ;;
 setup)
   $P build --out $M && $P data --out /tmp/bd --rows 512
   ;;

@@ -40,7 +40,7 @@ def emit(result: dict, path: str | None) -> None:
 
 
 def cmd_build(a):
-    from vlrl_cli.tiny import build_real_size_model
+    from vlrl_cli.model.tiny import build_real_size_model
 
     t = time.perf_counter()
     build_real_size_model(a.out, a.size)
@@ -48,7 +48,7 @@ def cmd_build(a):
 
 
 def cmd_data(a):
-    from vlrl_cli.prepare import PrepareOptions, prepare
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
 
     prepare(PrepareOptions(source="colors", out=Path(a.out), workers=8, split="train=1.0",
                            source_opts={"rows": a.rows, "image_size": 448}, overwrite=True))
@@ -56,9 +56,10 @@ def cmd_data(a):
 
 
 def requests_for(model: str, data: str, prompts: int):
-    from vlrl_cli.engines import GenRequest
-    from vlrl_cli.records import load_records
-    from vlrl_cli.render import load_processor, render_prompt
+    from vlrl_cli.rollout.engines import GenRequest
+    from vlrl_cli.data.records import load_records
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.model.render import render_prompt
 
     processor = load_processor(model)
     records = load_records(data, prompts)
@@ -79,7 +80,7 @@ def cmd_rollout(a):
 
     import torch
 
-    from vlrl_cli.engines import Sampling, make_engine
+    from vlrl_cli.rollout.engines import Sampling, make_engine
 
     processor, reqs = requests_for(a.model, a.data, a.prompts * a.repeats + 2)
     for r in reqs:
@@ -107,12 +108,12 @@ def cmd_sync(a):
     """ZeRO-3 trainer -> colocated vLLM engine: gather each bucket, load_weights, clear caches."""
     import torch
 
-    from vlrl_cli.distributed import init_distributed
-    from vlrl_cli.engines import Sampling
-    from vlrl_cli.engines.vllm import VLLMEngine
-    from vlrl_cli.policy import build_policy
-    from vlrl_cli.weights import export_weights
-    from vlrl_cli.render import load_processor
+    from vlrl_cli.train.distributed import init_distributed
+    from vlrl_cli.rollout.engines import Sampling
+    from vlrl_cli.rollout.engines.vllm import VLLMEngine
+    from vlrl_cli.train.policy import build_policy
+    from vlrl_cli.train.weight_sync import export_weights
+    from vlrl_cli.model.loading import load_processor
 
     init_distributed()
     policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=3, offload=False, grad_clip=1.0,
@@ -166,14 +167,14 @@ def cmd_train_profile(a):
     """
     import torch
 
-    from vlrl_cli.batches import make_batch, sequence_logprobs
-    from vlrl_cli.distributed import device, init_distributed
-    from vlrl_cli.policy import backward_step, build_policy
-    from vlrl_cli.rollout import Trajectory
+    from vlrl_cli.train.batches import make_batch, sequence_logprobs
+    from vlrl_cli.train.distributed import device, init_distributed
+    from vlrl_cli.train.policy import backward_step, build_policy
+    from vlrl_cli.rollout.episodes import Sequence
 
     init_distributed()
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    from vlrl_cli.config import LoraCfg
+    from vlrl_cli.train.recipe import LoraCfg
 
     lora = LoraCfg(rank=a.lora_rank, alpha=2 * a.lora_rank) if a.lora_rank else None
     policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False,
@@ -182,7 +183,7 @@ def cmd_train_profile(a):
                           compile_blocks=a.compile)
     policy.train()  # as in a GRPO step: gradient checkpointing is only active in train mode
     processor, reqs = requests_for(a.model, a.data, a.micro_batch)
-    from vlrl_cli.engines import placeholder_token_ids
+    from vlrl_cli.rollout.engines import placeholder_token_ids
 
     special = set(placeholder_token_ids(processor))  # a sampled image placeholder would need an image
     ordinary = [i for i in range(len(processor.tokenizer)) if i not in special]
@@ -191,8 +192,7 @@ def cmd_train_profile(a):
     for r in reqs:
         resp = [ordinary[i] for i in torch.randint(0, len(ordinary), (a.tokens,), generator=g).tolist()]
         n = len(r.input_ids) + a.tokens
-        seqs.append(Trajectory("x", 0, "colors", "colors", r.input_ids + resp, [0] * len(r.input_ids) + [1] * a.tokens,
-                               [0.0] * n, r.tensors, len(r.input_ids)))
+        seqs.append(Sequence(r.input_ids + resp, [0] * len(r.input_ids) + [1] * a.tokens, [0.0] * n, r.tensors))
     batch = make_batch(seqs, processor, device())
     banned = []
 
@@ -258,18 +258,18 @@ def cmd_pack(a):
 
     import torch
 
-    from vlrl_cli.batches import make_batch, micro_batches, sequence_logprobs
-    from vlrl_cli.distributed import device, init_distributed
-    from vlrl_cli.engines import placeholder_token_ids
-    from vlrl_cli.policy import backward_step, build_policy
-    from vlrl_cli.rollout import Trajectory
+    from vlrl_cli.train.batches import make_batch, micro_batches, sequence_logprobs
+    from vlrl_cli.train.distributed import device, init_distributed
+    from vlrl_cli.rollout.engines import placeholder_token_ids
+    from vlrl_cli.train.policy import backward_step, build_policy
+    from vlrl_cli.rollout.episodes import Sequence
 
     init_distributed()
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     policy = build_policy(a.model, lr=1e-6, weight_decay=0.0, warmup=0, stage=a.stage, offload=False, grad_clip=1.0,
                           dtype=dtype, gradient_checkpointing=True, packed=not a.sdpa_mask, compile_blocks=a.compile)
     policy.train()
-    from vlrl_cli.modeling import share_repeated_images, shares_images
+    from vlrl_cli.model.image_sharing import share_repeated_images, shares_images
 
     if a.no_share_images:  # the vision tower encodes every copy of a repeated image (as before f3e5f37)
         share_repeated_images(policy.module, enabled=False)
@@ -282,15 +282,14 @@ def cmd_pack(a):
     for r in reqs:
         k = rng.randint(a.min_tokens, a.max_tokens)
         resp = [rng.choice(ordinary) for _ in range(k)]
-        seqs.append(Trajectory("x", 0, "colors", "colors", r.input_ids + resp, [0] * len(r.input_ids) + [1] * k,
-                               [0.0] * (len(r.input_ids) + k), r.tensors, len(r.input_ids)))
+        seqs.append(Sequence(r.input_ids + resp, [0] * len(r.input_ids) + [1] * k, [0.0] * (len(r.input_ids) + k), r.tensors))
     lengths = [len(x.token_ids) for x in seqs]
     per_padded = max(1, a.budget // (len(reqs[0].input_ids) + a.max_tokens))
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     result = {"device": device_name(), "model": a.model, "sequences": len(seqs), "group": a.group,
               "share_images": shares_images(policy.module), "tokens": sum(lengths),
               "budget_tokens": a.budget, "response_tokens": [a.min_tokens, a.max_tokens],
-              "packed_attention": "sdpa + block mask" if a.sdpa_mask else "varlen flash (modeling.packed_text_attention)"}
+              "packed_attention": "sdpa + block mask" if a.sdpa_mask else "varlen flash (model.attention.packed_text_attention)"}
     for mode in ("padded", "packed", "padded", "packed"):  # each twice: the first pass warms up
         groups = micro_batches(lengths, per_padded, a.budget if mode == "packed" else 0)
         if torch.cuda.is_available():

@@ -143,7 +143,7 @@ def png_table() -> dict:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from vlrl_cli.images import CanonicalSpec, canonicalize, fit_size
+    from vlrl_cli.data.images import CanonicalSpec, canonicalize, fit_size
 
     rng = random.Random(0)
     nrng = np.random.default_rng(0)

@@ -51,8 +51,8 @@ def main():
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from vlrl_cli.records import load_records
-    from vlrl_cli.images import image_from_uri
+    from vlrl_cli.data.records import load_records
+    from vlrl_cli.data.images import image_from_uri
 
     rows = []
     for r in load_records(a.data, a.prompts * a.steps):

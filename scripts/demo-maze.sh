@@ -52,8 +52,8 @@ print("drift by turn (mean abs log-prob diff, tokens):",
 # one held-out episode's frames, replayed through the environment with the policy's own answers
 from PIL import Image
 import pyarrow.parquet as pq
-from vlrl_cli.envs.maze2d import Maze2dEnv
-from vlrl_cli.images import image_from_uri
+from vlrl_cli.rollout.envs.maze2d import Maze2dEnv
+from vlrl_cli.data.images import image_from_uri
 rollouts = [json.loads(x) for x in open(f"{out}/eval-maze-grpo/rollouts.jsonl")]
 ep = next((r for r in rollouts if r["steps"][0]["response"].endswith("right")), rollouts[0])
 rec = next(r for r in pq.read_table(f"{out}/maze/val.parquet").to_pylist() if r["id"] == ep["record_id"])
@@ -63,7 +63,7 @@ for s in ep["steps"]:
     obs = env.step(s["response"]).observation
     frames += [image_from_uri(p["image_url"]["url"]) for m in obs for p in m["content"] if p.get("type") == "image_url"]
 if env.agent == (env.size - 1, env.size - 1):  # the goal reached: the episode ends without a new frame
-    from vlrl_cli.envs.maze2d import draw_maze
+    from vlrl_cli.data.mazes import draw_maze
     frames.append(draw_maze(env.maze, env.size, env.agent, env.cell))
 strip = Image.new("RGB", (sum(f.width for f in frames) + 8 * (len(frames) - 1), frames[0].height), "white")
 x = 0

@@ -22,7 +22,7 @@ def geometry_sample() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2_5_vl", "qwen2_5_vl")
 
@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory) -> dict:
     """A tiny model of each Qwen-VL family: {qwen2_vl, qwen2_5_vl, qwen3_vl: folder} (never written to by tests)."""
-    from vlrl_cli.tiny import FAMILIES, build_tiny_model
+    from vlrl_cli.model.tiny import FAMILIES, build_tiny_model
 
     root = tmp_path_factory.mktemp("families")
     return {f: build_tiny_model(root / f, f) for f in FAMILIES}
@@ -38,7 +38,7 @@ def family_models(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def colors_data(tmp_path_factory) -> Path:
-    from vlrl_cli.prepare import PrepareOptions, prepare
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("colors")
     prepare(PrepareOptions(source="colors", out=out, workers=1, source_opts={"rows": 60}))

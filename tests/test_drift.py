@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from vlrl_cli.drift import DriftOptions, check_drift, drift_stats
-from vlrl_cli.engines import Sampling
+from vlrl_cli.tools.drift import DriftOptions, check_drift, drift_stats
+from vlrl_cli.rollout.engines import Sampling
 from vlrl_cli.errors import UserError
-from vlrl_cli.render import load_processor
+from vlrl_cli.model.loading import load_processor
 
 import numpy as np
 
@@ -86,7 +86,7 @@ class StaleEncoderCacheEngine:
     clear (the vLLM bug class the after-update check exists for)."""
 
     def __new__(cls, model, processor):
-        from vlrl_cli.engines.hf import HFEngine
+        from vlrl_cli.rollout.engines.hf import HFEngine
 
         engine = HFEngine(model, processor, own_preprocessing=True)
         cache = {}
@@ -139,7 +139,7 @@ def test_statistics_against_hand_values():
 
 
 def test_after_update_from_a_checkpoint(tiny_model, colors_data, tmp_path):
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.model.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", "qwen2_5_vl", seed=1)  # the same architecture, other weights
     report = check_drift(str(tiny_model), str(colors_data / "train.parquet"),
@@ -151,7 +151,7 @@ def test_after_update_from_a_checkpoint(tiny_model, colors_data, tmp_path):
 
 
 def test_multi_turn_drift_is_split_by_turn(tiny_model, tmp_path):
-    from vlrl_cli.prepare import PrepareOptions, prepare
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
 
     prepare(PrepareOptions(source="maze2d", out=tmp_path / "maze", workers=1,
                            source_opts={"rows": 3, "val_rows": 1, "maze_size": 3}))
@@ -166,7 +166,7 @@ def test_multi_turn_drift_is_split_by_turn(tiny_model, tmp_path):
 
 
 def test_models_resolve_from_checkpoints_and_run_dirs(tmp_path):
-    from vlrl_cli.runs import resolve_model
+    from vlrl_cli.train.runs import resolve_model
 
     ckpt = tmp_path / "run" / "checkpoints" / "step_3"
     (ckpt / "hf").mkdir(parents=True)

@@ -2,10 +2,11 @@ import time
 
 import pytest
 
-from vlrl_cli.envs import resolve_env
-from vlrl_cli.envs.maze2d import Maze2dEnv, make_maze
-from vlrl_cli.images import image_from_uri
-from vlrl_cli.rewards import grade_boxed, to_number
+from vlrl_cli.rollout.envs import resolve_env
+from vlrl_cli.rollout.envs.maze2d import Maze2dEnv
+from vlrl_cli.data.mazes import make_maze
+from vlrl_cli.data.images import image_from_uri
+from vlrl_cli.rollout.rewards import grade_boxed, to_number
 
 
 @pytest.mark.parametrize("text,truth", [
@@ -111,7 +112,7 @@ def test_grade_boxed_works_in_a_pool_worker_and_a_script_without_main_guard(tmp_
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         assert pool.map(_grade_in_worker, [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{3}", "4")]) == [True, False]
     script = tmp_path / "reward.py"  # a user's reward script: no `if __name__ == "__main__":`
-    script.write_text("from vlrl_cli.rewards import grade_boxed\nprint(grade_boxed('\\\\boxed{\\\\sqrt{4}}', '2').correct)\n")
+    script.write_text("from vlrl_cli.rollout.rewards import grade_boxed\nprint(grade_boxed('\\\\boxed{\\\\sqrt{4}}', '2').correct)\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
 
@@ -138,7 +139,7 @@ def solve(maze, size):
     """Breadth-first path of moves from (0,0) to the goal."""
     from collections import deque
 
-    from vlrl_cli.envs.maze2d import MOVES
+    from vlrl_cli.data.mazes import MOVES
 
     prev, q = {(0, 0): None}, deque([(0, 0)])
     while q:
@@ -184,8 +185,8 @@ def test_maze_runs_out_of_steps():
 def test_maze_rows_carry_the_first_observation_and_the_move_choices(tmp_path):
     """A prepared maze row's prompt is exactly what the environment shows at reset (so validate counts real
     tokens and the SFT warm-up sees real mazes), at the requested cell size; the 2x2 demo mazes take 2 moves."""
-    from vlrl_cli.prepare import PrepareOptions, prepare
-    from vlrl_cli.records import load_records
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
+    from vlrl_cli.data.records import load_records
 
     prepare(PrepareOptions(source="maze2d", out=tmp_path / "m", workers=1,
                            source_opts={"rows": 12, "val_rows": 4, "maze_size": 2, "max_steps": 2, "cell_px": 56}))

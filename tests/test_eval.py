@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from vlrl_cli.engines import Generation, Sampling
-from vlrl_cli.evaluate import EvalOptions, pass_at_k, run_eval
+from vlrl_cli.rollout.engines import Generation, Sampling
+from vlrl_cli.tools.evaluate import EvalOptions, pass_at_k, run_eval
 
 
 @pytest.mark.parametrize("n,c,k,expected", [
@@ -39,8 +39,8 @@ class ScriptedEngine:
 
 
 def test_eval_metrics_match_a_hand_count(tmp_path, tiny_model, colors_data):
-    from vlrl_cli.records import load_records
-    from vlrl_cli.render import load_processor
+    from vlrl_cli.data.records import load_records
+    from vlrl_cli.model.loading import load_processor
 
     records = load_records(str(colors_data / "val.parquet"), 8)
     engine = ScriptedEngine(load_processor(str(tiny_model)).tokenizer)
@@ -81,7 +81,7 @@ def body_attrs(dom):
 
 
 def test_report_renders_in_headless_chromium_with_its_images(tmp_path, tiny_model):
-    from vlrl_cli.prepare import PrepareOptions, prepare
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
 
     data = tmp_path / "maze"
     prepare(PrepareOptions(source="maze2d", out=data, workers=1, source_opts={"rows": 4, "val_rows": 3, "maze_size": 3}))
@@ -111,14 +111,15 @@ def test_report_renders_in_headless_chromium_with_its_images(tmp_path, tiny_mode
 def test_report_escapes_hostile_model_text(tmp_path):
     import torch
 
-    from vlrl_cli.images import canonicalize
-    from vlrl_cli.report import write_report
-    from vlrl_cli.rollout import Trajectory
+    from vlrl_cli.data.images import canonicalize
+    from vlrl_cli.tools.report import write_report
+    from vlrl_cli.rollout.episodes import Trajectory
     from PIL import Image
 
     uri = canonicalize(Image.new("RGB", (56, 56), "red")).data_uri
     hostile = '<script>document.body.dataset.pwned=1</script><img src="http://example.invalid/x.png">'
-    t = Trajectory("r1", 0, "colors", "colors", [1], [0], [0.0], {"x": torch.zeros(1)}, 1, reward=0.0, turns=1,
+    t = Trajectory(token_ids=[1], loss_mask=[0], engine_logp=[0.0], tensors={"x": torch.zeros(1)}, record_id="r1", group=0,
+                   env_class="colors", data_source="colors", prompt_len=1, reward=0.0, turns=1,
                    done_reason="answered", info={"correct": False},
                    texts=[{"response": hostile, "tokens": 3, "finish": "stop", "reward": 0.0, "observation": ""}],
                    images=[uri, "http://example.invalid/y.png"])

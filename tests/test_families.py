@@ -14,8 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
-from vlrl_cli.images import to_data_uri
-from vlrl_cli.render import image_inputs, load_processor, model_inputs, split_messages
+from vlrl_cli.data.images import to_data_uri
+from vlrl_cli.model.render import image_inputs, model_inputs, split_messages
+from vlrl_cli.model.loading import load_processor
 
 pytestmark = pytest.mark.model
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -23,11 +24,11 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 @pytest.fixture(scope="module")
 def maze_data(tmp_path_factory):
-    from vlrl_cli.prepare import PrepareOptions, prepare
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("maze")
     prepare(PrepareOptions(source="maze2d", out=out, workers=1,
-                           source_opts={"rows": 8, "val_rows": 4, "maze_size": 3, "max_steps": 3, "image_size": 56}))
+                           source_opts={"rows": 8, "val_rows": 4, "maze_size": 3, "max_steps": 3}))
     return out
 
 
@@ -46,7 +47,7 @@ def test_model_inputs_equal_the_processors_own_on_a_multi_turn_multi_image_seque
     """The trainer scores prompt + response + observation (+ its image) as one sequence. The inputs vlrl
     builds for it (render.model_inputs) must be exactly what the processor makes of the whole conversation,
     mm_token_type_ids included, and give the same logits."""
-    from vlrl_cli.modeling import load_vlm
+    from vlrl_cli.model.loading import load_vlm
 
     path = family_models[family]
     processor = load_processor(path)
@@ -86,8 +87,8 @@ def test_hf_engine_and_trainer_agree_on_every_family_multi_turn_and_after_an_upd
     """check-drift's numbers for the hf engine (fp32 both sides): the engine's incremental decoding with a
     KV cache and the trainer's one forward over the whole multi-turn sequence agree to float rounding, on
     every turn (every turn adds a maze frame), before and after a weight update."""
-    from vlrl_cli.drift import DriftOptions, check_drift
-    from vlrl_cli.engines import Sampling
+    from vlrl_cli.tools.drift import DriftOptions, check_drift
+    from vlrl_cli.rollout.engines import Sampling
 
     report = check_drift(str(family_models[family]), str(maze_data / "train.parquet"),
                          DriftOptions(samples=2, sampling=Sampling(1.0, 1.0, 6, 0), max_turns=3, after_update=True,

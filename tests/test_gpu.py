@@ -22,8 +22,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def colour_records(n, seed=0):
-    from vlrl_cli.sources import ConvertContext, Item
-    from vlrl_cli.sources.colors import convert
+    from vlrl_cli.data.sources import ConvertContext, Item
+    from vlrl_cli.data.sources.colors import convert
 
     ctx = ConvertContext(opts={"seed": seed})
     return [convert(Item(str(i), None, {"index": i, "colors": ["red", "green", "blue", "yellow"],
@@ -40,16 +40,25 @@ def family(request):
 
 @pytest.fixture(scope="module")
 def gpu_tiny(tmp_path_factory, family):
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("gpu") / f"tiny-{family}", family)
 
 
 @pytest.fixture(scope="module")
 def gpu_tiny_qwen2_5(tmp_path_factory):
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("gpu") / "tiny-qwen2_5_vl", "qwen2_5_vl")
+
+
+def colours_data(tmp_path):
+    """The colours task, 200 rows of 84-px images, prepared once per test folder."""
+    data = tmp_path / "colors"
+    if not data.exists():
+        assert subprocess.run([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(data), "--rows", "200",
+                               "--image-size", "84"], capture_output=True).returncode == 0
+    return data
 
 
 def vllm_grpo_sets(model, data, tmp_path, *extra: str) -> list[str]:
@@ -78,8 +87,8 @@ def record(name: str, family: str, figures: dict) -> None:
 
 
 def trainer_logprobs(model, trajs, processor):
-    from vlrl_cli.engines import placeholder_token_ids
-    from vlrl_cli.batches import make_batch, sequence_logprobs
+    from vlrl_cli.rollout.engines import placeholder_token_ids
+    from vlrl_cli.train.batches import make_batch, sequence_logprobs
 
     b = make_batch(trajs, processor, torch.device("cuda"))
     with torch.no_grad():
@@ -92,11 +101,11 @@ def trainer_logprobs(model, trajs, processor):
 @needs_gpu
 def test_vllm_engine_end_to_end(gpu_tiny, family, tmp_path):
     """Generation, prompt-id agreement, log-probs vs the trainer, weight sync (seen image), sleep/wake."""
-    from vlrl_cli.engines import Sampling
-    from vlrl_cli.engines.vllm import VLLMEngine
-    from vlrl_cli.modeling import load_vlm
-    from vlrl_cli.render import load_processor
-    from vlrl_cli.rollout import collect
+    from vlrl_cli.rollout.engines import Sampling
+    from vlrl_cli.rollout.engines.vllm import VLLMEngine
+    from vlrl_cli.model.loading import load_vlm
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.rollout.episodes import collect
 
     proc = load_processor(str(gpu_tiny))
     engine = VLLMEngine(str(gpu_tiny), proc, dtype="bfloat16", gpu_memory_utilization=0.2)
@@ -131,12 +140,10 @@ def test_vllm_engine_end_to_end(gpu_tiny, family, tmp_path):
 def test_grpo_steps_with_the_vllm_engine(tmp_path, gpu_tiny, family):
     """A few GRPO steps, vllm engine, bf16: finite metrics, small engine/trainer drift every step (the
     weights synced after each step reach the engine), a checkpoint at the end."""
-    from vlrl_cli.runs import read_metrics
+    from vlrl_cli.train.runs import read_metrics
 
-    data = tmp_path / "colors"
+    data = colours_data(tmp_path)
     logs = os.environ.get("OUT") or str(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(data), "--rows", "200",
-                           "--image-size", "84"], capture_output=True).returncode == 0
     with open(os.path.join(logs, f"grpo-{family}.log"), "w") as f:
         rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", "recipes/colors-tiny.yaml",
                              *vllm_grpo_sets(gpu_tiny, data, tmp_path, "trainer.steps=5", "trainer.eval_every=5",
@@ -152,10 +159,33 @@ def test_grpo_steps_with_the_vllm_engine(tmp_path, gpu_tiny, family):
 
 
 @needs_gpu
+def test_packed_grpo_with_a_kl_reference_starts_at_zero_kl(tmp_path, gpu_tiny, family):
+    """Packed rows (the varlen kernel) with a KL reference, vllm engine, bf16: at step 1 the policy is the
+    reference, so the logged KL must be ~0 (when the reference scored packed rows with plain causal attention
+    across sequence boundaries it was 2.7e-3); and check-drift's packed mode agrees with the engine."""
+    from vlrl_cli.train.runs import read_metrics
+
+    data = colours_data(tmp_path)
+    logs = os.environ.get("OUT") or str(tmp_path)
+    with open(os.path.join(logs, f"packed-kl-{family}.log"), "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", "recipes/colors-tiny.yaml",
+                             *vllm_grpo_sets(gpu_tiny, data, tmp_path, "trainer.steps=2", "trainer.eval_every=0",
+                                             "trainer.save_every=0", "trainer.save_final=false",
+                                             "trainer.pack_tokens=4096", "algorithm.kl_coef=0.1")],
+                            stdout=f, stderr=subprocess.STDOUT, timeout=400).returncode
+    assert rc == 0
+    m = read_metrics(tmp_path / "runs" / "colors-grpo")
+    record("packed_kl", family, {"steps": m})
+    assert m[0]["micro_batches"] < 256 // 64 and m[0]["kl"] < 1e-4, m[0]
+    rc, report = _check_drift_cli(tmp_path, gpu_tiny, f"packed-drift-{family}", "--pack-tokens", "4096")
+    assert rc == 0 and report["stats"]["overall"]["abs_diff"]["mean"] < 0.02, report["stats"]["overall"]
+
+
+@needs_gpu
 def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny_qwen2_5):
     gpu_tiny = gpu_tiny_qwen2_5
     """SFT (format), then GRPO with the vllm engine: the reward must rise."""
-    from vlrl_cli.runs import read_metrics
+    from vlrl_cli.train.runs import read_metrics
 
     data = tmp_path / "colors"
     # 84-px images as in the CPU demo: at 56 px the tiny vision tower confuses blue and red
@@ -186,7 +216,7 @@ def test_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny_qwen2_5):
 def test_lora_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny_qwen2_5):
     """The CPU demo's two stages on the GPU: format-only SFT, then recipes/colors-tiny-lora.yaml (adapters only)
     with the vllm engine in the recipes' fp32. Held-out greedy accuracy at the last evaluation must reach 0.85."""
-    from vlrl_cli.runs import read_metrics
+    from vlrl_cli.train.runs import read_metrics
 
     data = tmp_path / "colors"
     assert run_logged("lora_prepare", "prepare", "colors", "--out", data, "--rows", "1200", "--image-size", "84") == 0
@@ -207,7 +237,7 @@ def test_lora_grpo_with_vllm_learns_colours(tmp_path, gpu_tiny_qwen2_5):
 def test_two_gpu_zero3_grpo_with_one_vllm_engine_per_rank(tmp_path, gpu_tiny_qwen2_5):
     gpu_tiny = gpu_tiny_qwen2_5
     """Two ranks through the DeepSpeed launcher, ZeRO-3, each rank with its own colocated vLLM engine."""
-    from vlrl_cli.runs import read_metrics
+    from vlrl_cli.train.runs import read_metrics
 
     data = tmp_path / "colors"
     logs = os.environ.get("OUT") or str(tmp_path)
@@ -228,10 +258,7 @@ def test_two_gpu_zero3_grpo_with_one_vllm_engine_per_rank(tmp_path, gpu_tiny_qwe
 
 
 def _check_drift_cli(tmp_path, gpu_tiny, name, *extra):
-    data = tmp_path / "colors"
-    if not data.exists():
-        assert subprocess.run([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(data), "--rows", "200",
-                               "--image-size", "84"], capture_output=True).returncode == 0
+    data = colours_data(tmp_path)
     logs = os.environ.get("OUT") or str(tmp_path)
     report = os.path.join(logs, f"{name}.json")
     with open(os.path.join(logs, f"{name}.log"), "w") as f:
@@ -286,11 +313,11 @@ def test_level2_sleep_drops_the_weights_keeps_the_buffers_and_a_sync_restores_th
     """GRPO puts vLLM to sleep at level 2 after generating (no copy of the weights to host memory), since
     the sync that follows overwrites every weight. The model's buffers (rotary tables) must survive it,
     and waking without that sync must fail loudly instead of sampling from freed memory."""
-    from vlrl_cli.engines import Sampling
-    from vlrl_cli.engines.vllm import VLLMEngine
-    from vlrl_cli.modeling import load_vlm
-    from vlrl_cli.render import load_processor
-    from vlrl_cli.rollout import collect
+    from vlrl_cli.rollout.engines import Sampling
+    from vlrl_cli.rollout.engines.vllm import VLLMEngine
+    from vlrl_cli.model.loading import load_vlm
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.rollout.episodes import collect
 
     proc = load_processor(str(gpu_tiny_qwen2_5))
     engine = VLLMEngine(str(gpu_tiny_qwen2_5), proc, dtype="bfloat16", gpu_memory_utilization=0.2)
@@ -315,12 +342,10 @@ def test_level2_sleep_drops_the_weights_keeps_the_buffers_and_a_sync_restores_th
 def test_lora_grpo_and_check_drift_with_vllm(tmp_path, gpu_tiny_qwen2_5):
     """LoRA with the vllm engine: after every step the engine holds the merged adapters (small drift each
     step), and check-drift --lora-rank agrees before and after an adapter change."""
-    from vlrl_cli.runs import read_metrics
+    from vlrl_cli.train.runs import read_metrics
 
-    data = tmp_path / "colors"
+    data = colours_data(tmp_path)
     logs = os.environ.get("OUT") or str(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "vlrl_cli", "prepare", "colors", "--out", str(data), "--rows", "200",
-                           "--image-size", "84"], capture_output=True).returncode == 0
     with open(os.path.join(logs, "grpo_lora.log"), "w") as f:
         rc = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", "recipes/colors-tiny.yaml",
                              *vllm_grpo_sets(gpu_tiny_qwen2_5, data, tmp_path, "trainer.steps=5", "trainer.save_every=0",
@@ -344,7 +369,7 @@ def test_maze_learns_with_vllm_and_drift_stays_small_on_every_turn(tmp_path, gpu
     """recipes/maze2d-tiny*.yaml with the vllm engine (the recipes' fp32): 2-turn episodes with a new image per move;
     held-out success must reach 0.8, and check-drift split by turn must show turn 2 (two images in
     context) as small as turn 1."""
-    from vlrl_cli.runs import read_metrics
+    from vlrl_cli.train.runs import read_metrics
 
     data, logs = tmp_path / "maze", os.environ.get("OUT") or str(tmp_path)
 
@@ -385,8 +410,8 @@ def serve_process(model, state, *extra):
 @needs_gpu
 def test_serve_with_vllm_runs_the_cookbook_vlm_classifier_recipe(tmp_path):
     """`vlrl serve --engine vllm`: the unmodified cookbook vlm_classifier recipe (tiny Qwen3-VL, bf16)."""
-    from vlrl_cli.prepare import PrepareOptions, prepare
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
+    from vlrl_cli.model.tiny import build_tiny_model
 
     here = os.path.dirname(os.path.abspath(__file__))
     logs = os.environ.get("OUT") or str(tmp_path)
@@ -424,8 +449,8 @@ def test_serve_with_vllm_runs_the_cookbook_vlm_classifier_recipe(tmp_path):
 def test_serve_with_vllm_colours_rl_example_learns(tmp_path):
     """examples/tinker_colors_rl.py against `vlrl serve --engine vllm --dtype fp32` (tiny Qwen2.5-VL, as the CPU
     demo); 160 RL steps (vLLM samples other tokens than the CPU's hf engine; 120 steps reached 0.83 there)."""
-    from vlrl_cli.prepare import PrepareOptions, prepare
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
+    from vlrl_cli.model.tiny import build_tiny_model
 
     here = os.path.dirname(os.path.abspath(__file__))
     logs = os.environ.get("OUT") or str(tmp_path)
@@ -460,12 +485,13 @@ def test_serve_with_vllm_colours_rl_example_learns(tmp_path):
 @needs_gpu
 def test_packed_rows_through_the_varlen_kernel_match_padded_batches(gpu_tiny, family):
     """trainer.pack_tokens on a GPU: the language model's attention over a packed row runs PyTorch's varlen
-    flash kernel per sequence (modeling.packed_text_attention); its log-probs match the padded batch's."""
+    flash kernel per sequence (model.attention.packed_text_attention); its log-probs match the padded batch's."""
     import test_packing
 
-    from vlrl_cli.batches import make_batch, sequence_logprobs
-    from vlrl_cli.modeling import load_vlm, use_packed_text_attention
-    from vlrl_cli.render import load_processor
+    from vlrl_cli.train.batches import make_batch, sequence_logprobs
+    from vlrl_cli.model.loading import load_vlm
+    from vlrl_cli.model.attention import use_packed_text_attention
+    from vlrl_cli.model.loading import load_processor
 
     model = load_vlm(str(gpu_tiny), torch.bfloat16).cuda()
     use_packed_text_attention(model)
@@ -484,8 +510,9 @@ def test_packed_rows_through_the_varlen_kernel_match_padded_batches(gpu_tiny, fa
 
 
 def test_load_vlm_shares_repeated_images_on_a_gpu(gpu_tiny_qwen2_5):
-    """On a GPU every loaded model encodes a repeated image once (modeling.share_repeated_images)."""
-    from vlrl_cli.modeling import load_vlm, shares_images
+    """On a GPU every loaded model encodes a repeated image once (model.image_sharing.share_repeated_images)."""
+    from vlrl_cli.model.loading import load_vlm
+    from vlrl_cli.model.image_sharing import shares_images
 
     model = load_vlm(str(gpu_tiny_qwen2_5), torch.bfloat16).cuda()
     assert shares_images(model)

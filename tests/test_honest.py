@@ -153,7 +153,7 @@ def terminal_sigint():
 def test_curves_plot_every_panel_that_has_data_and_skip_a_torn_line(tmp_path):
     from PIL import Image
 
-    from vlrl_cli.curves import write_curves
+    from vlrl_cli.train.curves import write_curves
 
     run = tmp_path / "r"
     run.mkdir()

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlrl_cli.images import (CanonicalSpec, ImageError, ImageLimits, canonicalize, decode_data_uri, fit_size,
-                             image_from_uri, open_image, sniff_mime, to_data_uri)
+from vlrl_cli.data.images import CanonicalSpec, ImageError, ImageLimits, canonicalize, decode_data_uri, fit_size, image_from_uri, open_image, sniff_mime, to_data_uri
 
 
 def png_bytes(w=60, h=40, color=(200, 10, 10), mode="RGB"):
@@ -127,7 +126,7 @@ def test_every_mode_becomes_rgb_with_its_values_in_proportion(mode, fmt):
     all-black); every 8-bit mode round-trips its ramp."""
     import io
 
-    from vlrl_cli.images import CanonicalSpec, canonicalize, open_image
+    from vlrl_cli.data.images import CanonicalSpec, canonicalize, open_image
 
     buf = io.BytesIO()
     _gradient(mode).save(buf, fmt)
@@ -147,7 +146,7 @@ def test_every_mode_becomes_rgb_with_its_values_in_proportion(mode, fmt):
 
 
 def test_nonstandard_float_ranges_are_stretched_and_nan_is_rejected():
-    from vlrl_cli.images import ImageError, to_rgb
+    from vlrl_cli.data.images import ImageError, to_rgb
 
     hdr = Image.fromarray(np.tile(np.linspace(-5, 900, 64), (8, 1)).astype(np.float32))
     row = np.asarray(to_rgb(hdr))[4, :, 0]
@@ -159,7 +158,7 @@ def test_nonstandard_float_ranges_are_stretched_and_nan_is_rejected():
 
 
 def test_lab_is_colour_converted():
-    from vlrl_cli.images import to_rgb
+    from vlrl_cli.data.images import to_rgb
 
     red = to_rgb(Image.new("LAB", (4, 4), (136, 208, 195)))  # L 53, a +80, b +67: sRGB red
     r, g, b = red.getpixel((0, 0))
@@ -174,7 +173,7 @@ def test_png_of_a_flat_colour_image_is_about_pils_size(colour):
 
     from PIL import ImageDraw
 
-    from vlrl_cli.images import CanonicalSpec, canonicalize
+    from vlrl_cli.data.images import CanonicalSpec, canonicalize
 
     im = Image.new("RGB", (448, 448), colour)
     ImageDraw.Draw(im).ellipse([100, 100, 300, 300], fill=(240, 220, 40))

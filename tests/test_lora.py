@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from vlrl_cli.runs import read_metrics
+from vlrl_cli.train.runs import read_metrics
 
 USER_ENV = """
-from vlrl_cli.envs.base import Env
+from vlrl_cli.rollout.envs.base import Env
 
 class ParityEnv(Env):
     def score(self, text):
@@ -56,7 +56,7 @@ def test_lora_grpo_trains_adapters_and_the_engine_gets_the_merged_policy(tmp_pat
     # steps 2 and 3 sample from the engine after merged syncs: it holds exactly the trained policy (fp32)
     assert max(x["drift_abs_max"] for x in m) < 1e-4, [x["drift_abs_max"] for x in m]
 
-    from vlrl_cli.config import load_recipe
+    from vlrl_cli.train.recipe import load_recipe
 
     assert load_recipe(tmp_path / "runs" / f"lora{stage}" / "recipe.yaml").model.lora.rank == 8  # a valid recipe
     ckpt = tmp_path / "runs" / f"lora{stage}" / "checkpoints" / "step_3"
@@ -126,9 +126,9 @@ def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(f
     """vision: false -> adapters in the language model only; vision: true -> also every vision block, the
     projector (merger; Qwen3-VL's deepstack mergers too) and the patch embedding (a Conv3d), never the head.
     With vision adapters trained (B != 0), the merged weights give the adapter model's logits on an image."""
-    from vlrl_cli.config import LoraCfg
-    from vlrl_cli.lora import wrap
-    from vlrl_cli.modeling import load_vlm
+    from vlrl_cli.train.recipe import LoraCfg
+    from vlrl_cli.train.lora import wrap
+    from vlrl_cli.model.loading import load_vlm
 
     for vision in (False, True):
         model = wrap(load_vlm(str(family_models[family]), torch.float32), LoraCfg(rank=4, alpha=8, vision=vision))
@@ -152,9 +152,10 @@ def _assert_merged_equals_adapted(model, path):
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from vlrl_cli.images import to_data_uri
-    from vlrl_cli.lora import merged_model
-    from vlrl_cli.render import load_processor, model_inputs, render_prompt
+    from vlrl_cli.data.images import to_data_uri
+    from vlrl_cli.train.lora import merged_model
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.model.render import model_inputs, render_prompt
     import io
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vlrl_cli.losses import aggregate, group_advantages, k3_kl, keep_informative_groups, mismatch_weights, policy_loss
+from vlrl_cli.train.losses import aggregate, group_advantages, k3_kl, keep_informative_groups, mismatch_weights, policy_loss
 
 
 def test_group_advantages_by_hand():
@@ -81,7 +81,7 @@ def test_two_ppo_epochs_by_hand_anchor_clipping_and_kl():
     """
     from types import SimpleNamespace
 
-    from vlrl_cli.losses import micro_batch_loss
+    from vlrl_cli.train.losses import micro_batch_loss
 
     algo = SimpleNamespace(clip_low=0.2, clip_high=0.28, mismatch="none", mismatch_cap=2.0, kl_coef=0.1, loss_agg="token-mean")
     mask = torch.tensor([[0.0, 1.0, 1.0]])
@@ -116,9 +116,9 @@ def test_two_ppo_epochs_by_hand_anchor_clipping_and_kl():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_token_logprobs_equal_the_whole_formula_values_and_gradients(dtype):
-    """batches.token_logprobs works a few positions at a time (checkpointed in the backward); values and
+    """logprobs.token_logprobs works a few positions at a time (checkpointed in the backward); values and
     gradients must be those of the formula on the whole micro-batch at once."""
-    from vlrl_cli.batches import token_logprobs
+    from vlrl_cli.model.logprobs import token_logprobs
 
     g = torch.Generator().manual_seed(0)
     B, T, V = 3, 37, 50

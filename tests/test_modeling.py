@@ -1,4 +1,4 @@
-"""Grouped vision attention (vlrl_cli/modeling.py) computes what transformers' per-segment path computes."""
+"""Grouped vision attention (vlrl_cli/model/attention.py) computes what transformers' per-segment path computes."""
 
 import io
 
@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from transformers import AttentionInterface, AutoModelForImageTextToText
 
-from vlrl_cli import modeling
-from vlrl_cli.images import to_data_uri
-from vlrl_cli.render import load_processor, model_inputs, render_prompt
+from vlrl_cli.model import attention, image_sharing, loading
+from vlrl_cli.data.images import to_data_uri
+from vlrl_cli.model.loading import load_processor
+from vlrl_cli.model.render import model_inputs, render_prompt
 
 pytestmark = pytest.mark.model  # also run on the oldest supported transformers (make test-floor)
 
@@ -23,7 +24,7 @@ def _uri(rng, w: int, h: int) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.model.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("families")
     return {f: build_tiny_model(root / f, f) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}
@@ -49,22 +50,22 @@ def test_grouped_equals_per_segment(models, family):
 
     plain = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     assert "flash" not in (plain.config.vision_config._attn_implementation or "")
-    grouped = modeling.load_vlm(str(path), torch.float32)
-    assert grouped.config.vision_config._attn_implementation == modeling.NAME
+    grouped = loading.load_vlm(str(path), torch.float32)
+    assert grouped.config.vision_config._attn_implementation == attention.NAME
     assert grouped.config.text_config._attn_implementation == plain.config.text_config._attn_implementation
 
     calls = []
-    real = modeling.grouped_segment_attention
+    real = attention.grouped_segment_attention
 
     def counting(*args, **kw):
         calls.append(kw["cu_seq_lens_q"].tolist())
         return real(*args, **kw)
 
-    AttentionInterface.register(modeling.NAME, counting)
+    AttentionInterface.register(attention.NAME, counting)
     try:
         logits_g, grads_g = _forward_backward(grouped, rp, processor)
     finally:
-        AttentionInterface.register(modeling.NAME, real)
+        AttentionInterface.register(attention.NAME, real)
     logits_p, grads_p = _forward_backward(plain, rp, processor)
 
     assert len(calls) == len(grouped.model.visual.blocks)  # the grouped function served every vision layer
@@ -80,10 +81,10 @@ def test_grouped_rejects_causal_or_masked_use():
     cu = torch.tensor([0, 3, 6])
     module = torch.nn.Module()
     with pytest.raises(ValueError, match="vision"):
-        modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu, is_causal=True)
+        attention.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu, is_causal=True)
     with pytest.raises(ValueError, match="vision"):
-        modeling.grouped_segment_attention(module, q, q, q, attention_mask=torch.ones(1, 1, 6, 6))
-    out, _ = modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu, scaling=0.5)
+        attention.grouped_segment_attention(module, q, q, q, attention_mask=torch.ones(1, 1, 6, 6))
+    out, _ = attention.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu, scaling=0.5)
     ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[..., s:e, :], q[..., s:e, :], q[..., s:e, :], scale=0.5)
                      for s, e in ((0, 3), (3, 6))], dim=2)
     torch.testing.assert_close(out, ref.transpose(1, 2))
@@ -101,18 +102,18 @@ def test_segment_plan_is_reused_only_for_the_same_unchanged_tensor():
         return torch.cat(parts, dim=2).transpose(1, 2)
 
     cu = torch.tensor([0, 3, 6, 9])
-    first = modeling.segment_plan(cu, q.device)
-    assert modeling.segment_plan(cu, q.device) is first  # the same object: no rebuild
-    torch.testing.assert_close(modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu)[0], reference([0, 3, 6, 9]))
+    first = attention.segment_plan(cu, q.device)
+    assert attention.segment_plan(cu, q.device) is first  # the same object: no rebuild
+    torch.testing.assert_close(attention.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu)[0], reference([0, 3, 6, 9]))
     cu[1:3] = torch.tensor([2, 7])  # changed in place: the version counter moves, the plan is rebuilt
-    assert modeling.segment_plan(cu, q.device) is not first
-    torch.testing.assert_close(modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu)[0], reference([0, 2, 7, 9]))
+    assert attention.segment_plan(cu, q.device) is not first
+    torch.testing.assert_close(attention.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=cu)[0], reference([0, 2, 7, 9]))
     other = torch.tensor([0, 4, 9])  # an equal-looking new tensor is planned from its own values
-    torch.testing.assert_close(modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=other)[0], reference([0, 4, 9]))
+    torch.testing.assert_close(attention.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=other)[0], reference([0, 4, 9]))
     with torch.inference_mode():  # no version counter: computed every time, still correct
         inf = torch.tensor([0, 5, 9])
-        assert modeling.segment_plan(inf, q.device) is not modeling.segment_plan(inf, q.device)
-        torch.testing.assert_close(modeling.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=inf)[0], reference([0, 5, 9]))
+        assert attention.segment_plan(inf, q.device) is not attention.segment_plan(inf, q.device)
+        torch.testing.assert_close(attention.grouped_segment_attention(module, q, q, q, cu_seq_lens_q=inf)[0], reference([0, 5, 9]))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -120,7 +121,7 @@ def test_compiled_blocks_give_the_eager_logprobs_and_gradients(models, family):
     """model.compile (compile_layers, inductor) under gradient checkpointing in train mode, as `vlrl train`
     runs it on a GPU: two micro-batches of different shapes (the second recompiles with dynamic shapes),
     images of several sizes; log-probs and every gradient equal the eager model's."""
-    from vlrl_cli.batches import make_batch, sequence_logprobs
+    from vlrl_cli.train.batches import make_batch, sequence_logprobs
 
     from test_packing import sequences
 
@@ -128,11 +129,11 @@ def test_compiled_blocks_give_the_eager_logprobs_and_gradients(models, family):
     seqs = sequences(processor)
     results = []
     for compiled in (False, True):
-        model = modeling.load_vlm(str(models[family]), torch.float32)
+        model = loading.load_vlm(str(models[family]), torch.float32)
         model.gradient_checkpointing_enable()
         model.train()
         if compiled:
-            assert modeling.compile_layers(model) == len(model.model.visual.blocks) + len(model.model.language_model.layers)
+            assert loading.compile_layers(model) == len(model.model.visual.blocks) + len(model.model.language_model.layers)
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
         per_batch = []
@@ -153,8 +154,8 @@ def test_compiled_blocks_give_the_eager_logprobs_and_gradients(models, family):
 
 
 def test_compile_setting_resolves_and_zero3_is_refused(tmp_path, tiny_model):
-    from vlrl_cli.config import RecipeError, load_recipe
-    from vlrl_cli.policy import compile_wanted
+    from vlrl_cli.train.recipe import RecipeError, load_recipe
+    from vlrl_cli.train.policy import compile_wanted
 
     assert compile_wanted("auto", 2, on_gpu=True) and compile_wanted("auto", 0, on_gpu=True)
     assert not compile_wanted("auto", 3, on_gpu=True) and not compile_wanted("auto", 1, on_gpu=False)
@@ -172,8 +173,8 @@ def test_compile_setting_resolves_and_zero3_is_refused(tmp_path, tiny_model):
 
 def test_model_share_images_decides_the_trainers_tower_hooks(tiny_model, tmp_path):
     """model.share_images: true / false as given; auto is load_vlm's choice (on where a GPU is present)."""
-    from vlrl_cli.config import RecipeError, load_recipe
-    from vlrl_cli.policy import prepare_model
+    from vlrl_cli.train.recipe import RecipeError, load_recipe
+    from vlrl_cli.train.policy import prepare_model
 
     data = tmp_path / "d.jsonl"
     data.write_text("")
@@ -184,11 +185,11 @@ def test_model_share_images_decides_the_trainers_tower_hooks(tiny_model, tmp_pat
         load_recipe(None, base + ["model.share_images=yes please"])
     on_gpu = torch.cuda.is_available()
     for setting, expected in ((True, True), (False, False), ("auto", on_gpu)):
-        assert modeling.shares_images(prepare_model(str(tiny_model), "float32", share_images=setting)) is expected
+        assert image_sharing.shares_images(prepare_model(str(tiny_model), "float32", share_images=setting)) is expected
     lora = load_recipe(None, base + ["model.lora.rank=4", "model.share_images=true"]).model.lora
     # the adapters wrap the model after the hooks are on, and the hooks stay on the tower
     wrapped = prepare_model(str(tiny_model), "float32", lora=lora, share_images=True)
-    assert modeling.shares_images(wrapped.base_model.model)
+    assert image_sharing.shares_images(wrapped.base_model.model)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -197,7 +198,7 @@ def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(m
     GRPO group's samples do) and the multi-turn one three distinct frames. The tower must see each distinct
     image once, and log-probs and every gradient must equal the model that encodes every copy, padded and
     packed (Qwen3-VL's deepstack features are expanded too)."""
-    from vlrl_cli.batches import make_batch, sequence_logprobs
+    from vlrl_cli.train.batches import make_batch, sequence_logprobs
 
     from test_packing import sequences
 
@@ -206,10 +207,10 @@ def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(m
     every = sum(int(s.tensors["image_grid_thw"].prod(-1).sum()) for s in seqs if s.tensors)
     repeated = int(seqs[0].tensors["image_grid_thw"].prod(-1).sum())
     plain = AutoModelForImageTextToText.from_pretrained(models[family], dtype=torch.float32)
-    modeling.use_grouped_vision_attention(plain)
-    shared = modeling.load_vlm(str(models[family]), torch.float32)
-    modeling.share_repeated_images(shared)  # load_vlm switches it on where a GPU is present
-    assert modeling.shares_images(shared) and not modeling.shares_images(plain)
+    attention.use_grouped_vision_attention(plain)
+    shared = loading.load_vlm(str(models[family]), torch.float32)
+    image_sharing.share_repeated_images(shared)  # load_vlm switches it on where a GPU is present
+    assert image_sharing.shares_images(shared) and not image_sharing.shares_images(plain)
     rows = []
     shared.model.visual.patch_embed.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     for packed in (False, True):
@@ -232,8 +233,8 @@ def test_repeated_images_are_encoded_once_with_the_same_logprobs_and_gradients(m
         shared(**make_batch(seqs[1:3], processor, "cpu").inputs)
     assert rows == [int(seqs[2].tensors["image_grid_thw"].prod(-1).sum())]
     # switched off (benchmarks compare both): every copy is encoded again
-    modeling.share_repeated_images(shared, enabled=False)
-    assert not modeling.shares_images(shared)
+    image_sharing.share_repeated_images(shared, enabled=False)
+    assert not image_sharing.shares_images(shared)
     rows.clear()
     with torch.no_grad():
         shared(**make_batch(seqs, processor, "cpu").inputs)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrl_cli.batches import make_batch, micro_batches, sequence_logprobs
-from vlrl_cli.images import to_data_uri
-from vlrl_cli.render import load_processor, render_prompt
+from vlrl_cli.train.batches import make_batch, micro_batches, sequence_logprobs
+from vlrl_cli.data.images import to_data_uri
+from vlrl_cli.model.loading import load_processor
+from vlrl_cli.model.render import render_prompt
 
 pytestmark = pytest.mark.model
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -45,7 +46,7 @@ def sequences(processor):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_logprobs_and_gradients_equal_the_padded_ones(family_models, family):
-    from vlrl_cli.modeling import load_vlm
+    from vlrl_cli.model.loading import load_vlm
 
     model = load_vlm(str(family_models[family]), torch.float32)
     processor = load_processor(str(family_models[family]))
@@ -80,8 +81,8 @@ def test_logprobs_at_the_loss_mask_only_equal_the_full_ones_with_their_gradients
     """`only=loss_mask` (what training uses: the head and the log-softmax at the trained positions alone)
     gives the full computation's log-probs there, 0 elsewhere, and the same gradients; padded and packed.
     A chunk smaller than the positions checks that the chunks' gradients come back in the right places."""
-    from vlrl_cli import batches
-    from vlrl_cli.modeling import load_vlm
+    from vlrl_cli.model import logprobs
+    from vlrl_cli.model.loading import load_vlm
 
     model = load_vlm(str(family_models[family]), torch.float32)
     processor = load_processor(str(family_models[family]))
@@ -101,8 +102,8 @@ def test_logprobs_at_the_loss_mask_only_equal_the_full_ones_with_their_gradients
     torch.manual_seed(0)
     logits = torch.randn(2, 7, 11, requires_grad=True)
     tokens = torch.randint(0, 11, (2, 7))
-    whole = batches.token_logprobs(logits, tokens, 0.7, [3], chunk=10**6)
-    chunked = batches.token_logprobs(logits, tokens, 0.7, [3], chunk=3)
+    whole = logprobs.token_logprobs(logits, tokens, 0.7, [3], chunk=10**6)
+    chunked = logprobs.token_logprobs(logits, tokens, 0.7, [3], chunk=3)
     torch.testing.assert_close(chunked, whole)
     g_whole, = torch.autograd.grad(whole.sum(), logits)
     g_chunked, = torch.autograd.grad(chunked.sum(), logits)
@@ -113,13 +114,15 @@ def test_packing_groups_by_tokens_and_a_long_sequence_goes_alone():
     assert micro_batches([5, 5, 5, 5, 5], 2) == [range(0, 2), range(2, 4), range(4, 5)]
     assert micro_batches([3, 4, 2, 9, 1, 1], 0, pack_tokens=8) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]
     assert micro_batches([], 4, pack_tokens=8) == []
+    # padded budget (vlrl serve): count x longest within the budget
+    assert micro_batches([3, 4, 2, 9, 1], padded_tokens=8) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
 
 
 def test_sft_and_grpo_runs_packed_reproduce_the_padded_runs(tmp_path, tiny_model, colors_data):
     """The same recipe with trainer.pack_tokens: the same losses and gradient norms, step by step."""
     from test_train import losses, run_cli, write_recipe
 
-    from vlrl_cli.runs import read_metrics
+    from vlrl_cli.train.runs import read_metrics
 
     out = {}
     for algo, extra in (("sft", {"sft_target": "ground_truth"}), ("grpo", {})):
@@ -143,20 +146,20 @@ def test_packed_row_boundaries_are_read_once_per_position_tensor():
     """The varlen path's sequence boundaries come from the text positions (0 starts a sequence); every layer
     of a forward passes the same position tensor, so they are computed once (one host sync, not one per
     layer), and a changed tensor is re-read."""
-    from vlrl_cli import modeling
+    from vlrl_cli.model import attention
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
-    cu, longest = modeling._packed_rows(pos)
+    cu, longest = attention._packed_rows(pos)
     assert cu.tolist() == [0, 3, 5, 9] and cu.dtype == torch.int32 and longest == 4
-    assert modeling._packed_rows(torch.arange(6)[None]) == (None, 0)  # one sequence: not packed
+    assert attention._packed_rows(torch.arange(6)[None]) == (None, 0)  # one sequence: not packed
     calls = []
 
     def counting(t):
         calls.append(1)
-        return modeling._packed_rows(t)
+        return attention._packed_rows(t)
 
-    first = modeling.per_tensor_plan("packed_rows", pos, pos.device, counting)
-    assert modeling.per_tensor_plan("packed_rows", pos, pos.device, counting) is first and len(calls) == 1
+    first = attention.per_tensor_plan("packed_rows", pos, pos.device, counting)
+    assert attention.per_tensor_plan("packed_rows", pos, pos.device, counting) is first and len(calls) == 1
     pos[0, 5] = 7  # in place: the sequence starting at 5 merges into the one before
-    cu2, longest2 = modeling.per_tensor_plan("packed_rows", pos, pos.device, counting)
+    cu2, longest2 = attention.per_tensor_plan("packed_rows", pos, pos.device, counting)
     assert len(calls) == 2 and cu2.tolist() == [0, 3, 9] and longest2 == 6

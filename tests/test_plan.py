@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlrl_cli.config import LoraCfg, load_recipe, with_overrides
-from vlrl_cli.plan import GPUS, model_config, model_shape, parse_sized_for, plan_for, plan_memory, render_plan
+from vlrl_cli.train.recipe import LoraCfg, load_recipe, with_overrides
+from vlrl_cli.train.plan import GPUS, model_config, model_shape, parse_sized_for, plan_for, plan_memory, render_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -40,7 +40,7 @@ def test_parameter_counts_from_the_config_equal_the_loaded_model(tiny_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from vlrl_cli.lora import target_regex
+    from vlrl_cli.train.lora import target_regex
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model)
     shape = model_shape(model_config(str(tiny_model)))
@@ -121,7 +121,7 @@ def test_start_up_refuses_a_recipe_that_cannot_fit_this_gpu(monkeypatch):
 def test_optimizer_groups_bound_the_step_copy_and_keep_every_parameter_in_order():
     import torch
 
-    from vlrl_cli.policy import param_groups
+    from vlrl_cli.train.policy import param_groups
 
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (60, 50, 10, 120, 5, 5)]
     groups = param_groups(params, max_numel=100)

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from vlrl_cli.errors import UserError
-from vlrl_cli.images import sniff_mime
-from vlrl_cli.prepare import PrepareOptions, prepare
-from vlrl_cli.records import iter_rows, schema_errors
-from vlrl_cli.validate import ValidateOptions, validate_paths
+from vlrl_cli.data.images import sniff_mime
+from vlrl_cli.data.prepare import PrepareOptions, prepare
+from vlrl_cli.data.records import iter_rows, schema_errors
+from vlrl_cli.tools.validate import ValidateOptions, validate_paths
 
 
 def rows_of(path):
@@ -94,8 +94,8 @@ def test_colors_rows_carry_their_colour(colors_data):
     assert len(rows) == 60
     answers = {r["reward_spec"]["ground_truth"] for r in rows}
     assert answers == {"red", "green", "blue", "yellow"}
-    from vlrl_cli.images import image_from_uri
-    from vlrl_cli.sources.colors import COLORS
+    from vlrl_cli.data.images import image_from_uri
+    from vlrl_cli.data.sources.colors import COLORS
 
     for r in rows[:20]:  # the shape's pixels are nearest to the named colour
         img = image_from_uri(r["prompt"][0]["content"][0]["image_url"]["url"])
@@ -150,12 +150,12 @@ def test_generic_jsonl_with_image_paths(tmp_path):
     res = prepare(PrepareOptions(source=str(src), out=tmp_path / "out", workers=1, split="train=1", source_opts={
         "image_column": "img", "question_column": "q", "answer_column": "a", "env_class": "geometry3k",
         "prompt_template": "{question}\nAnswer in \\boxed{}."}))
-    assert res.rows_in == 6 and res.rows_out["train"] + res.rows_out["val"] == 4 and res.rejected == 2
+    assert res.rows_in == 6 and res.rows_out == {"train": 4} and res.rejected == 2  # only the split asked for
     codes = [json.loads(x)["code"] for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert codes == ["image_remote", "missing_field"]
     r = next(r for split in ("train", "val") for r in rows_of(tmp_path / "out" / f"{split}.parquet") if r["id"].endswith("-0"))
     assert r["prompt"][0]["content"][1]["text"] == "How red is it? (0)\nAnswer in \\boxed{}."
-    _, data = __import__("vlrl_cli.images", fromlist=["decode_data_uri"]).decode_data_uri(
+    _, data = __import__("vlrl_cli.data.images", fromlist=["decode_data_uri"]).decode_data_uri(
         r["prompt"][0]["content"][0]["image_url"]["url"])
     assert sniff_mime(data) == "image/png"  # re-encoded once, canonically
 

@@ -1,6 +1,6 @@
 import pytest
 
-from vlrl_cli.config import RecipeError, load_recipe
+from vlrl_cli.train.recipe import RecipeError, load_recipe
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_shipped_recipes_are_valid():
     import yaml
     import jsonschema
 
-    from vlrl_cli.records import load_schema, schema_dir
+    from vlrl_cli.data.records import load_schema, schema_dir
 
     recipes = sorted((schema_dir().parent / "recipes").glob("*.yaml"))
     assert {"colors-tiny.yaml", "colors-tiny-sft.yaml"} <= {p.name for p in recipes}

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from vlrl_cli.engines import Sampling, placeholder_token_ids
-from vlrl_cli.engines.hf import HFEngine
-from vlrl_cli.render import load_processor
-from vlrl_cli.rollout import collect
-from vlrl_cli.batches import make_batch, sequence_logprobs
+from vlrl_cli.rollout.engines import Sampling, placeholder_token_ids
+from vlrl_cli.rollout.engines.hf import HFEngine
+from vlrl_cli.model.loading import load_processor
+from vlrl_cli.rollout.episodes import collect
+from vlrl_cli.train.batches import make_batch, sequence_logprobs
 
 pytestmark = pytest.mark.model  # also run on the oldest supported transformers (make test-floor)
 
@@ -56,7 +56,7 @@ def test_context_full_ends_an_episode(tiny_model):
 
 
 def test_prompts_over_the_limit_are_not_rolled_out(tiny_model, colors_data):
-    from vlrl_cli.records import load_records
+    from vlrl_cli.data.records import load_records
 
     proc = load_processor(str(tiny_model))
     engine = HFEngine(str(tiny_model), proc)

@@ -223,9 +223,10 @@ def test_compute_logprobs_equals_check_drifts_trainer_side(services, family_mode
     """The same ids and image through the service's prompt log-probs and check-drift's trainer scoring."""
     from tinker.proto import response_conv
 
-    from vlrl_cli import drift
-    from vlrl_cli.render import render_chunks
-    from vlrl_cli.rollout import Trajectory
+    from vlrl_cli.tools import drift
+    from vlrl_cli.model.render import render_chunks
+    from vlrl_cli.rollout.episodes import Sequence
+    from vlrl_cli.train.batches import score_sequences
 
     svc = services[family]
     chunks = image_prompt(svc.processor, jpeg(80, 48, (20, 160, 40)))
@@ -233,9 +234,7 @@ def test_compute_logprobs_equals_check_drifts_trainer_side(services, family_mode
     served = np.array(res.prompt_logprobs[1:], dtype=np.float64)
     ids, tensors, _ = render_chunks(svc.processor, chunks)
     trainer = drift.load_trainer(str(family_models[family]), "float32", None)
-    traj = Trajectory("r0", 0, "colors", "test", token_ids=ids, loss_mask=[0] * len(ids), engine_logp=[0.0] * len(ids), tensors=tensors,
-                      prompt_len=len(ids))
-    ref = drift.score(trainer, [traj], svc.processor, 1.0, svc.banned, 1)[0][1:]
+    ref = score_sequences(trainer, [Sequence.untrained(ids, tensors)], svc.processor, 1.0, svc.banned, "cpu")[0][1:]
     assert len(served) == len(ref) == len(ids) - 1
     assert np.abs(served - ref).max() < 1e-5
 
@@ -337,7 +336,7 @@ def test_the_tinker_sdk_trains_samples_checkpoints_and_survives_a_restart(family
         tc = sc.create_lora_training_client(base_model=str(model), rank=4, seed=0).result()
         info = tc.get_info()
         assert info.lora_rank == 4 and info.model_data.tokenizer_id == str(model)
-        from vlrl_cli.render import load_processor
+        from vlrl_cli.model.loading import load_processor
 
         proc = load_processor(str(model))
         img = jpeg()

@@ -24,7 +24,7 @@ KEY = "tml-cookbook-test-key"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.model.tiny import build_tiny_model
 
     from test_serve import serve_subprocess
 

@@ -15,8 +15,8 @@ KEY = "tml-colors-example-key"
 
 
 def test_grpo_with_image_chunks_through_the_sdk_learns_the_colours(tmp_path):
-    from vlrl_cli.prepare import PrepareOptions, prepare
-    from vlrl_cli.tiny import build_tiny_model
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
+    from vlrl_cli.model.tiny import build_tiny_model
 
     from test_serve import serve_subprocess
 

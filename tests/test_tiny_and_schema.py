@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from vlrl_cli.images import to_data_uri
-from vlrl_cli.records import RecordWriter, iter_rows, load_schema, schema_errors, write_rows
+from vlrl_cli.data.images import to_data_uri
+from vlrl_cli.data.records import RecordWriter, iter_rows, load_schema, schema_errors, write_rows
 from vlrl_cli.errors import UserError
-from vlrl_cli.render import model_inputs, render_prompt
-from vlrl_cli.tiny import FAMILIES, build_tiny_model
+from vlrl_cli.model.render import model_inputs, render_prompt
+from vlrl_cli.model.tiny import FAMILIES, build_tiny_model
 
 
 @pytest.mark.model

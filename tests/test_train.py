@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlrl_cli.config import load_recipe
-from vlrl_cli.runs import read_metrics
+from vlrl_cli.train.recipe import load_recipe
+from vlrl_cli.train.runs import read_metrics
 
 
 def write_recipe(tmp_path, tiny_model, colors_data, name, **sections) -> Path:
@@ -75,7 +75,7 @@ def test_zero2_with_cpu_optimizer_offload_reproduces_zero0(tmp_path, tiny_model,
 
 
 USER_ENV = """
-from vlrl_cli.envs.base import Env
+from vlrl_cli.rollout.envs.base import Env
 
 class ParityEnv(Env):
     # a user environment (loaded by import path from the recipe): reward 1 for an even-length answer,
@@ -205,7 +205,7 @@ def test_two_ranks_train_the_loss_curve_of_one_rank_with_the_same_global_batch(t
     must still join the gradient reduction, or rank 0 waits for ever)."""
     import pyarrow.parquet as pq
 
-    from vlrl_cli.records import prompts_for_step
+    from vlrl_cli.data.records import prompts_for_step
 
     n = pq.read_metadata(colors_data / "train.parquet").num_rows
     step1_rank0 = prompts_for_step(n, 0, 4, 0, rank=0, world=2)
@@ -236,7 +236,7 @@ def test_grpo_on_two_ranks_goes_on_when_one_rank_has_nothing_to_train(tmp_path, 
     micro-batches (before: a collective size mismatch aborted the run) and the run goes on."""
     import pyarrow.parquet as pq
 
-    from vlrl_cli.records import prompts_for_step
+    from vlrl_cli.data.records import prompts_for_step
 
     n = pq.read_metadata(colors_data / "train.parquet").num_rows
     data = uneven_colors(colors_data, tmp_path / "train.parquet", set(prompts_for_step(n, 1, 4, 0, rank=1, world=2)))
@@ -255,9 +255,10 @@ def test_placeholder_tokens_are_never_sampled(tiny_model, tmp_path):
 
     from transformers import AutoModelForImageTextToText
 
-    from vlrl_cli.engines import GenRequest, Sampling, placeholder_token_ids
-    from vlrl_cli.engines.hf import HFEngine
-    from vlrl_cli.render import load_processor, render_prompt
+    from vlrl_cli.rollout.engines import GenRequest, Sampling, placeholder_token_ids
+    from vlrl_cli.rollout.engines.hf import HFEngine
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.model.render import render_prompt
 
     # a model that wants nothing but image placeholders
     bad = tmp_path / "bad"
@@ -280,7 +281,7 @@ def test_placeholder_tokens_are_never_sampled(tiny_model, tmp_path):
 def _all_ranks_worker(rank, port, out):
     import torch.distributed as dist
 
-    from vlrl_cli.distributed import all_ranks
+    from vlrl_cli.train.distributed import all_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     out[rank] = (all_ranks({"a": rank + 1.0, "b": 10.0}), all_ranks({"m": float(rank * 5)}, op="max"))
@@ -305,7 +306,7 @@ def test_step_metrics_are_over_all_ranks():
 def test_zero3_keeps_parameters_whole_on_one_rank_by_default(tiny_model):
     """persistence_for: every parameter whole on one rank (a one-rank partition is the whole model, and each
     partitioned parameter costs a fetch per pass); DeepSpeed's 100k on several; an explicit value wins."""
-    from vlrl_cli import distributed, policy as pol
+    from vlrl_cli.train import distributed, policy as pol
 
     assert pol.persistence_for(1, None) >= 10**12
     assert pol.persistence_for(2, None) == 100_000
@@ -320,13 +321,13 @@ def test_zero3_keeps_parameters_whole_on_one_rank_by_default(tiny_model):
 
 
 @pytest.mark.model
-def test_ppo_epochs_log_the_first_epochs_kl_and_score_the_reference_once(tmp_path, tiny_model, colors_data, monkeypatch):
-    """Two PPO epochs vs one, same seed. Step 1 starts from the reference's own weights, so its KL (taken
-    before the step's first update) is 0 however many epochs follow, and its rollouts and drift are the
-    same in both runs; step 2 (the policy has moved) has KL > 0. The reference forward runs once per
-    micro-batch and step, not once per epoch."""
-    from vlrl_cli import batches
-    from vlrl_cli.train import run_training
+def test_ppo_epochs_score_the_reference_once_per_step(tmp_path, tiny_model, colors_data, monkeypatch):
+    """Two PPO epochs vs one, same seed: step 1's rollouts and drift (the sampler against the anchor) are the
+    same in both runs; with one epoch step 1 starts from the reference's own weights (KL 0) and step 2 has
+    moved (KL > 0). The reference forward runs once per micro-batch and step, not once per epoch. (What the
+    later epochs add to the step's statistics: tests/test_shapes.py.)"""
+    from vlrl_cli.train import batches
+    from vlrl_cli.train.launch import run_training
 
     (tmp_path / "userenvs.py").write_text(USER_ENV)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -349,12 +350,10 @@ def test_ppo_epochs_log_the_first_epochs_kl_and_score_the_reference_once(tmp_pat
         run_training(load_recipe(rec_path))
         out[epochs] = read_metrics(tmp_path / "runs" / f"ppo{epochs}")
         assert ref_calls == [8, 8, 8, 8], ref_calls  # 16 sequences a step in micro-batches of 8, two steps
-    for epochs in (1, 2):
-        assert out[epochs][0]["kl"] == pytest.approx(0.0, abs=1e-7), out[epochs][0]
-        assert out[epochs][1]["kl"] > 1e-6, out[epochs][1]
-    for key in ("drift_abs_mean", "reward_mean", "entropy"):
+    assert out[1][0]["kl"] == pytest.approx(0.0, abs=1e-7), out[1][0]
+    assert out[1][1]["kl"] > 1e-6 and out[2][1]["kl"] > 1e-6, (out[1][1], out[2][1])
+    for key in ("drift_abs_mean", "reward_mean"):
         assert out[2][0][key] == pytest.approx(out[1][0][key], rel=1e-5, abs=1e-8), key
-    assert out[2][0]["clip_frac"] == 0.0  # epoch 0 is on the anchor itself: nothing is clipped
 
 
 @pytest.mark.model
@@ -366,9 +365,9 @@ def test_the_next_steps_episodes_are_rendered_on_another_thread_while_this_step_
     exactly those episodes, which hold step k+1's prompts."""
     import threading
 
-    from vlrl_cli import batches, grpo
-    from vlrl_cli.records import load_records, prompts_for_step
-    from vlrl_cli.train import run_training
+    from vlrl_cli.train import batches, grpo
+    from vlrl_cli.data.records import load_records, prompts_for_step
+    from vlrl_cli.train.launch import run_training
 
     events = []
     real_start, real_run = grpo.start_episodes, grpo.run_episodes
@@ -414,7 +413,7 @@ def test_the_next_steps_episodes_are_rendered_on_another_thread_while_this_step_
 
 
 BROKEN_ENV = """
-from vlrl_cli.envs.base import Env
+from vlrl_cli.rollout.envs.base import Env
 
 class BrokenEnv(Env):
     def score(self, text):
@@ -443,7 +442,7 @@ def test_an_internal_error_exits_1_with_the_traceback_in_the_run_dir(tmp_path, t
 def test_each_rank_on_a_machine_gets_its_share_of_the_cpu_threads(monkeypatch):
     """Two ranks on one machine must not each run as many CPU threads as it has cores (measured: the CPU
     phases of a GRPO step twice as slow on 2 x H200); OMP_NUM_THREADS, when given, wins."""
-    from vlrl_cli.distributed import share_cpu_threads
+    from vlrl_cli.train.distributed import share_cpu_threads
 
     before = torch.get_num_threads()
     try:
@@ -464,7 +463,7 @@ def test_fp32_gradient_accumulation_keeps_small_micro_batches_that_bf16_rounds_a
     """bf16 training, ZeRO-1, 32 micro-batches of the same input: one with loss weight 1, then 31 with 0.002.
     The true accumulated gradient is 1.062x the first one's. bf16 .grad accumulation (DeepSpeed's default)
     rounds every small addition away (1 + 0.002 == 1 in bf16); trainer.grad_accum_fp32 keeps them."""
-    from vlrl_cli import distributed, policy as pol
+    from vlrl_cli.train import distributed, policy as pol
 
     distributed.init_distributed()
     x = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -486,7 +485,7 @@ def test_fp32_gradient_accumulation_keeps_small_micro_batches_that_bf16_rounds_a
 
 
 def test_grad_accum_fp32_trains_resumes_and_is_refused_where_deepspeed_cannot(tmp_path, tiny_model, colors_data):
-    from vlrl_cli.config import RecipeError
+    from vlrl_cli.train.recipe import RecipeError
 
     trainer = {"zero_stage": 1, "grad_accum_fp32": True, "steps": 3, "save_every": 1}
     rec = write_recipe(tmp_path, tiny_model, colors_data, "acc32", model={"dtype": "bfloat16"},

@@ -6,9 +6,9 @@ import zlib
 import pytest
 from PIL import Image
 
-from vlrl_cli.images import to_data_uri
-from vlrl_cli.records import RecordFileError, iter_rows, write_rows
-from vlrl_cli.validate import ValidateOptions, validate_paths, write_clean
+from vlrl_cli.data.images import to_data_uri
+from vlrl_cli.data.records import RecordFileError, iter_rows, write_rows
+from vlrl_cli.tools.validate import ValidateOptions, validate_paths, write_clean
 
 
 def png(w=56, h=56, color=(0, 0, 255)):

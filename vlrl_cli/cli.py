@@ -46,7 +46,7 @@ def _escape(text: str) -> str:
 
 
 def check_engine_name(engine: str) -> None:
-    from .engines import require_vllm
+    from .rollout.engines import require_vllm
 
     if engine not in ("hf", "vllm"):
         fail(f"--engine must be hf or vllm, not {engine!r}")
@@ -84,6 +84,11 @@ def guarded(command):
             raise
         except UserError as e:
             fail(str(e))
+        except OSError as e:
+            why = environment_problem(e)
+            if why is None:
+                raise
+            fail(why)  # the user's machine (a full disk, no permission), not a bug: no error log to write
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
@@ -104,6 +109,21 @@ def guarded(command):
                 _json_stdout = None
 
     return run
+
+
+def environment_problem(e: OSError) -> str | None:
+    """One line for an OSError of the user's environment (full disk, no permission, read-only folder, a
+    missing folder), naming the path; None for anything else."""
+    import errno
+
+    kinds = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+             errno.EROFS: "read-only file system", errno.ENOENT: "no such file or folder",
+             errno.ENOTDIR: "not a folder (a file is in the way)", errno.EISDIR: "a folder, not a file"}
+    if e.errno not in kinds:
+        return None
+    where = e.filename or "(a file this command writes)"
+    return f"{where}: {kinds[e.errno]}"
 
 
 # `--json -`: while the command runs, file descriptor 1 points at stderr, so whatever libraries print
@@ -164,14 +184,14 @@ def prepare(
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, rich_help_panel="Images")] = 95,
     workers: Annotated[int, typer.Option(help="Worker processes (0: cores, at most 4).", min=0)] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier prepare's outputs in --out.")] = False,
-    rows: Annotated[int, typer.Option(help="Rows to generate (colors, maze2d train).", rich_help_panel="colors / maze2d")] = 1000,
-    num_colors: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 4,
-    shapes: Annotated[str, typer.Option(help="Comma list of circle,square,triangle.", rich_help_panel="colors / maze2d")] = "circle,square,triangle",
-    image_size: Annotated[int, typer.Option(help="Side of generated images.", rich_help_panel="colors / maze2d")] = 56,
-    val_rows: Annotated[int, typer.Option(help="Fixed-seed validation episodes.", rich_help_panel="colors / maze2d")] = 50,
-    maze_size: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 5,
-    max_steps: Annotated[int, typer.Option(rich_help_panel="colors / maze2d")] = 20,
-    cell_px: Annotated[int, typer.Option(help="maze2d: pixels per maze cell (images are size x cell_px).", rich_help_panel="colors / maze2d")] = 28,
+    rows: Annotated[Optional[int], typer.Option(help="Rows to generate (colors; maze2d: training rows) [default: 1000].", rich_help_panel="colors / maze2d")] = None,
+    num_colors: Annotated[Optional[int], typer.Option(help="colors: how many colours [default: 4].", rich_help_panel="colors / maze2d")] = None,
+    shapes: Annotated[Optional[str], typer.Option(help="colors: comma list of circle,square,triangle [default: all].", rich_help_panel="colors / maze2d")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="colors: side of generated images [default: 56].", rich_help_panel="colors / maze2d")] = None,
+    val_rows: Annotated[Optional[int], typer.Option(help="Validation rows besides --rows (maze2d: fixed seeds) [default: maze2d 50; colors: 10% of --rows by --split].", rich_help_panel="colors / maze2d")] = None,
+    maze_size: Annotated[Optional[int], typer.Option(help="maze2d [default: 5].", rich_help_panel="colors / maze2d")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="maze2d: moves allowed [default: 20].", rich_help_panel="colors / maze2d")] = None,
+    cell_px: Annotated[Optional[int], typer.Option(help="maze2d: pixels per maze cell (images are size x cell_px) [default: 28].", rich_help_panel="colors / maze2d")] = None,
     image_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="Stable row ids (default: an `id` column when there is one); "
                                                      "splits are a hash of the id", rich_help_panel="Any dataset")] = None,
@@ -190,14 +210,15 @@ def prepare(
     """
     import os
 
-    from .images import CanonicalSpec
-    from .prepare import PrepareOptions
-    from .prepare import prepare as run_prepare
+    from .data.images import CanonicalSpec
+    from .data.prepare import PrepareOptions
+    from .data.prepare import prepare as run_prepare
+    from .rollout.envs import BUILTIN_ENVS
 
     if image_format not in ("png", "jpeg"):
         fail(f"--image-format must be png or jpeg, not {image_format!r}")
     source_opts = {k: v for k, v in dict(
-        rows=rows, num_colors=num_colors, shapes=[s.strip() for s in shapes.split(",") if s.strip()],
+        rows=rows, num_colors=num_colors, shapes=[s.strip() for s in shapes.split(",") if s.strip()] if shapes else None,
         image_size=image_size, val_rows=val_rows, maze_size=maze_size, max_steps=max_steps, cell_px=cell_px,
         image_column=image_column, id_column=id_column, question_column=question_column, answer_column=answer_column,
         env_class=env_class, prompt_template=prompt_template, data_source=data_source).items() if v is not None}
@@ -206,7 +227,7 @@ def prepare(
         workers=workers or min(4, os.cpu_count() or 1),
         spec=CanonicalSpec(factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, image_format=image_format,
                            jpeg_quality=jpeg_quality),
-        source_opts=source_opts)
+        source_opts=source_opts, env_classes=frozenset(BUILTIN_ENVS))
     result = _run_with_progress(f"prepare {source}", None, lambda cb: run_prepare(opts, progress=cb))
     err.print(f"[bold]prepare {source}[/] -> {out}")
     table = Table()
@@ -259,8 +280,8 @@ def validate(
     """Check records against the schema, decode every image, count prompt tokens exactly."""
     import os
 
-    from .validate import ValidateOptions, total_rows, validate_paths
-    from .validate import write_clean as do_write_clean
+    from .tools.validate import ValidateOptions, total_rows, validate_paths
+    from .tools.validate import write_clean as do_write_clean
 
     if max_prompt_tokens is not None and not processor:
         fail("--max-prompt-tokens needs --processor (token counts depend on the model's chat template and image grid)")
@@ -309,7 +330,7 @@ def tiny_model(
     overwrite: Annotated[bool, typer.Option(help="Replace what OUT holds.")] = False,
 ) -> None:
     """Build a random few-MB VLM of a real Qwen-VL architecture, offline (for tests, demos, smoke tests)."""
-    from .tiny import FAMILIES, build_tiny_model
+    from .model.tiny import FAMILIES, build_tiny_model
 
     if family not in FAMILIES:
         fail(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}")
@@ -359,6 +380,7 @@ def serve(
     check_engine_name(engine)
     if dtype not in (None, "bf16", "fp32"):
         fail(f"--dtype must be bf16 or fp32, not {dtype!r}")
+    check_port_free(host, port)  # before minutes of model loading, not after
     if api_key is None:
         api_key = f"tml-{secrets.token_urlsafe(24)}"
         err.print(f"API key (clients send it as TINKER_API_KEY): [bold]{api_key}[/]")
@@ -369,6 +391,23 @@ def serve(
     run_server(model, state, host=host, port=port, api_key=api_key, engine=engine, served_names=tuple(name or ()),
                gpu_memory_utilization=gpu_memory_utilization,
                dtype={"bf16": "bfloat16", "fp32": "float32", None: None}[dtype], log=lambda m: err.print(m, markup=False, highlight=False))
+
+
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        fail(f"--host {host}: {e.strerror}")
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            fail(f"--port {port}: {host}:{port} is not free ({e.strerror}); another server is using it, or pick "
+                 "another port")
 
 
 # --- train ----------------------------------------------------------------------------------------
@@ -401,16 +440,16 @@ def train(
     ignore_plan: Annotated[bool, typer.Option(help="Start even when the memory plan says the recipe does not fit this GPU.")] = False,
 ) -> None:
     """SFT and GRPO-family RL with DeepSpeed ZeRO and a colocated rollout engine."""
-    from .config import load_recipe
+    from .train.recipe import load_recipe
 
     import os
 
-    from .runs import claim_run_dir
+    from .train.runs import claim_run_dir
 
     global crash_dir
     overrides = list(set_ or [])
     if plan:
-        from .plan import plan_for, render_plan
+        from .train.plan import plan_for, render_plan
 
         p = plan_for(load_recipe(recipe, overrides, check_paths=False), gpu, gpus if gpus > 1 else None)
         err.print(render_plan(p), highlight=False, soft_wrap=True, markup=False)
@@ -424,21 +463,26 @@ def train(
         done = claim_run_dir(rec, resume, overwrite, allow_changes)
         if done:
             err.print(done, highlight=False)
+            if json_out:  # what --json promises, also when there was nothing left to do
+                from .train.runs import read_metrics
+
+                last = (read_metrics(rec.run_dir) or [{}])[-1]
+                write_json(json_out, {"run_dir": str(rec.run_dir), "finished": True, **last})
             return
         if rec.rollout.engine == "vllm" and rec.algorithm.name == "grpo":
-            from .engines import require_vllm
+            from .rollout.engines import require_vllm
 
             require_vllm()
-        from .validate import check_run_data
+        from .tools.validate import check_run_data
 
         # every row through validate's checks, once, before any rank loads a model
         check_run_data([rec.data.train, rec.data.val], tuple(rec.envs))
     if gpus > 1 or nprocs > 1 or hostfile:
-        from .launch import relaunch
+        from .train.launch import relaunch
 
         os.environ["VLRL_RUN_CLAIMED"] = "1"  # the ranks inherit it
         raise typer.Exit(relaunch(recipe, overrides, resume, gpus=gpus, nprocs=nprocs, hostfile=hostfile))
-    from .train import run_training
+    from .train.launch import run_training
 
     rec.run_dir.mkdir(parents=True, exist_ok=True)
     crash_dir = rec.run_dir  # a crash's traceback goes next to the run's metrics
@@ -454,7 +498,7 @@ def check_fits(rec, gpus: int) -> None:
     if not torch.cuda.is_available():
         return
     from .errors import UserError
-    from .plan import plan_for, render_plan
+    from .train.plan import plan_for, render_plan
 
     try:
         p = plan_for(rec, None, gpus)
@@ -475,26 +519,31 @@ def eval_(
     data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
-    n: Annotated[int, typer.Option(help="Samples per record (pass@k for every k <= n).", min=1)] = 1,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.", min=0)] = 0.0,
+    n: Annotated[int, typer.Option(help="Samples per record (pass@k for every k <= n); n > 1 needs --temperature > 0.", min=1)] = 1,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (one answer per record); pass@k: 1.0.", min=0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
-    max_turns: Annotated[int, typer.Option(min=1)] = 1,
+    max_turns: Annotated[Optional[int], typer.Option(help="Turns per episode [default: what the environment allows, "
+                                                     "e.g. a maze's move limit].", min=1)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N records.", min=1)] = None,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
 ) -> None:
     """Evaluation rollouts in the training environments: metrics.json (accuracy, pass@k), rollouts.jsonl, report.html."""
-    from .engines import Sampling
-    from .evaluate import EvalOptions, run_eval
-    from .records import count_rows
+    from .rollout.engines import Sampling
+    from .tools.evaluate import EvalOptions, run_eval
+    from .data.records import count_rows
 
     global crash_dir
     check_engine_name(engine)
+    if n > 1 and temperature == 0:
+        fail(f"--n {n} with greedy decoding (--temperature 0) would give {n} identical answers per record: pass "
+             "--temperature 1.0 to sample them (pass@k), or --n 1")
     opts = EvalOptions(engine=engine, n=n, sampling=Sampling(temperature, top_p, max_new_tokens, seed),
                        max_turns=max_turns, limit=limit)
     total = count_rows(data)
     total = min(total, limit) if total and limit else total
+    check_model_argument(model)  # a typo or an unreachable hub: said now, before anything is created
     out.mkdir(parents=True, exist_ok=True)
     crash_dir = out
     metrics = _run_with_progress("eval", total, lambda cb: run_eval(model, str(data), out, opts, progress=cb))
@@ -507,6 +556,15 @@ def eval_(
     err.print(f"wrote {out / 'metrics.json'}, {out / 'rollouts.jsonl'} and {out / 'report.html'}")
     if json_out:
         write_json(json_out, metrics)
+
+
+def check_model_argument(model: str) -> None:
+    """MODEL of eval / check-drift: a run or checkpoint folder, a model folder, or a hub id that can be had."""
+    from .model.loading import check_model_name
+    from .train.runs import resolve_checkpoint
+
+    if resolve_checkpoint(model) is None:
+        check_model_name(model)
 
 
 # --- check-drift ----------------------------------------------------------------------------------
@@ -539,12 +597,14 @@ def check_drift_cmd(
                                                 "--after-update changes the adapters).", min=0)] = 0,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the trainer's blocks. Default: "
                                                    "as `vlrl train` (model.compile: auto), i.e. on a GPU with ZeRO 0-2.")] = None,
+    pack_tokens: Annotated[int, typer.Option(help="Score packed rows of at most this many tokens, as trainer.pack_tokens "
+                                                  "trains (0: padded micro-batches).", min=0)] = 0,
     samples: Annotated[int, typer.Option(help="Records to roll out (one sample each).", min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0)] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     top_k: Annotated[int, typer.Option(help="0 = off.", min=0)] = 0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    max_turns: Annotated[int, typer.Option(min=1)] = 1,
+    max_turns: Annotated[Optional[int], typer.Option(help="Turns per episode [default: what the environment allows].", min=1)] = None,
     after_update: Annotated[bool, typer.Option(help="Apply a known weight change through the sync path; re-check seen and unseen images.")] = False,
     update_from: Annotated[Optional[str], typer.Option(help="With --after-update: load this checkpoint instead of perturbing.")] = None,
     perturb: Annotated[float, typer.Option(help="With --after-update: relative noise per tensor.", min=0)] = 0.1,
@@ -555,17 +615,18 @@ def check_drift_cmd(
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: histogram of deltas, delta vs token position.")] = None,
 ) -> None:
     """Diff the inference engine's log-probs against the training forward, and say why they differ."""
-    from .drift import DriftOptions, check_drift, finite, write_plot
-    from .engines import Sampling
+    from .tools.drift import DriftOptions, check_drift, finite, write_plot
+    from .rollout.engines import Sampling
 
     check_engine_name(engine)
+    check_model_argument(model)
     dtypes = [DTYPES.get(x) for x in (train_dtype, engine_dtype or train_dtype)]
     if None in dtypes:
         fail(f"--train-dtype / --engine-dtype: use one of {', '.join(DTYPES)}")
     opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage, lora_rank=lora_rank,
                         compile="auto" if compile is None else compile, samples=samples, sampling=Sampling(temperature, top_p, max_new_tokens, seed, top_k),
                         max_turns=max_turns, after_update=after_update, update_from=update_from, perturb=perturb,
-                        max_mean=max_mean, max_abs=max_abs)
+                        max_mean=max_mean, max_abs=max_abs, pack_tokens=pack_tokens)
     with err.status("check-drift") as status:
         report = check_drift(model, str(data), opts, progress=lambda msg: status.update(f"check-drift: {msg}"))
     print_drift(report)
@@ -612,6 +673,39 @@ def print_drift(report: dict) -> None:
                       f"trainer {w['trainer_logprob']:.4f} (|d| {w['abs_diff']:.3g}) after ...{w['context'][-60:]!r}",
                       highlight=False, markup=False)
     err.print("[green]passed[/]" if report["passed"] else "[red]failed[/]")
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+EXPORT_EPILOG = """[bold]Examples[/]
+
+  vlrl export runs/geo3k-7b-lora                      (its latest checkpoint)
+  vlrl export runs/geo3k-7b-lora/checkpoints/step_50 --out models/geo3k-step50
+
+A LoRA run keeps adapters in its checkpoints and writes the merged model only at the end; this merges any
+checkpoint's adapter into the base model it was trained on (transformers' format, loadable by vLLM).
+`vlrl eval` and `check-drift` do it themselves when given an adapter checkpoint.
+"""
+
+
+@app.command(epilog=EXPORT_EPILOG)
+@guarded
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the model here instead of the checkpoint's hf/.")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write {\"model\": path} here (- for stdout).")] = None,
+) -> None:
+    """Write a checkpoint's model in transformers' format (a LoRA adapter merged into its base model)."""
+    from .train.runs import export_checkpoint, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    if ckpt is None:
+        fail(f"{checkpoint}: not a run directory or a checkpoint (runs/NAME or runs/NAME/checkpoints/step_N)")
+    with err.status("export") as status:
+        path = export_checkpoint(ckpt, out, progress=lambda msg: status.update(f"export: {msg}"))
+    err.print(f"model: {path}", highlight=False)
+    if json_out:
+        write_json(json_out, {"model": str(path)})
 
 
 def main() -> None:

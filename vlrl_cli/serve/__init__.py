@@ -28,5 +28,11 @@ def run_server(model: str, state_dir: Path, host: str = "127.0.0.1", port: int =
     log(f"vlrl serve: {model} ({engine} engine) on http://{host}:{port}, state in {state_dir}")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75)
+    except SystemExit as e:  # uvicorn exits 3 when it cannot listen (the port was taken after the CLI checked it)
+        if e.code not in (0, None):
+            from ..errors import UserError
+
+            raise UserError(f"could not listen on {host}:{port} (uvicorn exit {e.code}); is the port in use?") from None
+        raise
     finally:
         app.jobs.stop()

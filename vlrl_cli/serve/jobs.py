@@ -2,8 +2,10 @@
 
 Ordering: the jobs of one model run in its seq_id order (the SDK numbers a training client's requests 1, 2,
 ... and may send them concurrently, or split one forward_backward into several requests), so gradients and
-optimizer steps pair up as the client issued them. A seq_id that never arrives (a client that gave up on a
-request) holds the model's queue for at most `gap_timeout_s`, then the next one runs.
+optimizer steps pair up as the client issued them. Order is strict: a seq_id that never arrives (a client
+that gave up on a request) holds the model's queue for `gap_timeout_s` (long enough for any upload), after
+which the later ones run; a request that arrives after its place in the order has passed is refused as a
+user error, never applied out of order (a forward_backward after the optim_step it belonged to).
 Retries: a request whose (scope, seq_id) was seen before gets the first one's request id: it is answered
 once and never applied twice.
 Results: kept in memory and in the store (a client may poll after a restart), as (status, content type, body).
@@ -35,8 +37,15 @@ class Job:
     submitted: float
 
 
+def _late(scope: str, seq: int, nxt: int) -> Callable[[], tuple[str, bytes]]:
+    def refuse():
+        raise UserError(f"{scope}: seq_id {seq} arrived after the requests up to seq_id {nxt - 1} had run (it was "
+                        "waited for, then skipped); requests of a model are applied in order or not at all")
+    return refuse
+
+
 class Jobs:
-    def __init__(self, store, gap_timeout_s: float = 10.0, log=print):
+    def __init__(self, store, gap_timeout_s: float = 300.0, log=print):
         self.store = store
         self.gap_timeout_s = gap_timeout_s
         self.log = log
@@ -67,7 +76,8 @@ class Jobs:
                 self.by_key[(scope, seq)] = rid
             if scope is not None and seq is not None and ordered:
                 nxt = self.next_seq.setdefault(scope, 1)
-                if seq < nxt:  # behind the queue's position (never seen before): run it now
+                if seq < nxt:  # its place in the order has passed: refused, never run out of order
+                    job.fn = _late(scope, seq, nxt)
                     self.free.append(job)
                 else:
                     self.ordered.setdefault(scope, {})[seq] = job

@@ -14,16 +14,19 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import batches, errors, policy as pol
-from ..engines import GenRequest, Sampling, make_engine, placeholder_token_ids
-from ..images import ImageLimits
-from ..render import load_processor, render_chunks
+from ..train import batches, policy as pol
+from .. import errors
+from ..rollout.engines import GenRequest, Sampling, make_engine, placeholder_token_ids
+from ..rollout.episodes import Sequence
+from ..data.images import ImageLimits
+from ..model.loading import load_processor
+from ..model.render import render_chunks
 from . import losses, wire
 from .store import Store
 
@@ -36,18 +39,26 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RECORDED_MAX = 200_000  # sampled sequences remembered for stable_reinforce's provenance check
 
 
-def padded_groups(lengths: list[int], budget: int) -> list[range]:
-    """Consecutive datums per forward, each group's padded size (count x longest) within `budget` positions
-    (a datum longer than the budget goes alone)."""
-    groups, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and max(longest, n) * (i - start + 1) > budget:
-            groups.append(range(start, i))
-            start, longest = i, 0
-        longest = max(longest, n)
-    if lengths:
-        groups.append(range(start, len(lengths)))
-    return groups
+def model_fingerprint(model_path: str) -> str:
+    """A short hash naming one model's weights: its config and the names, sizes and times of its weight files
+    (a folder), or its hub id and the cached snapshot's (a hub id). --state outlives restarts with another MODEL."""
+    import hashlib
+
+    p = Path(model_path)
+    if not p.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_path, "config.json")
+        p = Path(cached).parent if isinstance(cached, str) else p
+    h = hashlib.sha256(str(p.resolve() if p.exists() else model_path).encode())
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.suffix in (".json", ".safetensors", ".bin"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+                if f.name == "config.json":
+                    h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -60,23 +71,11 @@ class TrainModel:
     lora_parts: tuple[bool, bool] = (True, True)  # LoRA on (attention, MLP) projections
 
 
-@dataclass
-class SeqInput:  # what batches.make_batch needs
-    token_ids: list[int]
-    tensors: dict
-    loss_mask: list[int] = field(default_factory=list)
-    engine_logp: list[float] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.loss_mask = [0] * len(self.token_ids)
-        self.engine_logp = [0.0] * len(self.token_ids)
-
-
 class Service:
     def __init__(self, model_path: str, state_dir: Path, engine: str = "hf", served_names: tuple[str, ...] = (),
                  dtype: str | None = None, gpu_memory_utilization: float = 0.3, lora_alpha: float = 32.0,
                  micro_batch_tokens: int = 8192):
-        from ..distributed import device, init_distributed
+        from ..train.distributed import device, init_distributed
 
         init_distributed()
         self.model_path = model_path
@@ -122,8 +121,8 @@ class Service:
         raise UserError(f"base_model {base_model!r} is not served here; this server serves {sorted(self.names)}")
 
     def _build(self, lora_rank: int, seed: int | None, train_attn: bool = True, train_mlp: bool = True):
-        from ..config import LoraCfg
-        from ..lora import LM_PROJECTIONS
+        from ..train.recipe import LoraCfg
+        from ..train.lora import LM_PROJECTIONS
 
         if seed is not None:
             torch.manual_seed(seed)  # the adapters' initialisation (PEFT: A random, B zero)
@@ -193,15 +192,19 @@ class Service:
         policy = m.policy
         policy.train()
         outputs, total = [], 0.0
-        for idx in padded_groups([len(r[0]) for r in rendered], self.micro_batch_tokens):
-            batch = batches.make_batch([SeqInput(*rendered[i][:2]) for i in idx], self.processor, self.dev)
+        for idx in batches.micro_batches([len(r[0]) for r in rendered], padded_tokens=self.micro_batch_tokens):
+            batch = batches.make_batch([Sequence.untrained(*rendered[i][:2]) for i in idx], self.processor, self.dev)
             T = batch.input_ids.shape[1]
             targets = torch.zeros((len(idx), T), dtype=torch.long)
             for j, i in enumerate(idx):
                 t = data[i].inputs["target_tokens"].astype(np.int64)
-                targets[j, :len(t)] = torch.from_numpy(np.clip(t, 0, self.vocab_size - 1))
+                bad = t[(t < 0) | (t >= self.vocab_size)]
+                if len(bad):  # as input tokens are: refused, never clipped to another token
+                    raise UserError(f"datum {i}: target token {int(bad[0])} is outside the vocabulary "
+                                    f"(0..{self.vocab_size - 1})")
+                targets[j, :len(t)] = torch.from_numpy(t)
             with torch.set_grad_enabled(not forward_only):
-                lp = batches.target_logprobs(policy, batch, targets.to(self.dev), 1.0, self.banned)
+                lp = batches.sequence_logprobs(policy, batch, 1.0, self.banned, targets=targets.to(self.dev))
                 loss = lp.new_zeros(())
                 for j, i in enumerate(idx):
                     n = len(rendered[i][0])
@@ -253,7 +256,14 @@ class Service:
     def _checkpoint_dir(self, model_id: str, kind: str, name: str) -> Path:
         if not NAME_RE.match(name) or ".." in name:
             raise UserError(f"checkpoint name {name!r}: use letters, digits, '.', '_', '-' (no paths)")
-        return self.state_dir / "models" / model_id / kind / name
+        return self.inside_state(self.state_dir / "models" / model_id / kind / name)
+
+    def inside_state(self, path: Path) -> Path:
+        """`path`, refused unless it resolves inside --state (every folder a client's ids name)."""
+        root = self.state_dir.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise UserError("a model or checkpoint id that names a place outside the server's state")
+        return path
 
     def parse_path(self, path: str) -> tuple[str, str, str]:
         """tinker://<model_id>/<weights|sampler_weights>/<name> -> (model_id, kind, name), checked."""
@@ -305,7 +315,7 @@ class Service:
         return model_id
 
     def _engine_weights(self, m: TrainModel):
-        from ..weights import export_weights
+        from ..train.weight_sync import export_weights
 
         return [(n, t.detach().to("cpu").clone()) for bucket in export_weights(m.policy) for n, t in bucket]
 
@@ -345,10 +355,10 @@ class Service:
     def _read_sampler(self, path: str | None):
         from safetensors.torch import load_file, save_file
 
-        if path is None:  # the base model's weights, exported once from a fresh load
-            f = self.state_dir / "base.safetensors"
+        if path is None:  # the base model's weights, exported once from a fresh load, named for this model
+            f = self.state_dir / f"base-{model_fingerprint(self.model_path)}.safetensors"
             if not f.exists():
-                from ..modeling import load_vlm
+                from ..model.loading import load_vlm
 
                 base = load_vlm(self.model_path, getattr(torch, self.dtype))
                 save_file({n: p.detach().contiguous() for n, p in base.named_parameters()}, str(f) + ".partial")
@@ -417,13 +427,13 @@ class Service:
         model = getattr(self.engine, "model", None)
         if model is None:
             model = self._scoring_model()
-        batch = batches.make_batch([SeqInput(ids, tensors)], self.processor, next(model.parameters()).device)
-        lp = batches.sequence_logprobs(model, batch, 1.0, self.banned)[0].float().cpu().tolist()
-        return [float("nan")] + lp[1:]
+        lp = batches.score_sequences(model, [Sequence.untrained(ids, tensors)], self.processor, 1.0, self.banned,
+                                     next(model.parameters()).device)[0]
+        return [float("nan")] + lp[1:].tolist()
 
     def _scoring_model(self):
         """vllm engine: an hf copy of the sampler's weights for prompt log-probs (loaded on first use)."""
-        from ..modeling import load_vlm
+        from ..model.loading import load_vlm
 
         if self._scorer is None or self._scorer_weights != self.engine_weights:
             if self._scorer is None:

@@ -41,6 +41,9 @@ class Store:
     def put_session(self, session_id: str) -> None:
         self._do("INSERT OR IGNORE INTO sessions VALUES (?, ?, NULL)", (session_id, time.time()))
 
+    def has_session(self, session_id: str) -> bool:
+        return self._one("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)) is not None
+
     def finish_session(self, session_id: str) -> bool:
         if self._one("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)) is None:
             return False

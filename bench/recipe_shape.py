@@ -1,0 +1,168 @@
+"""A shipped recipe at its real shape on a GPU, with random weights of its model's released size.
+
+Everything the recipe sets is kept: the model's real size (families.REAL_SIZES), max tokens, turns, images,
+packing, KL, LoRA, ZeRO stage, the engine. Only the prompts per step may be cut (--prompts) so that a few
+steps fit one device call, and the data are built here: Geometry3K from the real sample carried with the
+run, Maze2D and colours generated at the recipe's own shape. --gpu-gb caps the run at a smaller GPU's memory
+(the trainer's allocator and vLLM's share of the card), so an 80 GB recipe is proven on a 141 GB H200.
+
+    python3 bench/recipe_shape.py recipes/geometry3k-7b-lora.yaml --prompts 8 --steps 2 --gpu-gb 80 \
+        --work /tmp/shape --out $OUT/geometry3k-7b-lora.json
+
+Writes one row: per step the phase times, the trainer's peak, the engine's pool, drift mean/max; the
+checkpoint's size on disk (LoRA and tiny runs write one; a full fine-tune's is estimated, not written: a 3B
+model's optimizer state alone is over 40 GB); passed = every step ran and the drift is small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GEOMETRY_SAMPLE = ROOT / "bench" / ".work" / "geometry3k-sample"  # copied there from ../shared to travel
+
+
+def data_for(recipe, work: Path, rows: int) -> tuple[str, str | None]:
+    """Records of the recipe's kind at its shape, on its model's image grid: (train, val)."""
+    from vlrl_cli.data.images import CanonicalSpec
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
+    from vlrl_cli.model.families import HUB_IDS, REAL_SIZES
+
+    size = HUB_IDS.get(recipe.model.path.lower())
+    factor = 32 if size and REAL_SIZES[size][0] == "qwen3_vl" else 28
+    spec = CanonicalSpec(factor=factor)
+    train = recipe.data.train
+    out = work / "data"
+    if "geo" in train:
+        opts = PrepareOptions(source="geometry3k", out=out, path=str(GEOMETRY_SAMPLE), workers=4, split="train=1.0",
+                              overwrite=True, spec=spec)
+    elif "maze" in train:
+        small = (recipe.rollout.max_turns or 20) <= 2  # the CPU demo's 2x2 mazes
+        opts = PrepareOptions(source="maze2d", out=out, workers=4, overwrite=True, spec=spec, source_opts={
+            "rows": rows, "val_rows": 8, "maze_size": 2 if small else 5, "max_steps": recipe.rollout.max_turns or 20,
+            "cell_px": 56 if small else factor})
+    else:
+        opts = PrepareOptions(source="colors", out=out, workers=4, overwrite=True, spec=spec,
+                              source_opts={"rows": rows, "image_size": 84})
+    prepare(opts)
+    val = out / "val.parquet"
+    return str(out / "train.parquet"), str(val) if val.exists() else None
+
+
+def model_for(recipe, work: Path) -> tuple[str, str]:
+    """A random model of the recipe's model at its released size (a tiny one for the CPU demo's recipes)."""
+    from vlrl_cli.model.families import HUB_IDS
+    from vlrl_cli.model.tiny import build_real_size_model, build_tiny_model
+
+    size = HUB_IDS.get(recipe.model.path.lower())
+    out = work / "models" / (size or "tiny-qwen2_5_vl")
+    if not (out / "config.json").exists():
+        if size:
+            build_real_size_model(out, size)
+        else:
+            build_tiny_model(out, "qwen2_5_vl")
+    return str(out), size or "tiny qwen2_5_vl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default: the recipe's)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--gpu-gb", type=float, default=None, help="cap the run at this much GPU memory")
+    ap.add_argument("--work", default="/tmp/shape")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--keep-model", action="store_true", help="keep the random model for the next recipe")
+    a = ap.parse_args()
+
+    import torch
+    import yaml
+
+    from vlrl_cli.train.recipe import load_recipe
+
+    name = Path(a.recipe).stem
+    recipe = load_recipe(a.recipe, check_paths=False)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, size = model_for(recipe, work)
+    t_model = time.perf_counter() - t0
+    prompts = a.prompts or recipe.rollout.prompts_per_step
+    train, val = data_for(recipe, work / name, max(prompts * a.steps, 16))
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    scale = min(1.0, a.gpu_gb / total_gb) if a.gpu_gb else 1.0
+    data = recipe.to_dict()
+    data["model"]["path"] = model
+    data["data"].update(train=train, val=val)
+    data["rollout"]["prompts_per_step"] = prompts
+    data["rollout"]["gpu_memory_utilization"] = round(recipe.rollout.gpu_memory_utilization * scale, 4)
+    lora = recipe.model.lora.rank > 0
+    tiny = size.startswith("tiny")
+    data["trainer"].update(steps=a.steps, eval_every=0, save_every=0, save_final=lora or tiny)
+    data["run"].update(name=name, dir=str(work / "runs"))
+    derived = work / f"{name}.yaml"
+    derived.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if a.gpu_gb:
+        env["VLRL_TRAINER_MEMORY_FRACTION"] = str(scale)  # read by the trainer process below (bench only)
+    log = Path(a.out).with_suffix(".log")
+    t1 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, str(Path(__file__).with_name("capped_train.py")), str(derived),
+                              "--overwrite"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+    wall = time.perf_counter() - t1
+    run_dir = work / "runs" / name
+    from vlrl_cli.train.runs import read_metrics
+
+    steps = read_metrics(run_dir)
+    ckpt = run_dir / "checkpoints"
+    written = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) if ckpt.exists() else 0
+    keys = ("step", "time_step_s", "time_generate_s", "time_score_s", "time_train_s", "time_sync_s", "trainer_mem_peak_gb",
+            "trainer_mem_held_gb", "engine_mem_gb", "drift_abs_mean", "drift_abs_max", "kl", "micro_batches",
+            "trained_sequences", "prompt_len_mean", "response_len_mean", "padding_frac", "reward_mean", "loss")
+    row = {
+        "recipe": f"recipes/{name}.yaml", "model": recipe.model.path, "size": size, "device": torch.cuda.get_device_name(0),
+        "gpu_gb_cap": a.gpu_gb, "gpu_memory_utilization_run": data["rollout"]["gpu_memory_utilization"],
+        "shape": {"prompts_per_step": prompts, "prompts_per_step_recipe": recipe.rollout.prompts_per_step,
+                  "n": recipe.rollout.n, "max_new_tokens": recipe.rollout.max_new_tokens,
+                  "max_turns": recipe.rollout.max_turns, "max_context_tokens": recipe.rollout.max_context_tokens,
+                  "pack_tokens": recipe.trainer.pack_tokens, "kl_coef": recipe.algorithm.kl_coef,
+                  "lora_rank": recipe.model.lora.rank, "zero_stage": recipe.trainer.zero_stage,
+                  "engine": recipe.rollout.engine, "algorithm": recipe.algorithm.name},
+        "returncode": rc, "wall_s": round(wall, 1), "model_build_s": round(t_model, 1),
+        "steps": [{k: m.get(k) for k in keys if k in m} for m in steps],
+        "checkpoint_bytes_written": written,
+        "log_tail": log.read_text()[-2000:] if rc else "",
+    }
+    if not (lora or tiny):
+        row["checkpoint_bytes_estimated"] = estimate_full_checkpoint(model, recipe)
+    drift = max((m.get("drift_abs_mean") or 0.0) for m in steps) if steps else None
+    row["passed"] = rc == 0 and len(steps) == a.steps and (drift is None or drift < 0.05)
+    Path(a.out).write_text(json.dumps(row, indent=2) + "\n")
+    print(json.dumps({k: row[k] for k in ("recipe", "passed", "returncode", "wall_s")}))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if not a.keep_model and not tiny:
+        shutil.rmtree(model, ignore_errors=True)
+
+
+def estimate_full_checkpoint(model: str, recipe) -> int:
+    """A full fine-tune's checkpoint: bf16 weights, fp32 master weights and two Adam moments, and the hf/ export."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        m = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model))
+    params = sum(p.numel() for p in m.parameters())
+    width = 2 if recipe.model.dtype == "bfloat16" else 4
+    return params * (width + 8 + (4 if width == 2 else 0)) + params * width
+
+
+if __name__ == "__main__":
+    main()

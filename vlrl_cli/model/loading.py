@@ -1,0 +1,166 @@
+"""Loading models and processors: a hub id or a local folder, the user's typos named before any hub lookup,
+the trainer's attention kernels and image sharing switched on (attention.py, image_sharing.py), and the
+transformer blocks compiled for training."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import use_grouped_vision_attention
+from .image_sharing import share_repeated_images
+
+
+def check_model_name(name: str) -> str:
+    """A model argument that looks local (starts with . / ~, or its first folder exists here) must exist:
+    a typo is a one-line error naming it, not a hub lookup that retries online or blames huggingface.co.
+    A hub id must be in the local cache when the hub cannot be reached (offline, or no network: found in
+    seconds, not after minutes of retries)."""
+    from pathlib import Path
+
+    from ..errors import UserError
+
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists():
+            raise UserError(f"{name}: a folder without config.json (not a model directory)")
+        return str(p.resolve())  # what a saved adapter records as its base: usable from any folder
+    first = Path(name).parts[0] if Path(name).parts else ""
+    if name.startswith((".", "/", "~")) or (first and Path(first).is_dir()) or name.count("/") != 1:
+        raise UserError(f"{name}: no such model folder (and not a hub id of the form org/name)")
+    if not hub_usable() and not in_hub_cache(name):
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub ({hub_host()}) cannot be reached"
+        raise UserError(f"{name}: not in the local Hugging Face cache and {why}; download it on a machine with a "
+                        "network (huggingface-cli download), or pass a local model folder")
+    return name
+
+
+def hub_offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_host() -> str:
+    import os
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return f"{url.hostname}:{url.port or (443 if url.scheme == 'https' else 80)}"
+
+
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_usable(timeout: float = 3.0) -> bool:
+    """Whether hub downloads can work now: not offline, and one quick connection to the hub succeeds (asked
+    once per process; transformers would otherwise retry for minutes before saying there is no network)."""
+    import socket
+
+    if hub_offline():
+        return False
+    host = hub_host()
+    if host not in _HUB_REACHABLE:
+        name, _, port = host.rpartition(":")
+        try:
+            socket.create_connection((name, int(port)), timeout=timeout).close()
+            _HUB_REACHABLE[host] = True
+        except OSError:
+            _HUB_REACHABLE[host] = False
+    return _HUB_REACHABLE[host]
+
+
+def in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id: not cached
+        return False
+
+
+def from_pretrained(loader, name: str, **kwargs):
+    """loader.from_pretrained(name) with a user's mistake (unknown hub id, offline, no weights) as a UserError."""
+    from ..errors import UserError
+
+    name = check_model_name(name)
+    if "/" in name and not __import__("pathlib").Path(name).exists() and not hub_usable():
+        kwargs["local_files_only"] = True  # cached: no network round trips that would only time out
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as e:  # transformers' "not a valid model identifier" / offline / missing files
+        raise UserError(f"cannot load {name}: {str(e).strip().splitlines()[0]}") from None
+
+
+def max_positions(path: str) -> int | None:
+    """The language model's max_position_embeddings, from the config alone (a local folder, or a released
+    size vlrl knows offline); None where it cannot be read without the network."""
+    from pathlib import Path
+
+    from .families import known_config
+
+    config = None
+    if (Path(path) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - the model's own load names the problem later
+            return None
+    else:
+        config = known_config(path)
+    if config is None:
+        return None
+    text = config.get_text_config()
+    return getattr(text, "max_position_embeddings", None)
+
+
+def load_processor(name_or_path: str):
+    from transformers import AutoProcessor
+
+    return from_pretrained(AutoProcessor, name_or_path)
+
+
+def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
+    """The model from a hub id or folder, on the CPU.
+
+    attention "auto": transformers' default (sdpa) with the vision tower's attention grouped (see above);
+    any other value is a transformers attn_implementation ("flash_attention_2" where flash-attn is
+    installed, "sdpa", "eager") used as it is for the whole model. Either way, where a GPU is present, a
+    repeated image is encoded once per forward (share_repeated_images).
+    """
+    from transformers import AutoModelForImageTextToText
+
+    if attention != "auto":
+        model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype, attn_implementation=attention)
+    else:
+        model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype)
+        use_grouped_vision_attention(model)
+    # on a GPU only, for now: sharing changes the rounding, and the CPU demo's GRPO run (tests/test_demo.py)
+    # is sensitive to rounding - with sharing its exact run stalled at 3 of 4 colours (0.73) where the same
+    # run without reached 1.0, with equal gradient norms to 1e-7 for steps 1-4 (see README, "Each distinct
+    # image encoded once"). The CPU tests switch it on explicitly.
+    if torch.cuda.is_available():
+        share_repeated_images(model)
+    return model
+
+
+def compile_layers(model, backend: str = "inductor") -> int:
+    """torch.compile each transformer block of the model (language-model decoder layers and vision blocks)
+    in place; returns how many. Why per block ("regional" compilation): the blocks of a model share one
+    code object, so the compiler traces and codegens one block once and reuses it for all of them (seconds,
+    not minutes, and no whole-model graph that breaks on the data-dependent image/placeholder logic between
+    them). What it buys is fusion of the elementwise work around the matmuls (fp32 RMSNorm, rotary, SwiGLU,
+    residual adds), which on a GPU took as much kernel time as the matmuls (bench/results/gpu_runs/pack_*).
+
+    Gradient checkpointing composes: transformers checkpoints each block's forward, which is what is
+    compiled. ZeRO-3 does not (its per-module parameter hooks); the caller refuses that combination."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # transformers 5.25 sets a context variable (its collector of hidden states and attentions) inside each block's
+    # forward; under activation checkpointing dynamo refuses to trace a forward whose side effect the recompute
+    # would not replay, and the blocks stayed eager. vlrl never asks for those outputs: nothing to replay.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for b in blocks:
+        b.compile(backend=backend, dynamic=None)
+    return len(blocks)

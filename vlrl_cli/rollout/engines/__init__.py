@@ -1,0 +1,155 @@
+"""Rollout engines, one interface (`RolloutEngine`): generate (ids + log-probs of sampled tokens), update
+weights, sleep/wake.
+
+- `hf`: transformers generation; runs anywhere (CPU tests, the demo).
+- `vllm`: an in-process vLLM engine per GPU rank, colocated with the trainer (GPU only).
+Both take exactly the token ids and image tensors the trainer will score (see render.py), so the
+trainer never re-tokenises what the engine saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+from ...model.render import split_by_grid
+
+
+@dataclass
+class Sampling:
+    """Decoding settings: the one type for training rollouts, validation, eval and check-drift."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+    top_k: int = 0  # 0 = off
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+
+
+@dataclass
+class EngineLimits:
+    """What an engine fixes when it starts, derived from the recipe it serves (train/recipe.engine_limits): the
+    longest sequence it must hold and the most images one prompt may carry (vLLM refuses more of either)."""
+
+    max_model_len: int = 8192
+    max_images: int = 16
+
+
+@dataclass
+class GenRequest:
+    input_ids: list[int]
+    tensors: dict[str, Any] = field(default_factory=dict)  # pixel_values, image_grid_thw, ...
+    n: int = 1
+    messages: list[dict] | None = None  # the chat the ids were rendered from (vLLM needs the images)
+    images: list | None = None  # or the prompt's decoded images themselves, in order (serve has no chat)
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    logprobs: list[float]  # log p(token) under softmax(logits / temperature), engine side
+    finish_reason: str  # stop | length
+
+
+class RolloutEngine(Protocol):
+    """What the rollout loop, eval and check-drift need from an engine.
+
+    Sleep/wake: `sleep()` frees what generation holds (vllm: KV cache and weights) while the trainer
+    works; `generate` on a sleeping engine wakes it first, so a caller can never hang on one.
+    `update_weights` may be called asleep or awake, and drops every cache that could serve results of
+    the old weights (prefix, multimodal, vision encoder).
+    """
+
+    last_prompt_ids: list[list[int]]  # the prompt ids generation started from, per request of the last call
+
+    def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None: ...
+
+    def sleep(self, discard_weights: bool = False) -> None:
+        """discard_weights: the caller pushes every weight (update_weights) before the next generate, so the
+        engine may drop its copy instead of keeping it (vllm: sleep level 2, no copy to host memory)."""
+
+    def wake(self) -> None: ...
+
+    def attach_vision_probe(self, probe: "VisionInputProbe") -> None: ...
+
+
+def require_vllm() -> None:
+    """The vllm engine needs the `vllm` package: say so (and how to install it) before any model loads."""
+    import importlib.util
+
+    from ...errors import UserError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("the vllm engine needs vLLM, which is not installed here: pip install \"vlrl[vllm]\" "
+                        "(GPU machines), or use the hf engine (rollout.engine=hf / --engine hf)")
+
+
+def make_engine(name: str, model_path: str, processor, **kwargs) -> RolloutEngine:
+    if name == "vllm":
+        require_vllm()
+    if name == "hf":
+        from .hf import HFEngine
+
+        return HFEngine(model_path, processor, **kwargs)
+    if name == "vllm":
+        from .vllm import VLLMEngine
+
+        return VLLMEngine(model_path, processor, **kwargs)
+    from ...errors import UserError
+
+    raise UserError(f"unknown rollout engine {name!r} (hf or vllm)")
+
+
+def placeholder_token_ids(processor) -> list[int]:
+    """Tokens the model must never sample: image/video placeholders and vision delimiters."""
+    tok = processor.tokenizer
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    ids = {tok.convert_tokens_to_ids(n) for n in names}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+
+
+def collapse_placeholders(ids: list[int], pad_id: int) -> list[int]:
+    """One placeholder per image: runs of `pad_id` become a single token (how vLLM takes prompts)."""
+    out = []
+    for t in ids:
+        if t == pad_id and out and out[-1] == pad_id:
+            continue
+        out.append(t)
+    return out
+
+
+def expand_placeholders(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
+    """The inverse: the i-th placeholder becomes counts[i] copies (what an engine's own processor does)."""
+    out, k = [], 0
+    for t in ids:
+        if t == pad_id:
+            out += [pad_id] * (counts[k] if k < len(counts) else 1)
+            k += 1
+        else:
+            out.append(t)
+    return out
+
+
+class VisionInputProbe:
+    """Records the pixel tensors an engine's vision encoder actually receives, one entry per image.
+
+    A forward pre-hook on the model's `visual` module (same name in transformers and vLLM); the
+    concatenated patches are split per image by the grid (t*h*w rows each). check-drift compares these
+    with the tensors the trainer scores, so a preprocessing difference on either side is named, not guessed.
+    """
+
+    def __init__(self):
+        self.images: list[tuple[tuple[int, int, int], Any]] = []  # (grid, pixel rows)
+
+    def __call__(self, module, args, kwargs):
+        import torch
+
+        pixels = args[0] if args else kwargs.get("hidden_states", kwargs.get("x", kwargs.get("pixel_values")))
+        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        if pixels is None or grid is None:
+            return
+        grid = grid.tolist() if isinstance(grid, torch.Tensor) else grid
+        self.images += [(g, rows.detach().to("cpu")) for g, rows in split_by_grid(pixels, grid)]

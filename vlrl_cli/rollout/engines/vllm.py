@@ -1,0 +1,133 @@
+"""The `vllm` rollout engine: an in-process vLLM engine on this rank's GPU, colocated with the trainer.
+
+Facts this relies on (measured with vLLM 0.26, see shared/device/README.md):
+* in-process engine core only with VLLM_ENABLE_V1_MULTIPROCESSING=0 (set here before vLLM loads);
+* `apply_model(fn)` gives the model; `load_weights(iter of (HF name, tensor))` updates it in place;
+* after a weight load, the prefix cache, the multimodal cache AND the vision-encoder cache must all be
+  cleared, or an image seen before the update keeps encoder outputs of the old weights.
+Prompts go in as token ids with one placeholder per image (vLLM expands it with its own processor
+from the same canonical images); the expanded ids vLLM reports are checked against the trainer's.
+Log-probs: `processed_logprobs` (after temperature and the placeholder ban, as the trainer computes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import EngineLimits, GenRequest, Generation, Sampling, collapse_placeholders, placeholder_token_ids
+
+
+class PromptMismatch(RuntimeError):
+    pass
+
+
+def engine_args(model_path: str, dtype: str, gpu_memory_utilization: float, seed: int, limits: EngineLimits | None,
+                in_trainer: bool) -> dict:
+    """vllm.LLM's arguments: the limits it fixes at start-up come from the recipe (EngineLimits), so a recipe's
+    longest episode and its images always fit; in_trainer: one engine per rank, in the trainer's process group."""
+    limits = limits or EngineLimits()
+    kwargs = dict(model=model_path, dtype="bfloat16" if dtype == "bfloat16" else dtype,
+                  gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=limits.max_model_len,
+                  enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                  limit_mm_per_prompt={"image": max(limits.max_images, 1), "video": 0})
+    if in_trainer:  # inside a (DeepSpeed) trainer: one engine per rank, reusing the process group it made
+        kwargs.update(tensor_parallel_size=1, distributed_executor_backend="external_launcher")
+    return kwargs
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, processor, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
+                 seed: int = 0, limits: EngineLimits | None = None, external_launcher: bool = False, **_):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # FlashInfer's sampler returns no processed log-probs (and is not always installed)
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        import torch.distributed as dist
+        from vllm import LLM
+
+        kwargs = engine_args(model_path, dtype, gpu_memory_utilization, seed, limits,
+                             dist.is_initialized() or external_launcher)
+        self.llm = LLM(**kwargs)
+        self.processor = processor
+        self.pad_id = processor.image_token_id
+        self.banned = placeholder_token_ids(processor)
+        self.asleep = False  # KV cache released
+        self.weights_asleep = False
+        self.weights_discarded = False  # level-2 sleep until the next update_weights
+        self.last_prompt_ids: list[list[int]] = []  # vLLM's expanded prompt ids of the last generate
+        self.strict_prompts = True  # raise PromptMismatch; check-drift turns it off and reports instead
+
+    def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]:
+        from vllm import SamplingParams
+
+        from ...model.render import split_messages
+
+        self.wake()  # generating on a sleeping engine (no KV cache) would hang
+        greedy = sampling.temperature == 0
+        prompts, params = [], []
+        for i, r in enumerate(requests):
+            images = r.images if r.images is not None else split_messages(r.messages or [])[1]
+            prompt = {"prompt_token_ids": collapse_placeholders(r.input_ids, self.pad_id)}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
+            params.append(SamplingParams(
+                n=r.n, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+                top_k=0 if greedy else sampling.top_k,
+                max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed + i,
+                ignore_eos=sampling.ignore_eos, detokenize=False,  # the rollout decodes what it needs itself
+                logit_bias={t: -1e4 for t in self.banned}))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.last_prompt_ids = [list(o.prompt_token_ids) for o in outputs]
+        result = []
+        for req, out in zip(requests, outputs):
+            if self.strict_prompts and list(out.prompt_token_ids) != list(req.input_ids):
+                raise PromptMismatch(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} ids, the trainer has "
+                                     f"{len(req.input_ids)}: placeholder expansion differs")
+            gens = []
+            for c in out.outputs:
+                lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]  # logprobs=0: the sampled token's
+                gens.append(Generation(list(c.token_ids), lps, "stop" if c.finish_reason == "stop" else "length"))
+            result.append(gens)
+        return result
+
+    def attach_vision_probe(self, probe) -> None:
+        """Record what vLLM's vision encoder receives (see engines.VisionInputProbe); in-process engine only."""
+        self.llm.apply_model(lambda model: model.visual.register_forward_pre_hook(probe, with_kwargs=True) and None)
+
+    def update_weights(self, named_tensors) -> None:
+        """Load (HF name, tensor) pairs and drop every cache that could serve old-weight results."""
+        batch = [(n, t) for n, t in named_tensors]
+        if self.weights_asleep:  # the weights must be back on the GPU before they are overwritten; the
+            # trainer's cached blocks go back first (right after training they are most of the GPU)
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+            self.weights_asleep = False
+        self.llm.apply_model(lambda model: model.load_weights(iter(batch)))
+        self.weights_discarded = False  # a sync pushes every weight; generate runs only after it ends
+        self.reset_caches()
+
+    def reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()  # not on LLM in 0.26; see the stale vision cache fact
+
+    def sleep(self, discard_weights: bool = False) -> None:
+        """Level 1 copies the weights to host memory and back; level 2 drops them (vLLM saves and restores
+        the model's buffers itself), for a caller that reloads every weight before the next generate."""
+        if not self.asleep:
+            self.llm.sleep(level=2 if discard_weights else 1)
+            self.asleep = self.weights_asleep = True
+            self.weights_discarded = discard_weights
+
+    def wake(self) -> None:
+        if self.weights_discarded:
+            raise RuntimeError("the vllm engine slept at level 2 (weights discarded) and no weight sync followed: "
+                               "it would generate from uninitialised memory")
+        if self.asleep:
+            # the trainer's cached free blocks go back first, or vLLM cannot map its weights and KV cache
+            # next to them (a 3B model under ZeRO-2 on one H200 ran out of memory here)
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=None if self.weights_asleep else ["kv_cache"])
+            self.asleep = self.weights_asleep = False

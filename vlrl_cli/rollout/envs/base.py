@@ -1,0 +1,43 @@
+"""The environment interface: reset(record) -> first messages; step(text) -> StepResult.
+
+An environment owns one episode. Observations are chat messages (text and/or images as data URIs),
+appended to the context by the rollout loop. Model text is hostile input: environments parse it with
+bounded regular expressions and never evaluate it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepResult:
+    observation: list[dict]  # messages to append (empty when done)
+    reward: float
+    done: bool
+    info: dict = field(default_factory=dict)  # correct, format_ok, done_reason, ... (reported in metrics)
+
+
+class Env:
+    """Base class: single-turn environments implement only `score`."""
+
+    max_turns = 1
+    observation_images = 1  # the most images one observation adds to the context (sizes the engine's image limit)
+
+    @classmethod
+    def turn_limit(cls, record: dict) -> int:
+        """The most turns an episode of this record can take (before the episode starts)."""
+        return cls.max_turns
+
+    def reset(self, record: dict) -> list[dict]:
+        self.record = record
+        self.turn = 0
+        return record["prompt"]
+
+    def step(self, text: str) -> StepResult:
+        self.turn += 1
+        reward, info = self.score(text)
+        return StepResult([], reward, True, {**info, "done_reason": "answered"})
+
+    def score(self, text: str) -> tuple[float, dict]:
+        raise NotImplementedError

@@ -1,0 +1,236 @@
+"""Rollouts: records -> environment episodes -> trajectories of token ids, masks and engine log-probs.
+
+One trajectory is one token sequence: the rendered prompt, then for every turn the engine's generated
+tokens (trained on; their engine log-probs kept) and the observation's tokens (masked out of the loss).
+Images accumulate in the context: every observation image is rendered once and its tensors appended,
+so the trainer scores exactly the ids and pixels the engine generated from. An episode whose context
+would exceed `max_context_tokens` ends with done_reason "context_full".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engines import EngineLimits, GenRequest, Generation, RolloutEngine, Sampling
+from .envs import resolve_env
+from ..model.render import RenderedPrompt, concat_image_inputs, render_prompt, render_text, split_messages
+from ..errors import UserError
+
+
+@dataclass
+class Sequence:
+    """One token sequence to score or train on, with its images: what every batch is built from (a rollout's
+    trajectory, an SFT target, a serve datum; train/batches.make_batch)."""
+
+    token_ids: list[int]
+    loss_mask: list[int]  # 1 where the token is trained (generated tokens, SFT targets)
+    engine_logp: list[float]  # the engine's log-probs of generated tokens (as it sampled them), 0 elsewhere
+    tensors: dict[str, Any]  # per-image tensors of every image in the sequence, in order (render.image_inputs)
+
+    @classmethod
+    def untrained(cls, token_ids: list[int], tensors: dict) -> "Sequence":
+        """A sequence to score only: no trained tokens, no engine log-probs."""
+        return cls(list(token_ids), [0] * len(token_ids), [0.0] * len(token_ids), tensors)
+
+
+@dataclass(kw_only=True)
+class Trajectory(Sequence):
+    """A rollout: the sequence of one episode (prompt, then each turn's generated and observation tokens) and
+    what the environment said of it."""
+
+    record_id: str
+    group: int  # index of the prompt within the step: samples of one prompt share a group
+    env_class: str
+    data_source: str
+    prompt_len: int
+    reward: float = 0.0
+    turns: int = 0
+    done_reason: str = ""
+    info: dict = field(default_factory=dict)
+    texts: list[dict] = field(default_factory=list)  # per turn: response text, tokens, observation text
+    images: list[str] = field(default_factory=list)  # data URIs of the sequence's images, in order (for reports)
+
+    @property
+    def response_len(self) -> int:
+        return sum(self.loss_mask)
+
+
+def _image_urls(messages: list[dict]) -> list[str]:
+    return [p["image_url"]["url"] for m in messages if not isinstance(m["content"], str)
+            for p in m["content"] if p.get("type") == "image_url"]
+
+
+def _text_of(messages: list[dict]) -> str:
+    parts = []
+    for m in messages:
+        c = m["content"]
+        parts += [c] if isinstance(c, str) else [p.get("text", "[image]") for p in c]
+    return " ".join(parts)
+
+
+class Episode:
+    """One environment episode and its growing token sequence."""
+
+    def __init__(self, record: dict, group: int, processor, env_registry: dict | None, max_context: int,
+                 first: tuple[list[dict], RenderedPrompt] | None = None):
+        """first: (messages, rendered prompt) of another sample's reset of this record: reused (the prompt
+        is rendered once for its n samples) when this reset returned the same messages."""
+        self.env = resolve_env(record["env_class"], env_registry)()
+        self.record, self.processor, self.max_context = record, processor, max_context
+        messages = self.env.reset(record)  # also sets the env's episode state, so every sample resets
+        rendered = first[1] if first is not None and first[0] == messages else render_prompt(processor, messages)
+        self.messages = [dict(m) for m in messages]
+        self.traj = Trajectory(token_ids=list(rendered.input_ids), loss_mask=[0] * rendered.length,
+                               engine_logp=[0.0] * rendered.length, tensors=rendered.tensors,
+                               record_id=record.get("id", ""), group=group, env_class=record["env_class"],
+                               data_source=record.get("data_source", ""), prompt_len=rendered.length,
+                               images=_image_urls(self.messages))
+        self.done = False
+        self.eos_text = processor.tokenizer.eos_token
+
+    def request(self, n: int = 1) -> GenRequest:
+        return GenRequest(self.traj.token_ids, self.traj.tensors, n, self.messages)
+
+    def observe(self, gen: Generation) -> None:
+        """Append the generated turn, step the environment, append its observation tokens."""
+        t = self.traj
+        t.token_ids += gen.token_ids
+        t.loss_mask += [1] * len(gen.token_ids)
+        t.engine_logp += gen.logprobs
+        text = self.processor.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        result = self.env.step(text)
+        t.turns += 1
+        t.reward = result.reward
+        t.info = result.info
+        t.texts.append({"response": text, "tokens": len(gen.token_ids), "finish": gen.finish_reason,
+                        "reward": result.reward, "observation": _text_of(result.observation),
+                        "observation_images": len(_image_urls(result.observation))})
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        if result.done:
+            self.done, t.done_reason = True, result.info.get("done_reason", "done")
+            return
+        ids, tensors = self._render_delta(result.observation, ended_with_eos=gen.finish_reason == "stop")
+        if len(t.token_ids) + len(ids) >= self.max_context:
+            self.done, t.done_reason = True, "context_full"
+            t.texts[-1].update(observation_images=0, observation_dropped=True)  # the model never saw it
+            return
+        self.messages += result.observation
+        t.images += _image_urls(result.observation)
+        t.token_ids += ids
+        t.loss_mask += [0] * len(ids)
+        t.engine_logp += [0.0] * len(ids)
+        t.tensors = concat_image_inputs([t.tensors, tensors])
+
+    def _render_delta(self, observation: list[dict], ended_with_eos: bool) -> tuple[list[int], dict]:
+        """Token ids of what the chat template puts between the generated turn and the next generation.
+
+        The template text of the conversation with the new observation must extend the text without it
+        (true of Qwen-format templates); the delta after the assistant's end-of-turn token is rendered
+        with the observation's images, so placeholders expand to the right counts.
+        """
+        before_msgs, _ = split_messages(self.messages)
+        after_msgs, obs_images = split_messages(observation)
+        before = self.processor.apply_chat_template(before_msgs, add_generation_prompt=False, tokenize=False)
+        after = self.processor.apply_chat_template(before_msgs + after_msgs, add_generation_prompt=True, tokenize=False)
+        if not after.startswith(before) or self.eos_text not in before:
+            raise UserError("the chat template does not render multi-turn conversations as a prefix-extension; "
+                               "multi-turn environments need a Qwen-format template")
+        tail = before[before.rfind(self.eos_text) + len(self.eos_text):]  # e.g. the "\n" after <|im_end|>
+        delta = ("" if ended_with_eos else self.eos_text) + tail + after[len(before):]
+        return render_text(self.processor, delta, obs_images)
+
+
+def start_episodes(records: list[dict], processor, n: int, max_context: int, env_registry: dict | None = None,
+                   max_prompt: int | None = None) -> list[list[Episode]]:
+    """n episodes per record, reset, with the prompt rendered once per record (images included). Needs no
+    engine, so the GRPO loop builds the next step's episodes on another thread while the trainer runs.
+
+    A prompt longer than `max_prompt` tokens is not generated from: its episodes end at once with
+    done_reason "prompt_too_long" and no response (the trainer skips them; metrics count them).
+    """
+    groups = []
+    for g, record in enumerate(records):
+        first = Episode(record, g, processor, env_registry, max_context)
+        shared = (list(first.messages), RenderedPrompt(first.traj.token_ids, [], first.traj.tensors, 0, 0))
+        eps = [first] + [Episode(record, g, processor, env_registry, max_context, shared) for _ in range(n - 1)]
+        if max_prompt is not None and eps[0].traj.prompt_len > max_prompt:
+            for ep in eps:
+                ep.done, ep.traj.done_reason = True, "prompt_too_long"
+        groups.append(eps)
+    return groups
+
+
+def run_episodes(engine: RolloutEngine, groups: list[list[Episode]], sampling: Sampling, max_turns: int | None = None,
+                 timings: dict | None = None) -> list[Trajectory]:
+    """Every episode run to the end with the engine; returns their trajectories, grouped by record, in order.
+    max_turns: at most this many turns an episode (None: as many as its environment allows).
+    timings: if given, gets "engine_s", the seconds spent inside the engine's generate calls (the rest is
+    environments, rewards and rendering observations)."""
+    live = [eps for eps in groups if not eps[0].done]
+    # first turn: the n samples of a prompt share it, so one request with n samples per record
+    engine_s = 0.0
+
+    def generate(requests, sampling):
+        nonlocal engine_s
+        t = time.perf_counter()
+        out = engine.generate(requests, sampling)
+        engine_s += time.perf_counter() - t
+        return out
+
+    firsts = generate([eps[0].request(len(eps)) for eps in live], sampling) if live else []
+    for eps, gens in zip(live, firsts):
+        for ep, gen in zip(eps, gens):
+            ep.observe(gen)
+    # later turns: episodes have diverged; one request each, until every episode is done
+    for turn in itertools.count(1) if max_turns is None else range(1, max_turns):
+        active = [ep for eps in groups for ep in eps if not ep.done and ep.env.max_turns > turn]
+        if not active:
+            break
+        s = dataclasses.replace(sampling, seed=sampling.seed + 7919 * turn)
+        for ep, gens in zip(active, generate([ep.request(1) for ep in active], s)):
+            ep.observe(gens[0])
+    out = []
+    for eps in groups:
+        for ep in eps:
+            if not ep.done:
+                ep.traj.done_reason = "max_turns"
+            out.append(ep.traj)
+    if timings is not None:
+        timings["engine_s"] = timings.get("engine_s", 0.0) + engine_s
+    return out
+
+
+def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int | None,
+            max_context: int, env_registry: dict | None = None, max_prompt: int | None = None,
+            timings: dict | None = None) -> list[Trajectory]:
+    """n episodes per record, run to the end (start_episodes, then run_episodes); returns trajectories grouped
+    by record, in order."""
+    groups = start_episodes(records, processor, n, max_context, env_registry, max_prompt)
+    return run_episodes(engine, groups, sampling, max_turns, timings)
+
+
+def turn_limit(records: list[dict], max_turns: int | None, env_registry: dict | None = None) -> int:
+    """The most turns an episode of these records takes: `max_turns` when set, else what their environments
+    allow (a maze's move limit; 1 for a single-turn task)."""
+    if max_turns is not None:
+        return max_turns
+    return max((resolve_env(rec["env_class"], env_registry).turn_limit(rec) for rec in records if rec.get("env_class")),
+               default=1)
+
+
+def engine_limits(records: list[dict], max_model_len: int, max_turns: int | None,
+                  env_registry: dict | None = None) -> EngineLimits:
+    """What an engine must allow at start-up for episodes of these records: sequences of `max_model_len`, and as
+    many images as one episode can hold (the most of any prompt, then each later turn's observation images,
+    as the records' environments declare them)."""
+    from ..data.records import image_urls
+
+    turns = turn_limit(records, max_turns, env_registry)
+    prompt_images = max((len(image_urls(rec)) for rec in records), default=0)
+    classes = {rec.get("env_class") for rec in records if rec.get("env_class")}
+    per_turn = max((resolve_env(c, env_registry).observation_images for c in classes), default=0)
+    return EngineLimits(max_model_len=max_model_len, max_images=prompt_images + per_turn * (turns - 1))

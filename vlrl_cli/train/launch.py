@@ -1,0 +1,80 @@
+"""Starting `vlrl train`: in this process (the algorithm the recipe names, with a progress bar and the run's
+curves at the end) or, for several ranks, through DeepSpeed's own launcher (no home-made process orchestration)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .recipe import Recipe
+
+
+def launcher_command(recipe: Path, overrides: list[str], resume: bool, gpus: int = 1, nprocs: int = 1,
+                     hostfile: Path | None = None) -> list[str]:
+    exe = shutil.which("deepspeed")
+    cmd = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if hostfile:
+        cmd += ["--hostfile", str(hostfile)]
+    else:
+        cmd += ["--num_gpus", str(max(gpus, nprocs))]
+    cmd += ["--no_local_rank", "--module", "vlrl_cli", "train", str(recipe)]  # ranks read LOCAL_RANK
+    for o in overrides:
+        cmd += ["--set", o]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def relaunch(recipe: Path, overrides: list[str], resume: bool, **kw) -> int:
+    return subprocess.call(launcher_command(recipe, overrides, resume, **kw))
+
+
+KEY_METRICS = ("reward_mean", "accuracy", "val_accuracy", "loss", "drift_abs_mean", "grad_norm")
+
+
+def run_training(recipe: Recipe, resume: bool = False, console=None) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .grpo import train_grpo
+    from .sft import train_sft
+
+    fn = train_sft if recipe.algorithm.name == "sft" else train_grpo
+    last: dict = {}
+    live = console is not None and console.is_terminal
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console, disable=not live) as bar:
+        task = bar.add_task(f"{recipe.algorithm.name} {recipe.run.name}", total=recipe.trainer.steps, info="")
+
+        def on_step(m: dict) -> None:
+            last.clear()
+            last.update(m)
+            info = "  ".join(f"{k}={m[k]:.3g}" for k in KEY_METRICS if isinstance(m.get(k), (int, float)))
+            bar.update(task, completed=m["step"], info=info)
+            if console is not None and not live:
+                console.print(f"step {m['step']}/{recipe.trainer.steps}  {info}", highlight=False, soft_wrap=True)
+
+        try:
+            run_dir = fn(recipe, resume=resume, on_step=on_step)
+        finally:  # also when interrupted or failed: the curves of the steps that ran
+            curves = plot_curves(recipe.run_dir)
+    if curves is not None and console is not None:
+        console.print(f"curves: {curves}", highlight=False, soft_wrap=True)
+    return {"run_dir": str(run_dir), **last}
+
+
+def plot_curves(run_dir):
+    """Rank 0 writes curves.png; a plotting problem is reported, never raised over the run's own outcome."""
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    from .curves import write_curves
+
+    try:
+        return write_curves(run_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: curves.png not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None

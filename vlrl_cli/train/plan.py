@@ -1,0 +1,259 @@
+"""`vlrl train RECIPE --plan`: the GPU memory a recipe needs, phase by phase, before any GPU work.
+
+The model's shape comes from its config alone (a model built on the meta device: no weights are read).
+Two phases matter on a GPU shared by the trainer and a colocated rollout engine:
+
+- generate: the trainer's resident state (weights, fp32 master weights, Adam moments) stays on the GPU
+  while the engine holds its pool (vLLM: rollout.gpu_memory_utilization of the card, weights + KV cache);
+- train: the engine sleeps (vLLM gives its memory back), and the trainer adds gradients, activations,
+  logits and the optimizer step's transient fp32 gradient copy (policy.param_groups bounds it).
+
+Checked on an H100 (bench/results/gpu.json, `fit`): 3B full fine-tune, ZeRO-2, micro-batch 8 of 541 tokens:
+planned 74.8 GB train (ZeRO-1: 71.6), 52.6 GB held while generating; measured 72.1 GB trainer peak
+(ZeRO-1: 68.9), 53.9 GB held; 3B LoRA rank 64, ZeRO-2: planned 16.7 GB, measured 16.8 GB; 7B LoRA: planned
+26.9 GB, measured 26.7 GB. The plan errs on the side of refusing less than 3 GB too early.
+
+Figures are per GPU. Weights, gradients and optimizer state are exact byte counts for DeepSpeed ZeRO 0-3
+with bf16/fp32 as vlrl configures it; activations and logits are estimates for the longest micro-batch the
+recipe allows (data.max_prompt_tokens + the generated tokens), with sdpa attention (no score matrices) and
+the language model only (the vision tower's activations are small next to it with checkpointing). Measured
+against this plan: README, Performance.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..errors import UserError
+from ..model.families import known_config
+from .recipe import episode_tokens
+
+GB = 1e9
+# the GPUs a recipe may say it is sized for (trainer.sized_for), memory as the card reports it
+GPUS = {"H100-80GB": 79.6, "H200-141GB": 143.8, "A100-80GB": 79.3, "A100-40GB": 39.4, "L40S-48GB": 47.7,
+        "RTX4090-24GB": 24.0, "B200-180GB": 182.0}
+CONTEXT_GB = 1.5  # CUDA context, NCCL and vLLM's CUDA graphs: outside PyTorch's allocator, never usable
+STEP_GROUP = 100_000_000  # policy.param_groups' group size: the optimizer step's fp32 gradient copy
+
+
+@dataclass
+class ModelShape:
+    params: int  # unique parameters (tied embeddings once)
+    trainable: int  # what the optimizer holds: all, or the LoRA adapters
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    gpu: str
+    gpu_gb: float
+    gpus: int
+    shape: ModelShape
+    tokens_per_micro_batch: int
+    resident: dict[str, float] = field(default_factory=dict)  # GB per GPU, held in both phases
+    training: dict[str, float] = field(default_factory=dict)  # GB per GPU, the training phase only
+    engine_gb: float = 0.0  # the rollout engine while it generates
+    generate_peak_gb: float = 0.0
+    train_peak_gb: float = 0.0
+    usable_gb: float = 0.0
+    fits: bool = True
+    advice: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def model_config(path: str):
+    """The model's config: a local folder, a released size vlrl knows (offline), the local Hugging Face
+    cache, or the hub (the config file only)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    if not Path(path).is_dir():
+        known = known_config(path)
+        if known is not None:
+            return known
+    for local_only in (True, False):
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=local_only)
+        except Exception as e:  # noqa: BLE001 - offline, a typo, a private repo: one message for all
+            error = e
+    raise UserError(f"--plan: cannot read the config of model {path!r} ({type(error).__name__}); "
+                    "pass a local model folder or check the name")
+
+
+def model_shape(config, lora=None) -> ModelShape:
+    """Parameter counts from a model built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = params
+    if lora is not None and lora.rank > 0:
+        from .lora import target_regex
+
+        pattern = re.compile(target_regex(lora.target_modules, lora.vision))
+        trainable = sum(_lora_params(m, lora.rank) for name, m in model.named_modules() if pattern.fullmatch(name))
+    text = config.get_text_config()
+    return ModelShape(params, trainable, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
+                      text.vocab_size)
+
+
+def _lora_params(module, rank: int) -> int:
+    """Adapter parameters PEFT adds to one layer: A [r, in] and B [out, r]; a convolution's A spans its kernel."""
+    import math
+
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return rank * (module.in_features + module.out_features)
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return rank * (module.in_channels * math.prod(module.kernel_size) + module.out_channels)
+    return 0
+
+
+def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpus: int = 1,
+                shape: ModelShape | None = None) -> MemoryPlan:
+    """The per-GPU memory of `recipe` on `gpus` GPUs of `gpu_gb` GB each (see the module docstring)."""
+    m, r, tr = recipe.model, recipe.rollout, recipe.trainer
+    if gpu_gb is None:
+        gpu = gpu or tr.sized_for
+        if gpu not in GPUS:
+            raise UserError(f"--plan: unknown GPU {gpu!r}; one of {', '.join(GPUS)} (or run it on the GPU itself)")
+        gpu_gb = GPUS[gpu]
+    shape = shape or model_shape(model_config(m.path), m.lora)
+    w = 2 if m.dtype == "bfloat16" else 4
+    stage, world, P, T = tr.zero_stage, gpus, shape.params, shape.trainable
+    mixed = m.dtype == "bfloat16"  # DeepSpeed keeps fp32 master weights for bf16 training
+    shard = lambda n, from_stage: n / world if stage >= from_stage else n  # noqa: E731
+    on_gpu_optimizer = not (tr.offload and stage > 0)
+
+    resident = {"weights": shard(P * w, 3) / GB}
+    if on_gpu_optimizer:
+        resident["fp32 master weights"] = shard(T * 4, 1) / GB if mixed else 0.0
+        resident["Adam moments (fp32)"] = shard(T * 8, 1) / GB
+    if tr.grad_accum_fp32:  # BF16_Optimizer's fp32 gradient buffers: whole on every rank, allocated at start
+        resident["fp32 gradient accumulation"] = T * 4 / GB
+    resident = {k: v for k, v in resident.items() if v}
+
+    seq = episode_tokens(recipe)
+    if recipe.algorithm.name == "sft":
+        seq = recipe.data.max_prompt_tokens
+    N = tr.micro_batch * seq
+    h, L, I, V = shape.hidden, shape.layers, shape.intermediate, shape.vocab
+    per_layer = N * w * (8 * h + 3 * I)  # one layer's saved activations (sdpa, SwiGLU MLP)
+    activations = L * N * h * w + per_layer if m.gradient_checkpointing else L * per_layer
+    training = {
+        # ZeRO 1/2: the bf16 .grad tensors and DeepSpeed's contiguous partition buffer both exist at the peak
+        # (measured: 3B full fine-tune on one H100, trainer peak 72.1 GB = held 53.9 + 2 x 7.5 + 3.2)
+        # (with grad_accum_fp32 the bf16 .grad of a micro-batch is folded into the fp32 buffer and freed)
+        "gradients": (T * w if tr.grad_accum_fp32 else T * w * (1 + 1 / world) if stage in (1, 2) else shard(T * w, 3)) / GB
+                     + (T * 4 / GB if stage == 0 and mixed else 0.0),
+        "activations (estimate)": activations / GB,
+        "logits": (N * V * w + 2 * tr.micro_batch * 128 * V * 4) / GB,  # full-width logits + fp32 chunks
+    }
+    if on_gpu_optimizer and stage in (1, 2) and not tr.grad_accum_fp32:
+        training["optimizer step (fp32 grad copy)"] = min(shard(T, 1), STEP_GROUP) * 4 / GB
+    if stage == 2:  # its contiguous-gradient reduce buckets (measured: ZeRO-2 peaks 3.2 GB above ZeRO-1)
+        training["ZeRO-2 reduce buckets"] = 3.2
+    if r.engine == "hf":  # the hf engine's model copy stays on the GPU
+        resident["hf engine (model copy)"] = P * w / GB
+    engine_gb = r.gpu_memory_utilization * gpu_gb if r.engine == "vllm" else 0.0
+    if recipe.algorithm.kl_coef > 0 and m.lora.rank == 0:  # LoRA's reference is its base: adapters switched off
+        resident["KL reference model"] = P * w / GB
+
+    plan = MemoryPlan(m.path, gpu or "this GPU", gpu_gb, gpus, shape, N, resident, training, engine_gb)
+    base = sum(resident.values())
+    plan.generate_peak_gb = base + engine_gb
+    plan.train_peak_gb = base + sum(training.values())
+    plan.usable_gb = gpu_gb - CONTEXT_GB
+    plan.fits = max(plan.generate_peak_gb, plan.train_peak_gb) <= plan.usable_gb
+    if not plan.fits:
+        plan.advice = _advice(recipe, gpu, gpu_gb, gpus, shape)
+    return plan
+
+
+def _advice(recipe, gpu, gpu_gb, gpus, shape) -> list[str]:
+    """Single changes to the recipe that make the plan fit, tried one at a time."""
+    from .recipe import with_overrides
+
+    tries = []
+    if recipe.trainer.zero_stage > 0 and not recipe.trainer.offload:
+        tries.append(["trainer.offload=true"])
+    if recipe.model.lora.rank == 0:
+        tries.append(["model.lora.rank=64"])
+    if recipe.trainer.zero_stage == 2 and gpus == 1:
+        tries.append(["trainer.zero_stage=1"])
+    if recipe.trainer.micro_batch > 1:
+        tries += [[f"trainer.micro_batch={max(1, recipe.trainer.micro_batch // k)}"] for k in (2, 4, 8)]
+    if recipe.rollout.engine == "vllm":
+        tries += [[f"rollout.gpu_memory_utilization={u}"] for u in (0.3, 0.2, 0.15)
+                  if u < recipe.rollout.gpu_memory_utilization]
+    if not recipe.model.gradient_checkpointing:
+        tries.append(["model.gradient_checkpointing=true"])
+    found = []
+    for sets in tries:
+        variant = with_overrides(recipe, sets)
+        lora_changed = variant.model.lora.rank != recipe.model.lora.rank
+        s = model_shape(model_config(variant.model.path), variant.model.lora) if lora_changed else shape
+        p = plan_memory(variant, gpu, gpu_gb, gpus, s)
+        if p.fits:
+            found.append(f"--set {' --set '.join(sets)}  (peak {max(p.generate_peak_gb, p.train_peak_gb):.1f} GB)")
+    return found
+
+
+def render_plan(plan: MemoryPlan) -> str:
+    """The plan as a plain-text table (the CLI prints it; the start-up refusal quotes it)."""
+    s = plan.shape
+    lines = [f"memory plan: {plan.model} on {plan.gpus} x {plan.gpu} ({plan.gpu_gb:.0f} GB each, "
+             f"{plan.usable_gb:.1f} usable)",
+             f"  parameters {s.params / 1e9:.2f} B, trained {s.trainable / 1e9:.3f} B; "
+             f"longest micro-batch {plan.tokens_per_micro_batch:,} tokens",
+             f"  {'held in both phases':<36}{'GB':>8}"]
+    lines += [f"    {k:<34}{v:>8.1f}" for k, v in plan.resident.items()]
+    lines.append(f"  {'training phase adds':<36}")
+    lines += [f"    {k:<34}{v:>8.1f}" for k, v in plan.training.items()]
+    if plan.engine_gb:
+        lines.append(f"  {'generate phase adds: vLLM pool':<36}{plan.engine_gb:>8.1f}")
+    lines.append(f"  peak: generate {plan.generate_peak_gb:.1f} GB, train {plan.train_peak_gb:.1f} GB -> "
+                 + ("fits" if plan.fits else f"DOES NOT FIT in {plan.usable_gb:.1f} GB"))
+    if not plan.fits:
+        lines.append("  changes that fit: " + ("; ".join(plan.advice) if plan.advice else
+                                                 "none of offload, LoRA, a smaller micro-batch or vLLM pool alone; "
+                                                 "use more GPUs with zero_stage 3"))
+    return "\n".join(lines)
+
+
+def parse_sized_for(text: str) -> tuple[int, str]:
+    """'8xH100-80GB' -> (8, 'H100-80GB'); 'H100-80GB' -> (1, 'H100-80GB')."""
+    count, sep, name = text.partition("x") if text[:1].isdigit() else ("1", "", text)
+    return int(count), name
+
+
+def plan_for(recipe, gpu: str | None = None, gpus: int | None = None) -> MemoryPlan:
+    """The plan on `gpu` (a name in GPUS), else on this machine's GPU, else on the recipe's trainer.sized_for.
+
+    gpus: ranks (GPUs) the run uses; default: the count sized_for names, or 1."""
+    if gpu is not None:
+        count, name = parse_sized_for(gpu)
+        if name not in GPUS:
+            raise UserError(f"--gpu {gpu!r}: unknown GPU; one of {', '.join(GPUS)} (optionally 8x...)")
+        return plan_memory(recipe, name, GPUS[name], gpus or count)
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return plan_memory(recipe, props.name, props.total_memory / GB, gpus or 1)
+    if recipe.trainer.sized_for == "cpu":
+        raise UserError("--plan: this recipe is sized for the CPU (trainer.sized_for: cpu); "
+                        "pass --gpu H100-80GB to plan it for a GPU")
+    count, name = parse_sized_for(recipe.trainer.sized_for)
+    return plan_memory(recipe, name, GPUS[name], gpus or count)
