@@ -152,7 +152,7 @@ class _NoStore:
         return None
 
 
-def test_jobs_run_in_seq_order_answer_retries_once_and_skip_a_gap():
+def test_jobs_run_in_seq_order_answer_retries_once_skip_a_gap_and_refuse_a_late_request():
     from vlrl_cli.serve.jobs import Jobs
 
     jobs = Jobs(_NoStore(), gap_timeout_s=0.5, log=lambda m: None)
@@ -175,6 +175,9 @@ def test_jobs_run_in_seq_order_answer_retries_once_and_skip_a_gap():
     gap = jobs.submit(job("m5"), "m", 5)  # seq 4 never comes
     assert jobs.wait(gap, 0.1) is None  # held while it might
     assert jobs.wait(gap, 5)[2] == b"m5"
+    late = jobs.submit(job("m4"), "m", 4)  # it comes after all: refused, never applied out of order
+    status, _, body = jobs.wait(late, 5)
+    assert status == "user_error" and b"seq_id 4" in body and "m4" not in ran
     with pytest.raises(KeyError):
         jobs.wait("req-unknown", 0.1)
     jobs.stop()
@@ -410,6 +413,17 @@ def test_the_tinker_sdk_trains_samples_checkpoints_and_survives_a_restart(family
             assert r.status_code == 400 and "over the limit" in r.json()["error"]
         finally:
             app_module.MAX_BODY = old_limit
+        # client ids never name places: a session id that is a path (or any id this server did not issue)
+        for sid in ("../../x", "s-0000000000000000"):
+            r = httpx.post(f"{live.url}/api/v1/create_model", headers={"X-API-Key": KEY}, json={
+                "session_id": sid, "model_seq_id": 1, "base_model": str(model), "lora_config": {"rank": 4}})
+            assert r.status_code == 400 and "unknown session_id" in r.json()["error"], r.text
+        assert not (tmp_path / "x:train:1").exists() and not list(tmp_path.glob("**/x:train:1"))
+        # out-of-vocabulary targets are refused, never clipped to another token
+        bad = types.Datum(model_input=sdk_datum.model_input, loss_fn_inputs={
+            "target_tokens": np.full(len(d.inputs["target_tokens"]), 10**7, dtype=np.int64), "weights": d.inputs["weights"]})
+        with pytest.raises(tinker.RequestFailedError, match="outside the vocabulary"):
+            tc.forward_backward([bad], "cross_entropy").result()
         fb = tc.forward_backward([sdk_datum], "cross_entropy").result()  # still serving
         assert math.isfinite(fb.metrics["loss:sum"])
         sc.close("success").result()  # finishes the session; stops the SDK's heartbeat thread
@@ -445,3 +459,35 @@ def test_lora_config_train_attn_and_train_mlp_choose_the_adapted_projections(ser
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
     with pytest.raises(Exception, match="nothing would train"):
         svc.create_model("s", svc.model_path, lora_rank=4, train_attn=False, train_mlp=False)
+
+
+def test_a_zstd_body_is_bounded_whatever_size_it_declares():
+    import zstandard
+
+    from vlrl_cli.serve.app import bounded_zstd
+    from vlrl_cli.serve.service import UserError
+
+    small = zstandard.ZstdCompressor().compress(b"x" * 1000)
+    assert bounded_zstd(small, 2000) == b"x" * 1000
+    big = zstandard.ZstdCompressor().compress(b"\0" * 5_000_000)  # declares its 5 MB content size
+    with pytest.raises(UserError, match="over the limit"):
+        bounded_zstd(big, 1_000_000)
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 5_000_000)
+    with pytest.raises(UserError, match="more than the limit"):
+        bounded_zstd(unsized, 1_000_000)
+
+
+def test_the_base_models_sampler_weights_are_named_for_the_model(family_models, tmp_path):
+    """--state outlives a restart with another MODEL: "base" must serve that model's weights, not the first's."""
+    import torch
+
+    from vlrl_cli.model.loading import load_vlm
+    from vlrl_cli.serve.service import Service
+
+    state = tmp_path / "state"
+    for family in ("qwen2_5_vl", "qwen3_vl"):  # one state folder, two models in turn
+        svc = Service(str(family_models[family]), state)
+        served = dict(svc._read_sampler(None))
+        own = dict(load_vlm(str(family_models[family]), torch.float32).named_parameters())
+        assert served.keys() == own.keys() and all(torch.equal(served[k], own[k].detach()) for k in own)
+    assert len(list(state.glob("base-*.safetensors"))) == 2
