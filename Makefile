@@ -36,11 +36,17 @@ browser:
 # every CPU test on the newest transformers the venv resolved, then the model tests on the floor
 test: test-newest test-floor
 
+# Two workers, one per core: most tests are one Python process waiting on one core (tiny models, CLI runs),
+# so two at a time halve the wall time; each worker's torch keeps to one thread so they never oversubscribe.
+# loadgroup: tests go out one at a time, in order, so the two long demos (first in the collection) start at
+# once on different workers and the short tests fill in around them.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
 test-newest: install browser
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-floor: install $(FLOOR)/.installed
-	PYTHONPATH=$(abspath $(FLOOR)) $(PY) -m pytest -q -m "model and not slow and not gpu"
+	PYTHONPATH=$(abspath $(FLOOR)) $(PYTEST) -m "model and not slow and not gpu"
 
 demo: install
 	bash scripts/demo.sh $(VLRL) $(DEMO)

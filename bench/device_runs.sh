@@ -33,10 +33,14 @@ recipe)
   # the prompts per step cut to PROMPTS; GPU_GB caps each run at an 80 GB GPU's memory. Geometry3K's sample
   # travels in bench/.work/geometry3k-sample (cp -r ../shared/data/geometry3k-sample bench/.work/; carry it).
   #   bash bench/device_runs.sh recipe geometry3k-7b-lora maze2d ...   ->  $OUT/recipe_NAME.json (+ .log)
+  # Rows and logs go to $RESULTS (default $OUT); a device call brings back at most 8 files, so the caller
+  # may point RESULTS elsewhere and pack them.
   shift
+  RESULTS=${RESULTS:-$OUT}
+  mkdir -p $RESULTS
   for name in "$@"; do
     python3 bench/recipe_shape.py recipes/$name.yaml --prompts ${PROMPTS:-8} --steps ${STEPS:-2} \
-      --gpu-gb ${GPU_GB:-80} --work /tmp/shape --out $OUT/recipe_$name.json
+      --gpu-gb ${GPU_GB:-80} --work /tmp/shape --out $RESULTS/recipe_$name.json ${KEEP_MODEL:+--keep-model}
   done
   ;;
 setup)
@@ -102,7 +106,7 @@ two)
   done
   ;;
 scale)
-  # issue 15.1 on nvidia-h200-x2: the same per-GPU batch (32 prompts x 8 x 256 tokens per rank), ZeRO-1,
+  # on nvidia-h200-x2: the same per-GPU batch (32 prompts x 8 x 256 tokens per rank), ZeRO-1,
   # on one GPU (`scale 1`) and on both (`scale 2`); NCCL's transport is logged (NCCL_DEBUG=INFO)
   g=$2 name=scale$2
   $P recipe --model $M --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps ${STEPS:-4} --name $name \
@@ -118,7 +122,7 @@ scale)
   tail -n 2 $OUT/$name.log
   ;;
 generate)
-  # issue 15.3 at equal shape: vLLM alone on 32 prompts x 8 samples x 256 tokens (what a GRPO step
+  # at equal shape: vLLM alone on 32 prompts x 8 samples x 256 tokens (what a GRPO step
   # generates), at the 0.15 memory fraction the fit runs use; then compare with their time_generate_* parts
   $P rollout --model $M --data $D --prompts 32 --n 8 --tokens 256 --gpu-mem 0.15 --repeats ${REPEATS:-5} --json $OUT/rollout_32x8.json \
     > $OUT/rollout_32x8.log 2>&1
@@ -127,7 +131,7 @@ generate)
   tail -n 2 $OUT/rollout_32x8.log; cat $OUT/rollout_*.json
   ;;
 packprof)
-  # issue 15.2: packed vs padded at one token budget, with a profiler table of one pass of each
+  # packed vs padded at one token budget, with a profiler table of one pass of each
   # GROUP=8: sequences in GRPO groups sharing a prompt image; COMPILE=1: compiled blocks
   tag=${BUDGET:-16384}_g${GROUP:-1}${COMPILE:+_compile}${NOSHARE:+_noshare}
   $P pack --model $M --data $D --budget ${BUDGET:-16384} --group ${GROUP:-1} ${COMPILE:+--compile} ${NOSHARE:+--no-share-images} \

@@ -250,7 +250,7 @@ def cmd_train_profile(a):
 
 
 def cmd_pack(a):
-    """Packed vs padded micro-batches at the same token budget (issue 15): forward + backward of --seqs
+    """Packed vs padded micro-batches at the same token budget: forward + backward of --seqs
     rollout-shaped sequences (a real image prompt + a response of 16..1024 random tokens, seeded), in the same
     order. Padded: budget // (prompt + max response) sequences per micro-batch, so its worst micro-batch fits
     the budget too; packed: trainer.pack_tokens = budget. Reports real tokens per second and peak memory."""
@@ -381,7 +381,7 @@ def train_phase_mfu(metrics: list[dict], params: float, seconds: float) -> dict:
 
 
 def cmd_fit(a):
-    """Join the issue-12 runs (folders full3b, lora3b, lora7b of metrics.jsonl) into gpu.json's keys."""
+    """Join the fit runs (folders full3b, lora3b, lora7b of metrics.jsonl) into gpu.json's keys."""
     d = Path(a.dir)
     runs = {}
     for n in ("full3b", "lora3b", "lora7b", "full3b_m4", "lora3b_m32", "full3b_z1"):
@@ -585,7 +585,7 @@ def main():
     r.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank (alpha = 2 x rank); 0 = full fine-tune")
     r.add_argument("--offload", action="store_true")
     r.add_argument("--grad-accum-fp32", action="store_true", help="trainer.grad_accum_fp32 (ZeRO-1, bf16, no offload)")
-    pk = sub.add_parser("pack", help="issue-15 figure: packed vs padded micro-batches at one token budget")
+    pk = sub.add_parser("pack", help="packed vs padded micro-batches at one token budget")
     pk.add_argument("--model", required=True)
     pk.add_argument("--data", required=True)
     pk.add_argument("--seqs", type=int, default=64)
@@ -601,7 +601,7 @@ def main():
     pk.add_argument("--profile", help="write the profiler table of one pass of each mode to PREFIX_padded.txt / PREFIX_packed.txt")
     pk.add_argument("--json")
     pk.add_argument("--compile", action="store_true", help="model.compile: torch.compile each block")
-    f = sub.add_parser("fit", help="issue-12 figures: trainer-only peak, LoRA vs full, 7B LoRA, train-phase MFU")
+    f = sub.add_parser("fit", help="trainer-only peak, LoRA vs full, 7B LoRA, train-phase MFU")
     f.add_argument("--dir", required=True)
     f.add_argument("--device", required=True)
     f.add_argument("--commit", required=True)

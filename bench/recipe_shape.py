@@ -96,8 +96,14 @@ def main() -> None:
     t_model = time.perf_counter() - t0
     prompts = a.prompts or recipe.rollout.prompts_per_step
     train, val = data_for(recipe, work / name, max(prompts * a.steps, 16))
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
-    scale = min(1.0, a.gpu_gb / total_gb) if a.gpu_gb else 1.0
+    gpu = torch.cuda.is_available()  # (the CPU runs the tiny recipes: a dry run of this script)
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if gpu else 0.0
+    scale = min(1.0, a.gpu_gb / total_gb) if a.gpu_gb and gpu else 1.0
+    # a recipe sized for several GPUs keeps a whole optimizer state on one: its vLLM pool is what one of its GPUs
+    # would give, its trainer is not capped (the per-GPU share of ZeRO-3 cannot be run on one GPU)
+    from vlrl_cli.train.plan import parse_sized_for
+
+    cap_trainer = recipe.trainer.sized_for == "cpu" or parse_sized_for(recipe.trainer.sized_for)[0] == 1
     data = recipe.to_dict()
     data["model"]["path"] = model
     data["data"].update(train=train, val=val)
@@ -105,12 +111,14 @@ def main() -> None:
     data["rollout"]["gpu_memory_utilization"] = round(recipe.rollout.gpu_memory_utilization * scale, 4)
     lora = recipe.model.lora.rank > 0
     tiny = size.startswith("tiny")
-    data["trainer"].update(steps=a.steps, eval_every=0, save_every=0, save_final=lora or tiny)
+    # LoRA and tiny runs write their checkpoints (every step: a LoRA run's last one also holds the merged
+    # model, the others its adapters alone); a full fine-tune's is estimated (a 3B one is over 50 GB)
+    data["trainer"].update(steps=a.steps, eval_every=0, save_every=1 if lora or tiny else 0, save_final=lora or tiny)
     data["run"].update(name=name, dir=str(work / "runs"))
     derived = work / f"{name}.yaml"
     derived.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if a.gpu_gb:
+    if a.gpu_gb and gpu and cap_trainer:
         env["VLRL_TRAINER_MEMORY_FRACTION"] = str(scale)  # read by the trainer process below (bench only)
     log = Path(a.out).with_suffix(".log")
     t1 = time.perf_counter()
@@ -123,13 +131,17 @@ def main() -> None:
 
     steps = read_metrics(run_dir)
     ckpt = run_dir / "checkpoints"
-    written = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) if ckpt.exists() else 0
+    size = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())  # noqa: E731
+    per_checkpoint = {c.name: {part.name: size(part) for part in sorted(c.iterdir()) if part.is_dir()}
+                      for c in sorted(ckpt.glob("step_*")) if c.is_dir()} if ckpt.exists() else {}
+    written = size(ckpt) if ckpt.exists() else 0
     keys = ("step", "time_step_s", "time_generate_s", "time_score_s", "time_train_s", "time_sync_s", "trainer_mem_peak_gb",
             "trainer_mem_held_gb", "engine_mem_gb", "drift_abs_mean", "drift_abs_max", "kl", "micro_batches",
             "trained_sequences", "prompt_len_mean", "response_len_mean", "padding_frac", "reward_mean", "loss")
     row = {
-        "recipe": f"recipes/{name}.yaml", "model": recipe.model.path, "size": size, "device": torch.cuda.get_device_name(0),
-        "gpu_gb_cap": a.gpu_gb, "gpu_memory_utilization_run": data["rollout"]["gpu_memory_utilization"],
+        "recipe": f"recipes/{name}.yaml", "model": recipe.model.path, "size": size, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "gpu_gb_cap": a.gpu_gb, "trainer_capped": bool(a.gpu_gb and gpu and cap_trainer),
+        "gpu_memory_utilization_run": data["rollout"]["gpu_memory_utilization"],
         "shape": {"prompts_per_step": prompts, "prompts_per_step_recipe": recipe.rollout.prompts_per_step,
                   "n": recipe.rollout.n, "max_new_tokens": recipe.rollout.max_new_tokens,
                   "max_turns": recipe.rollout.max_turns, "max_context_tokens": recipe.rollout.max_context_tokens,
@@ -138,7 +150,7 @@ def main() -> None:
                   "engine": recipe.rollout.engine, "algorithm": recipe.algorithm.name},
         "returncode": rc, "wall_s": round(wall, 1), "model_build_s": round(t_model, 1),
         "steps": [{k: m.get(k) for k in keys if k in m} for m in steps],
-        "checkpoint_bytes_written": written,
+        "checkpoint_bytes_written": written, "checkpoint_parts": per_checkpoint,
         "log_tail": log.read_text()[-2000:] if rc else "",
     }
     if not (lora or tiny):

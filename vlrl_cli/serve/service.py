@@ -1,9 +1,9 @@
 """What `vlrl serve` computes: training models, their optimizer steps and checkpoints, and sampling.
 
-One `Service` owns the processor, every training model (a DeepSpeed policy each, from policy.py) and one
-rollout engine (hf or vllm, from engines/) that serves whatever sampler weights were last asked for. All
+One `Service` owns the processor, every training model (a DeepSpeed policy each, from train/policy.py) and one
+rollout engine (hf or vllm, from rollout/engines/) that serves whatever sampler weights were last asked for. All
 methods run on the job worker's single thread (jobs.py), in each model's seq_id order, so nothing here
-locks. Inputs go through render.py (`render_chunks`) and log-probs through batches.py: the same formula
+locks. Inputs go through model/render.py (`render_chunks`) and log-probs through train/batches.py: the same formula
 as `vlrl train` and `check-drift`.
 
 Bad input raises `UserError` (answered as a Tinker user error); anything else is a server error.

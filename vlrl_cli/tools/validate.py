@@ -100,7 +100,8 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
     found = [("error", _schema_code(f, m), f"{f}: {m}") for f, m in schema_errors(row)]
 
     env = row.get("env_class")
-    if isinstance(env, str) and env and env not in known_env_classes(opts.env_classes):
+    # an import path (module:Class) names its own class: prepare writes them, train resolves them
+    if isinstance(env, str) and env and ":" not in env and env not in known_env_classes(opts.env_classes):
         found.append(("error", "unknown_env_class", f"env_class: {env!r} is not a known environment "
                       f"({', '.join(sorted(known_env_classes(opts.env_classes)))})"))
     spec = row.get("reward_spec")

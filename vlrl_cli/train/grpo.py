@@ -116,15 +116,15 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         groups = upcoming.result()  # (a bad record's error surfaces here, in the step it belongs to)
 
         # 1. rollouts with the engine (awake only now)
-        t = time.perf_counter()
+        clock = time.perf_counter()
         engine.wake()
-        gen_times = {"wake_s": time.perf_counter() - t}
+        gen_times = {"wake_s": time.perf_counter() - clock}
         trajs = run_episodes(engine, groups, r.sampling(tr.seed * 1_000_003 + step * 7919 + rank), r.max_turns,
                              gen_times)
         t_sleep = time.perf_counter()
         engine.sleep(discard_weights=True)  # step 5 pushes every weight before the next generate
         gen_times["sleep_s"] = time.perf_counter() - t_sleep
-        t = stats.phase("generate", stats.t0)
+        clock = stats.phase("generate", stats.t0)
         stats.training_starts()
 
         # 2. advantages per group; dynamic sampling drops groups that teach nothing
@@ -152,7 +152,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
                     anchors[m] = batches.sequence_logprobs(policy, b, r.temperature, banned, only=b.loss_mask)
                 if with_ref:
                     refs[m] = reference_logprobs(ref, policy, b, r.temperature, banned)
-        t = stats.phase("score", t)
+        clock = stats.phase("score", clock)
         # the next step's episodes, rendered while the GPU trains; not earlier, during the batch building above:
         # that is Python work too, and the two threads would only take turns at the interpreter lock
         if step + 1 < tr.steps:
@@ -172,7 +172,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
                         stats.sampled(anchor_logp, b.engine_logp, b.loss_mask)
                     stats.updated(train_logp, clip_flags, kl, b.loss_mask)
             grad_norm = pol.optimizer_step(policy)
-        t = stats.phase("train", t)
+        clock = stats.phase("train", clock)
 
         trained = n_trained > 0
         trained_steps += trained
@@ -182,7 +182,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         # 5. push the new weights into the engine (every step: the next rollout must be on-policy, and the
         # engine dropped its copy when it went to sleep)
         sync_weights(policy, engine)
-        stats.phase("sync", t)
+        stats.phase("sync", clock)
 
         metrics = stats.metrics(step + 1, trajs, keep, mbs, n_trained, r.n, with_ref, world, grad_norm,
                                 policy.get_lr()[0], gen_times)

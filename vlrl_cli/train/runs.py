@@ -174,7 +174,9 @@ def save_checkpoint(policy, processor, run_dir: Path, step: int, client_state: d
         with writing(tmp, f"checkpoint step_{step}"):
             policy.save_checkpoint(str(tmp / "ds"), tag="state", client_state=client_state, exclude_frozen_parameters=lora)
             stage3 = policy.zero_optimization_stage() == 3
-            state = policy._zero3_consolidated_16bit_state_dict() if stage3 and (export or lora) else None
+            # ZeRO-3: the partitions gathered on rank 0 (the adapters alone, unless the whole model is exported)
+            state = policy._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=not export) \
+                if stage3 and (export or lora) else None
             if rank == 0:
                 from transformers.utils import logging as hf_logging
 

@@ -3,7 +3,7 @@ weights, sleep/wake.
 
 - `hf`: transformers generation; runs anywhere (CPU tests, the demo).
 - `vllm`: an in-process vLLM engine per GPU rank, colocated with the trainer (GPU only).
-Both take exactly the token ids and image tensors the trainer will score (see render.py), so the
+Both take exactly the token ids and image tensors the trainer will score (see model/render.py), so the
 trainer never re-tokenises what the engine saw.
 """
 
