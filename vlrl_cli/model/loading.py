@@ -159,7 +159,8 @@ def compile_layers(model, backend: str = "inductor") -> int:
     # transformers 5.25 sets a context variable (its collector of hidden states and attentions) inside each block's
     # forward; under activation checkpointing dynamo refuses to trace a forward whose side effect the recompute
     # would not replay, and the blocks stayed eager. vlrl never asks for those outputs: nothing to replay.
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # (a newer torch's setting)
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for b in blocks:
         b.compile(backend=backend, dynamic=None)
