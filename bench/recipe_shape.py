@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from any folder
 GEOMETRY_SAMPLE = ROOT / "bench" / ".work" / "geometry3k-sample"  # copied there from ../shared to travel
 
 
@@ -131,10 +132,10 @@ def main() -> None:
 
     steps = read_metrics(run_dir)
     ckpt = run_dir / "checkpoints"
-    size = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())  # noqa: E731
-    per_checkpoint = {c.name: {part.name: size(part) for part in sorted(c.iterdir()) if part.is_dir()}
+    du = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())  # noqa: E731
+    per_checkpoint = {c.name: {part.name: du(part) for part in sorted(c.iterdir()) if part.is_dir()}
                       for c in sorted(ckpt.glob("step_*")) if c.is_dir()} if ckpt.exists() else {}
-    written = size(ckpt) if ckpt.exists() else 0
+    written = du(ckpt) if ckpt.exists() else 0
     keys = ("step", "time_step_s", "time_generate_s", "time_score_s", "time_train_s", "time_sync_s", "trainer_mem_peak_gb",
             "trainer_mem_held_gb", "engine_mem_gb", "drift_abs_mean", "drift_abs_max", "kl", "micro_batches",
             "trained_sequences", "prompt_len_mean", "response_len_mean", "padding_frac", "reward_mean", "loss")
@@ -155,13 +156,23 @@ def main() -> None:
     }
     if not (lora or tiny):
         row["checkpoint_bytes_estimated"] = estimate_full_checkpoint(model, recipe)
-    drift = max((m.get("drift_abs_mean") or 0.0) for m in steps) if steps else None
-    row["passed"] = rc == 0 and len(steps) == a.steps and (drift is None or drift < 0.05)
+    row["passed"] = passed(row, a.steps)
     Path(a.out).write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps({k: row[k] for k in ("recipe", "passed", "returncode", "wall_s")}))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if not a.keep_model and not tiny:
         shutil.rmtree(model, ignore_errors=True)
+
+
+def passed(row: dict, steps: int) -> bool:
+    """The recipe ran at its shape: every step, and (capped) the trainer and the engine within the GPU named.
+    Engine/trainer drift is reported beside it, not judged here: with random weights it says little of a trained
+    model's (check-drift on real weights, and the GPU tests on the tiny models, hold drift to its bounds)."""
+    if row["returncode"] != 0 or len(row["steps"]) != steps:
+        return False
+    cap = row.get("gpu_gb_cap") if row.get("trainer_capped") else None
+    peak = max((m.get("trainer_mem_peak_gb") or 0.0) + (m.get("engine_mem_gb") or 0.0) for m in row["steps"])
+    return cap is None or peak <= cap
 
 
 def estimate_full_checkpoint(model: str, recipe) -> int:

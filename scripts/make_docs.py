@@ -76,6 +76,8 @@ def metrics_page() -> str:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return ""
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -101,9 +103,10 @@ def performance_page() -> str:
                    "Two steps of each recipe as shipped (model size, tokens, turns, images, packing, KL, LoRA, ZeRO stage, "
                    "engine); only the prompts per step are cut. Times are the last step's; memory the trainer's own "
                    "peak, apart from the engine's pool; the checkpoint is the first one written (a LoRA run's: its "
-                   "adapters and their optimizer state).\n\n"
-                   "| recipe | model | passed | step s | generate s | train s | trainer peak GB | engine GB | drift mean | "
-                   "checkpoint GB | device | commit |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                   "adapters and their optimizer state). Drift and KL come from random weights, whose logits are far "
+                   "less stable in bf16 than a trained model's: they show the runs are alive, not their accuracy.\n\n"
+                   "| recipe | model | ran | step s | generate s | train s | trainer peak GB | engine GB | drift mean | "
+                   "step-1 KL | checkpoint GB | device | commit |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for name, r in json.loads(recipes.read_text()).items():
             last = (r.get("steps") or [{}])[-1]
             parts = r.get("checkpoint_parts") or {}
@@ -113,7 +116,8 @@ def performance_page() -> str:
             out.append(f"| `{name}` | {r.get('size')} | {'yes' if r.get('passed') else 'NO'} | {_fmt(last.get('time_step_s', ''))} | "
                        f"{_fmt(last.get('time_generate_s', ''))} | {_fmt(last.get('time_train_s', ''))} | "
                        f"{_fmt(last.get('trainer_mem_peak_gb', ''))} | {_fmt(last.get('engine_mem_gb', ''))} | "
-                       f"{_fmt(last.get('drift_abs_mean', ''))} | {ckpt / 1e9:.2f}{est} | {_cell(r.get('device'), 30)} | "
+                       f"{_fmt(last.get('drift_abs_mean', ''))} | {_fmt(r['steps'][0].get('kl')) if r.get('steps') else ''} | "
+                       f"{ckpt / 1e9:.2f}{est} | {_cell(r.get('device'), 30)} | "
                        f"{r.get('commit', '')} |\n")
     gpu = results / "gpu.json"
     if gpu.exists():

@@ -194,9 +194,13 @@ def test_an_image_the_processor_would_refuse_is_refused_by_prepare_and_validate(
 def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, tiny_model, colors_data, cli):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
+                                      "run": {"dir": str(blocker / "runs")}}))
     for args in (("prepare", "colors", "--out", blocker / "data", "--rows", "4"),
                  ("tiny-model", blocker / "model"),
-                 ("eval", tiny_model, colors_data / "val.parquet", "--out", blocker / "ev", "--limit", "1")):
+                 ("eval", tiny_model, colors_data / "val.parquet", "--out", blocker / "ev", "--limit", "1"),
+                 ("train", recipe)):
         one_line_error(cli(*args), str(blocker))
 
 
