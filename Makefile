@@ -40,7 +40,7 @@ test: test-newest test-floor
 # so two at a time halve the wall time; each worker's torch keeps to one thread so they never oversubscribe.
 # loadgroup: tests go out one at a time, in order, so the two long demos (first in the collection) start at
 # once on different workers and the short tests fill in around them.
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-newest: install browser
 	$(PYTEST)
