@@ -200,3 +200,99 @@ def test_maze_rows_carry_the_first_observation_and_the_move_choices(tmp_path):
         assert len(solve(env.maze, 2)) == 2  # the shortest path uses every allowed move
         shapes.add(frozenset((c, frozenset(d)) for c, d in env.maze.items()))
     assert len(shapes) > 1  # not one maze over and over
+
+
+# ---- your own environments: one registry for every command ---------------------------------------------
+
+PARITY = """
+from vlrl_cli.rollout.envs.base import Env
+
+class Parity(Env):
+    def score(self, text):
+        ok = len(text) % 2 == 0
+        return float(ok), {"correct": ok, "format_ok": True}
+"""
+
+
+def _cli(*args, cwd=None, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env.pop("VLRL_RUN_CLAIMED", None)
+    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def _parity_records(colors_data, out):
+    import pyarrow.parquet as pq
+
+    from vlrl_cli.data.records import write_rows
+
+    rows = pq.read_table(colors_data / "train.parquet").to_pylist()[:8]
+    for r in rows:
+        r["env_class"] = "parity"
+        r["extra_info"] = None
+    write_rows(out, [{k: v for k, v in r.items() if v is not None} for r in rows])
+    return out
+
+
+def test_a_typo_in_a_recipes_envs_is_named_before_any_model_loads_and_a_retry_is_not_blocked(tmp_path, tiny_model, colors_data):
+    import time
+
+    import yaml
+
+    (tmp_path / "myenvs.py").write_text(PARITY)
+    data = _parity_records(colors_data, tmp_path / "parity.jsonl")
+    recipe = tmp_path / "r.yaml"
+    body = {"model": {"path": str(tiny_model)}, "data": {"train": str(data)},
+            "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
+            "trainer": {"steps": 1, "lr": 1e-4, "save_final": False}, "run": {"dir": str(tmp_path / "runs")},
+            "envs": {"parity": "myenvz:Parity"}}
+    recipe.write_text(yaml.safe_dump(body))
+    t = time.time()
+    r = _cli("train", recipe, cwd=tmp_path.parent)  # run from elsewhere: the recipe's folder is importable
+    assert r.returncode == 2 and "myenvz" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert time.time() - t < 60 and not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
+    body["envs"] = {"parity": "myenvs:Parity"}  # fixed: the module next to the recipe, from another folder
+    recipe.write_text(yaml.safe_dump(body))
+    r = _cli("train", recipe, cwd=tmp_path.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_installed_entry_points_and_env_flags_reach_validate_train_eval_and_check_drift(tmp_path, tiny_model, colors_data):
+    """A package that registers `parity` under the entry-point group vlrl.envs: records naming it validate, train
+    and evaluate with no envs: anywhere; an unregistered module works with --env NAME=module:Class."""
+    import yaml
+
+    site = tmp_path / "site"
+    (site / "parity_pkg").mkdir(parents=True)
+    (site / "parity_pkg" / "__init__.py").write_text(PARITY)
+    dist = site / "parity_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: parity-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[vlrl.envs]\nparity = parity_pkg:Parity\n")
+    env = {"PYTHONPATH": str(site)}
+    data = _parity_records(colors_data, tmp_path / "parity.jsonl")
+    assert _cli("validate", data, env_extra=env).returncode == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(tiny_model)}, "data": {"train": str(data)},
+                                      "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 2},
+                                      "trainer": {"steps": 1, "lr": 1e-4, "save_final": False},
+                                      "run": {"dir": str(tmp_path / "runs")}}))
+    r = _cli("train", recipe, env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("eval", tiny_model, data, "--out", tmp_path / "ev", "--limit", "2", "--max-new-tokens", "2", env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # not installed: a module in the current folder, named by --env
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "localenvs.py").write_text(PARITY)
+    r = _cli("eval", tiny_model, data, "--out", tmp_path / "ev2", "--limit", "2", "--max-new-tokens", "2",
+             "--env", "parity=localenvs:Parity", cwd=tmp_path / "work")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("check-drift", tiny_model, data, "--samples", "2", "--max-new-tokens", "2", "--env", "parity=localenvs:Parity",
+             cwd=tmp_path / "work")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("eval", tiny_model, data, "--out", tmp_path / "ev3", "--env", "parity=nowhere:Parity", cwd=tmp_path / "work")
+    assert r.returncode == 2 and "nowhere" in r.stderr and not (tmp_path / "ev3").exists(), r.stderr[-2000:]

@@ -213,7 +213,7 @@ def prepare(
     from .data.images import CanonicalSpec
     from .data.prepare import PrepareOptions
     from .data.prepare import prepare as run_prepare
-    from .rollout.envs import BUILTIN_ENVS
+    from .rollout.envs import env_registry
 
     if image_format not in ("png", "jpeg"):
         fail(f"--image-format must be png or jpeg, not {image_format!r}")
@@ -227,7 +227,7 @@ def prepare(
         workers=workers or min(4, os.cpu_count() or 1),
         spec=CanonicalSpec(factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, image_format=image_format,
                            jpeg_quality=jpeg_quality),
-        source_opts=source_opts, env_classes=frozenset(BUILTIN_ENVS))
+        source_opts=source_opts, env_classes=frozenset(env_registry()))
     result = _run_with_progress(f"prepare {source}", None, lambda cb: run_prepare(opts, progress=cb))
     err.print(f"[bold]prepare {source}[/] -> {out}")
     table = Table()
@@ -448,6 +448,9 @@ def train(
 
     global crash_dir
     overrides = list(set_ or [])
+    from .rollout.envs import importable_from
+
+    importable_from(Path.cwd(), recipe.parent)  # user environment modules next to the recipe, or here
     if plan:
         from .train.plan import plan_for, render_plan
 
@@ -527,6 +530,8 @@ def eval_(
                                                      "e.g. a maze's move limit].", min=1)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N records.", min=1)] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable), "
+                                                     "as a recipe's envs: say; installed ones are found by themselves.")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
 ) -> None:
     """Evaluation rollouts in the training environments: metrics.json (accuracy, pass@k), rollouts.jsonl, report.html."""
@@ -539,6 +544,7 @@ def eval_(
     if n > 1 and temperature == 0:
         fail(f"--n {n} with greedy decoding (--temperature 0) would give {n} identical answers per record: pass "
              "--temperature 1.0 to sample them (pass@k), or --n 1")
+    envs = user_envs(env)
     opts = EvalOptions(engine=engine, n=n, sampling=Sampling(temperature, top_p, max_new_tokens, seed),
                        max_turns=max_turns, limit=limit)
     total = count_rows(data)
@@ -546,7 +552,8 @@ def eval_(
     check_model_argument(model)  # a typo or an unreachable hub: said now, before anything is created
     out.mkdir(parents=True, exist_ok=True)
     crash_dir = out
-    metrics = _run_with_progress("eval", total, lambda cb: run_eval(model, str(data), out, opts, progress=cb))
+    metrics = _run_with_progress("eval", total, lambda cb: run_eval(model, str(data), out, opts, env_registry=envs,
+                                                                    progress=cb))
     table = Table()
     for col in ("records", "samples", "accuracy", "reward_mean", "format_rate", f"pass@{n}"):
         table.add_column(col, justify="right")
@@ -556,6 +563,16 @@ def eval_(
     err.print(f"wrote {out / 'metrics.json'}, {out / 'rollouts.jsonl'} and {out / 'report.html'}")
     if json_out:
         write_json(json_out, metrics)
+
+
+def user_envs(flags: list[str] | None) -> dict[str, str]:
+    """--env NAME=module:Class flags, imported now (from here, PYTHONPATH or installed packages)."""
+    from .rollout.envs import check_envs, importable_from, parse_env_flags
+
+    importable_from(Path.cwd())
+    envs = parse_env_flags(flags)
+    check_envs(envs)
+    return envs
 
 
 def check_model_argument(model: str) -> None:
@@ -611,6 +628,7 @@ def check_drift_cmd(
     max_mean: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when mean |delta logprob| exceeds this.")] = None,
     max_abs: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when max |delta logprob| exceeds this.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the whole report here (- for stdout).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: histogram of deltas, delta vs token position.")] = None,
 ) -> None:
@@ -626,7 +644,7 @@ def check_drift_cmd(
     opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage, lora_rank=lora_rank,
                         compile="auto" if compile is None else compile, samples=samples, sampling=Sampling(temperature, top_p, max_new_tokens, seed, top_k),
                         max_turns=max_turns, after_update=after_update, update_from=update_from, perturb=perturb,
-                        max_mean=max_mean, max_abs=max_abs, pack_tokens=pack_tokens)
+                        max_mean=max_mean, max_abs=max_abs, pack_tokens=pack_tokens, envs=user_envs(env))
     with err.status("check-drift") as status:
         report = check_drift(model, str(data), opts, progress=lambda msg: status.update(f"check-drift: {msg}"))
     print_drift(report)

@@ -55,6 +55,7 @@ class DriftOptions:
     gpu_memory_utilization: float = 0.3
     micro_batch: int = 8
     pack_tokens: int = 0  # > 0: the trainer scores packed rows of at most this many tokens (trainer.pack_tokens)
+    envs: dict = field(default_factory=dict)  # extra env_class -> "module:Class" (as a recipe's envs:)
 
 
 @dataclass
@@ -389,7 +390,8 @@ def _rollouts(engine, records, processor, o: DriftOptions, seed: int):
     from ..rollout.episodes import collect
 
     rec = RecordingEngine(engine)
-    trajs = collect(rec, records, processor, 1, dataclasses.replace(o.sampling, seed=seed), o.max_turns, o.max_context_tokens)
+    trajs = collect(rec, records, processor, 1, dataclasses.replace(o.sampling, seed=seed), o.max_turns, o.max_context_tokens,
+                    o.envs)
     return [t for t in trajs if t.response_len > 0], rec.prompts
 
 
@@ -428,7 +430,7 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
 
         engine = make_engine(o.engine, model, engine_processor or load_processor(model), dtype=engine_dtype,
                              seed=o.sampling.seed, own_preprocessing=True, gpu_memory_utilization=o.gpu_memory_utilization,
-                             limits=engine_limits(records, o.max_context_tokens, o.max_turns))
+                             limits=engine_limits(records, o.max_context_tokens, o.max_turns, o.envs))
     if hasattr(engine, "strict_prompts"):
         engine.strict_prompts = False  # report a prompt mismatch instead of raising
     probe = VisionInputProbe()

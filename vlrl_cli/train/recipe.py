@@ -298,6 +298,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
         if p and not Path(p).is_file():
             raise RecipeError(f"{where}: data.{key} {p} does not exist")
     check_model_length(recipe, where)
+    if recipe.envs:  # the recipe's own environments, imported now: a typo is named before any model loads
+        from ..rollout.envs import check_envs
+
+        try:
+            check_envs(recipe.envs)
+        except UserError as e:
+            raise RecipeError(f"{where}: envs: {e}") from None
     return recipe
 
 

@@ -396,6 +396,9 @@ def claim_run_dir(recipe, resume: bool, overwrite: bool = False, allow_changes: 
             return (f"{d} already finished: its last checkpoint is step {done} and trainer.steps is {steps}; nothing "
                     f"to do (to train further: --resume --set trainer.steps=N --allow-changes)")
         return None
+    metrics = d / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size == 0 and not (d / "checkpoints").exists():
+        metrics.unlink()  # a start that failed before its first step: nothing to keep, nothing to mix with
     old = [name for name in ("metrics.jsonl", "checkpoints") if (d / name).exists()]
     if old and not overwrite:
         raise UserError(f"{d} already holds a run ({', '.join(old)}): --resume to continue it, --overwrite to "

@@ -1,28 +1,108 @@
-"""Environments, by `env_class`. Names map to import paths so that listing them imports nothing heavy.
+"""Environments, by `env_class`: one registry every command reads (prepare, validate, train, eval, check-drift).
 
-Users add their own with an import path (`mypkg.envs:MyEnv`) in a recipe; `vlrl validate
---env-class NAME` accepts extra names.
+A name maps to an import path (`module:Class`), so listing them imports nothing heavy. Where names come from,
+later ones winning: the built-in environments, installed packages' entry points (group `vlrl.envs`, e.g. in a
+pyproject.toml: `[project.entry-points."vlrl.envs"] my_maze = "mypkg.envs:MyMaze"`), a recipe's `envs:` and the
+`--env NAME=module:Class` flags. A record may also carry an import path itself as its env_class. User modules
+are imported from the current folder, the recipe's folder, PYTHONPATH, or an installed package; `check_envs`
+imports them at start-up, so a bad path is one line naming it before any model loads.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from ...errors import UserError
 
 BUILTIN_ENVS = {
     "colors": "vlrl_cli.rollout.envs.colors:ColorsEnv",
     "geometry3k": "vlrl_cli.rollout.envs.geometry3k:Geometry3kEnv",
     "maze2d": "vlrl_cli.rollout.envs.maze2d:Maze2dEnv",
 }
+ENTRY_POINTS = "vlrl.envs"
+
+
+@lru_cache(maxsize=None)
+def installed_envs() -> dict[str, str]:
+    """Environments installed packages register under the entry-point group `vlrl.envs`."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINTS)}
+
+
+def env_registry(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Every known env_class name -> its import path (`extra`: a recipe's envs: and --env flags)."""
+    return {**BUILTIN_ENVS, **installed_envs(), **(extra or {})}
 
 
 def known_env_classes(extra: list[str] | tuple[str, ...] = ()) -> set[str]:
-    return set(BUILTIN_ENVS) | set(extra)
+    return set(env_registry()) | set(extra)
+
+
+def parse_env_flags(flags: list[str] | None) -> dict[str, str]:
+    """`--env NAME=module:Class` flags as a registry addition; UserError naming a malformed one."""
+    out = {}
+    for flag in flags or []:
+        name, sep, target = flag.partition("=")
+        if not sep or not name or ":" not in target:
+            raise UserError(f"--env {flag!r}: expected NAME=module:Class, e.g. --env my_maze=mypkg.envs:MyMaze")
+        out[name] = target
+    return out
+
+
+def importable_from(*folders: str | Path) -> None:
+    """Let user environment modules be imported from these folders (the current one, a recipe's), here and in
+    processes started from here (DeepSpeed's ranks)."""
+    import os
+
+    for folder in folders:
+        path = str(Path(folder).resolve())
+        if path not in sys.path:
+            sys.path.insert(0, path)
+        parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if path not in parts:
+            os.environ["PYTHONPATH"] = os.pathsep.join([path, *parts])
+
+
+def load_env_class(name: str, target: str):
+    """The class an import path names; UserError saying what is wrong with it."""
+    module, _, attr = target.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise UserError(f"environment {name!r}: cannot import {module!r} ({e}); install its package, or run from the "
+                        "folder that holds it (or put that folder on PYTHONPATH)") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing: name it
+        raise UserError(f"environment {name!r}: importing {module!r} failed: {type(e).__name__}: {e}") from None
+    cls = getattr(mod, attr, None)
+    if cls is None:
+        raise UserError(f"environment {name!r}: module {module!r} has no {attr!r}")
+    if not (isinstance(cls, type) and callable(getattr(cls, "reset", None)) and callable(getattr(cls, "step", None))):
+        raise UserError(f"environment {name!r}: {target} is not an environment class (reset(record) and step(text); "
+                        "see vlrl_cli.rollout.envs.base.Env)")
+    return cls
+
+
+def check_envs(registry: dict[str, str]) -> None:
+    """Import every environment of `registry` now: a bad path is a UserError naming it (before any model loads)."""
+    for name, target in registry.items():
+        if ":" not in target:
+            raise UserError(f"environment {name!r}: {target!r} is not an import path (module:Class)")
+        load_env_class(name, target)
 
 
 def resolve_env(name: str, registry: dict[str, str] | None = None):
     """The environment class for an env_class name or a `module:Class` import path."""
-    target = {**BUILTIN_ENVS, **(registry or {})}.get(name, name)
+    target = env_registry(registry).get(name, name)
     if ":" not in target:
-        raise KeyError(f"unknown env_class {name!r}; known: {', '.join(sorted(BUILTIN_ENVS))} (or module:Class)")
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+        raise UserError(f"unknown env_class {name!r}; known: {', '.join(sorted(env_registry(registry)))} (or an "
+                        "import path module:Class; a recipe's envs: or --env NAME=module:Class add names)")
+    return _load_cached(name, target)
+
+
+@lru_cache(maxsize=256)
+def _load_cached(name: str, target: str):
+    return load_env_class(name, target)
