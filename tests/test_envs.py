@@ -296,3 +296,116 @@ def test_installed_entry_points_and_env_flags_reach_validate_train_eval_and_chec
     assert r.returncode == 0, r.stderr[-3000:]
     r = _cli("eval", tiny_model, data, "--out", tmp_path / "ev3", "--env", "parity=nowhere:Parity", cwd=tmp_path / "work")
     assert r.returncode == 2 and "nowhere" in r.stderr and not (tmp_path / "ev3").exists(), r.stderr[-2000:]
+
+
+# ---- any gymnasium environment ----------------------------------------------------------------------------
+
+CORRIDOR = '''
+import numpy as np
+import gymnasium
+from gymnasium import spaces
+
+
+class Corridor(gymnasium.Env):
+    """A 1-D corridor of 4 cells drawn as an image: start at 0, reward 1 on reaching 3."""
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, render_mode=None, length=4):
+        self.render_mode, self.length = render_mode, length
+        self.action_space = spaces.Discrete(2)  # 0 left, 1 right
+        self.observation_space = spaces.Discrete(length)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.pos = 0
+        return self.pos, {}
+
+    def step(self, action):
+        self.pos = max(0, min(self.length - 1, self.pos + (1 if action == 1 else -1)))
+        done = self.pos == self.length - 1
+        return self.pos, float(done), done, False, {}
+
+    def render(self):
+        frame = np.full((28, 28 * self.length, 3), 255, dtype=np.uint8)
+        frame[:, 28 * self.pos:28 * (self.pos + 1)] = (220, 30, 30)
+        return frame
+
+
+gymnasium.register(id="Corridor-v0", entry_point=Corridor)  # gymnasium.make("corridor_envs:Corridor-v0") imports, then finds it
+'''
+
+
+def test_a_gymnasium_env_that_renders_frames_is_a_multi_turn_image_environment(tmp_path, tiny_model, monkeypatch):
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.rollout.engines import Sampling
+    from vlrl_cli.rollout.envs import resolve_env
+    from vlrl_cli.rollout.episodes import collect, turn_limit
+
+    (tmp_path / "corridor_envs.py").write_text(CORRIDOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    record = {"id": "c0", "env_class": "gymnasium:corridor_envs:Corridor-v0", "prompt": [],
+              "reward_spec": {"method": "env"},
+              "extra_info": {"actions": ["left", "right"], "seed": 0, "max_steps": 5}}
+    env = resolve_env(record["env_class"])()
+    first = env.reset(record)
+    assert first[0]["content"][0]["type"] == "image_url" and "left, right" in first[0]["content"][1]["text"]
+    r = env.step("I will go Right")  # the last action named counts, in any case
+    assert not r.done and r.observation[0]["content"][0]["type"] == "image_url" and r.info["format_ok"]
+    assert not env.step("hmm").info["format_ok"]  # no action: the env stays, the turn counts
+    env.step("right")
+    done = env.step("left then RIGHT")
+    assert done.done and done.reward == 1.0 and done.info["correct"] and done.info["done_reason"] == "terminated"
+    assert turn_limit([record], None) == 5
+    # end to end with the hf engine: frames accumulate in the context, turn after turn
+    processor = load_processor(str(tiny_model))
+    from vlrl_cli.rollout.engines.hf import HFEngine
+
+    trajs = collect(HFEngine(str(tiny_model), processor), [record], processor, 2, Sampling(1.0, 1.0, 3, 0), None, 4096)
+    for t in trajs:
+        assert t.turns >= 2 or t.done_reason == "terminated"
+        assert len(t.images) == t.turns + (0 if t.done_reason in ("terminated", "max_steps") else 1)
+
+
+def test_the_example_environment_package_registers_itself_and_runs_everywhere(tmp_path, tiny_model):
+    """examples/vlrl-corridor as pip would install it (its pyproject's entry point in a dist-info): records with
+    env_class "corridor" validate and evaluate with no other setting, and its reward is its own."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "vlrl-corridor"
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    site = tmp_path / "site"
+    dist = site / "vlrl_corridor-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    eps = project["entry-points"]["vlrl.envs"]
+    (dist / "entry_points.txt").write_text("[vlrl.envs]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()))
+    env = {"PYTHONPATH": f"{site}:{root}"}
+    data = tmp_path / "corridor"
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vlrl_corridor", str(data)], capture_output=True, text=True,
+                       env={**__import__("os").environ, **env})
+    assert r.returncode == 0, r.stderr
+    assert _cli("validate", data / "train.jsonl", data / "val.jsonl", env_extra=env).returncode == 0
+    r = _cli("eval", tiny_model, data / "val.jsonl", "--out", tmp_path / "ev", "--limit", "3", "--max-new-tokens", "4",
+             env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["turns_mean"] > 1  # the corridor's own move limit, with a new frame every move
+    # its reward, played by hand: the key first, then the door
+    sys.path.insert(0, str(root))
+    try:
+        from vlrl_corridor import Corridor, make_records
+
+        rec = make_records(1, 0, "t")[0]
+        e = Corridor()
+        e.reset(rec)
+        moves = ["Move: right"] * (rec["extra_info"]["length"] - 1)
+        results = [e.step(m) for m in moves]
+        assert results[-1].done and results[-1].reward == 1.0 and results[-1].info["correct"]
+    finally:
+        sys.path.remove(str(root))

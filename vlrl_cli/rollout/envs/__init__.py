@@ -3,7 +3,8 @@
 A name maps to an import path (`module:Class`), so listing them imports nothing heavy. Where names come from,
 later ones winning: the built-in environments, installed packages' entry points (group `vlrl.envs`, e.g. in a
 pyproject.toml: `[project.entry-points."vlrl.envs"] my_maze = "mypkg.envs:MyMaze"`), a recipe's `envs:` and the
-`--env NAME=module:Class` flags. A record may also carry an import path itself as its env_class. User modules
+`--env NAME=module:Class` flags. A record may also carry an import path itself as its env_class, or
+`gymnasium:ID` for any gymnasium environment that renders RGB frames (gym.py). User modules
 are imported from the current folder, the recipe's folder, PYTHONPATH, or an installed package; `check_envs`
 imports them at start-up, so a bad path is one line naming it before any model loads.
 """
@@ -68,8 +69,13 @@ def importable_from(*folders: str | Path) -> None:
 
 
 def load_env_class(name: str, target: str):
-    """The class an import path names; UserError saying what is wrong with it."""
+    """The class an import path names (`gymnasium:ID`: that gymnasium environment, rollout/envs/gym.py); UserError
+    saying what is wrong with it."""
     module, _, attr = target.partition(":")
+    if module == "gymnasium":
+        from .gym import gym_env_class
+
+        return gym_env_class(attr)
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
