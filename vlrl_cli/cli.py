@@ -532,6 +532,8 @@ def eval_(
     seed: Annotated[int, typer.Option()] = 0,
     env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable), "
                                                      "as a recipe's envs: say; installed ones are found by themselves.")] = None,
+    history_images: Annotated[Optional[int], typer.Option(help="Keep the last K images of a multi-turn episode in the "
+                                                          "context (rollout.history.max_images) [default: all].", min=1)] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
 ) -> None:
     """Evaluation rollouts in the training environments: metrics.json (accuracy, pass@k), rollouts.jsonl, report.html."""
@@ -546,7 +548,7 @@ def eval_(
              "--temperature 1.0 to sample them (pass@k), or --n 1")
     envs = user_envs(env)
     opts = EvalOptions(engine=engine, n=n, sampling=Sampling(temperature, top_p, max_new_tokens, seed),
-                       max_turns=max_turns, limit=limit)
+                       max_turns=max_turns, limit=limit, max_images=history_images)
     total = count_rows(data)
     total = min(total, limit) if total and limit else total
     check_model_argument(model)  # a typo or an unreachable hub: said now, before anything is created
@@ -629,6 +631,8 @@ def check_drift_cmd(
     max_abs: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when max |delta logprob| exceeds this.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable).")] = None,
+    history_images: Annotated[Optional[int], typer.Option(help="Keep the last K images of a multi-turn episode in the "
+                                                          "context, as rollout.history.max_images [default: all].", min=1)] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the whole report here (- for stdout).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: histogram of deltas, delta vs token position.")] = None,
 ) -> None:
@@ -644,7 +648,8 @@ def check_drift_cmd(
     opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage, lora_rank=lora_rank,
                         compile="auto" if compile is None else compile, samples=samples, sampling=Sampling(temperature, top_p, max_new_tokens, seed, top_k),
                         max_turns=max_turns, after_update=after_update, update_from=update_from, perturb=perturb,
-                        max_mean=max_mean, max_abs=max_abs, pack_tokens=pack_tokens, envs=user_envs(env))
+                        max_mean=max_mean, max_abs=max_abs, pack_tokens=pack_tokens, envs=user_envs(env),
+                        max_images=history_images)
     with err.status("check-drift") as status:
         report = check_drift(model, str(data), opts, progress=lambda msg: status.update(f"check-drift: {msg}"))
     print_drift(report)

@@ -52,11 +52,19 @@ class Trajectory(Sequence):
     done_reason: str = ""
     info: dict = field(default_factory=dict)
     texts: list[dict] = field(default_factory=list)  # per turn: response text, tokens, observation text
-    images: list[str] = field(default_factory=list)  # data URIs of the sequence's images, in order (for reports)
+    images: list[str] = field(default_factory=list)  # data URIs of the episode's images, in order (for reports)
+    # segments closed when the image history was cut (rollout.history): each is the context the engine saw for
+    # the turns in it; this trajectory's own tokens are the last segment
+    earlier: list[Sequence] = field(default_factory=list)
+
+    def sequences(self) -> list[Sequence]:
+        """The token sequences the trainer scores: each segment exactly as the engine saw it (one sequence unless
+        the history was cut)."""
+        return [*self.earlier, self]
 
     @property
     def response_len(self) -> int:
-        return sum(self.loss_mask)
+        return sum(sum(s.loss_mask) for s in self.sequences())
 
 
 def _image_urls(messages: list[dict]) -> list[str]:
@@ -72,18 +80,48 @@ def _text_of(messages: list[dict]) -> str:
     return " ".join(parts)
 
 
+STAND_IN = "[an earlier frame]"  # what an image older than the history keeps becomes
+
+
+def keep_last_images(messages: list[dict], max_images: int | None) -> list[dict]:
+    """The messages with every image but the last `max_images` replaced by a short text stand-in (None: all kept).
+    Whole image parts go, never part of one: no placeholder is ever left without its image."""
+    if max_images is None:
+        return messages
+    total = len(_image_urls(messages))
+    drop, out = total - max_images, []
+    for m in messages:
+        if isinstance(m["content"], str) or drop <= 0:
+            out.append(m)
+            continue
+        parts = []
+        for part in m["content"]:
+            if part.get("type") == "image_url" and drop > 0:
+                parts.append({"type": "text", "text": STAND_IN})
+                drop -= 1
+            else:
+                parts.append(part)
+        out.append({**m, "content": parts})
+    return out
+
+
 class Episode:
-    """One environment episode and its growing token sequence."""
+    """One environment episode and its growing token sequence.
+
+    With a bounded image history (`max_images`), a new frame that would bring the context over the bound starts a
+    new segment: the conversation is rendered again with its older frames replaced by a text stand-in, and from
+    then on the engine generates from that context. The segment before keeps exactly the context its turns were
+    generated from, so the trainer scores, turn by turn, what the engine saw."""
 
     def __init__(self, record: dict, group: int, processor, env_registry: dict | None, max_context: int,
-                 first: tuple[list[dict], RenderedPrompt] | None = None):
+                 first: tuple[list[dict], RenderedPrompt] | None = None, max_images: int | None = None):
         """first: (messages, rendered prompt) of another sample's reset of this record: reused (the prompt
         is rendered once for its n samples) when this reset returned the same messages."""
         self.env = resolve_env(record["env_class"], env_registry)()
-        self.record, self.processor, self.max_context = record, processor, max_context
-        messages = self.env.reset(record)  # also sets the env's episode state, so every sample resets
+        self.record, self.processor, self.max_context, self.max_images = record, processor, max_context, max_images
+        messages = keep_last_images(self.env.reset(record), max_images)  # the reset sets the env's episode state
         rendered = first[1] if first is not None and first[0] == messages else render_prompt(processor, messages)
-        self.messages = [dict(m) for m in messages]
+        self.messages = [dict(m) for m in messages]  # the conversation as the engine sees it now
         self.traj = Trajectory(token_ids=list(rendered.input_ids), loss_mask=[0] * rendered.length,
                                engine_logp=[0.0] * rendered.length, tensors=rendered.tensors,
                                record_id=record.get("id", ""), group=group, env_class=record["env_class"],
@@ -113,10 +151,13 @@ class Episode:
         if result.done:
             self.done, t.done_reason = True, result.info.get("done_reason", "done")
             return
+        new_images = len(_image_urls(result.observation))
+        if self.max_images is not None and len(_image_urls(self.messages)) + new_images > self.max_images:
+            self._cut_history(result.observation)
+            return
         ids, tensors = self._render_delta(result.observation, ended_with_eos=gen.finish_reason == "stop")
         if len(t.token_ids) + len(ids) >= self.max_context:
-            self.done, t.done_reason = True, "context_full"
-            t.texts[-1].update(observation_images=0, observation_dropped=True)  # the model never saw it
+            self._context_full()
             return
         self.messages += result.observation
         t.images += _image_urls(result.observation)
@@ -124,6 +165,25 @@ class Episode:
         t.loss_mask += [0] * len(ids)
         t.engine_logp += [0.0] * len(ids)
         t.tensors = concat_image_inputs([t.tensors, tensors])
+
+    def _context_full(self) -> None:
+        t = self.traj
+        self.done, t.done_reason = True, "context_full"
+        t.texts[-1].update(observation_images=0, observation_dropped=True)  # the model never saw it
+
+    def _cut_history(self, observation: list[dict]) -> None:
+        """Close the segment and start the next from the conversation with its older frames as stand-ins."""
+        t = self.traj
+        messages = keep_last_images(self.messages + observation, self.max_images)
+        rendered = render_prompt(self.processor, messages)
+        if rendered.length >= self.max_context:
+            self._context_full()
+            return
+        t.earlier.append(Sequence(t.token_ids, t.loss_mask, t.engine_logp, t.tensors))
+        t.token_ids, t.tensors = list(rendered.input_ids), rendered.tensors
+        t.loss_mask, t.engine_logp = [0] * rendered.length, [0.0] * rendered.length
+        t.images += _image_urls(observation)
+        self.messages = messages
 
     def _render_delta(self, observation: list[dict], ended_with_eos: bool) -> tuple[list[int], dict]:
         """Token ids of what the chat template puts between the generated turn and the next generation.
@@ -145,18 +205,20 @@ class Episode:
 
 
 def start_episodes(records: list[dict], processor, n: int, max_context: int, env_registry: dict | None = None,
-                   max_prompt: int | None = None) -> list[list[Episode]]:
+                   max_prompt: int | None = None, max_images: int | None = None) -> list[list[Episode]]:
     """n episodes per record, reset, with the prompt rendered once per record (images included). Needs no
     engine, so the GRPO loop builds the next step's episodes on another thread while the trainer runs.
 
     A prompt longer than `max_prompt` tokens is not generated from: its episodes end at once with
     done_reason "prompt_too_long" and no response (the trainer skips them; metrics count them).
+    max_images: the image history's bound (Episode); None keeps every frame.
     """
     groups = []
     for g, record in enumerate(records):
-        first = Episode(record, g, processor, env_registry, max_context)
+        first = Episode(record, g, processor, env_registry, max_context, max_images=max_images)
         shared = (list(first.messages), RenderedPrompt(first.traj.token_ids, [], first.traj.tensors, 0, 0))
-        eps = [first] + [Episode(record, g, processor, env_registry, max_context, shared) for _ in range(n - 1)]
+        eps = [first] + [Episode(record, g, processor, env_registry, max_context, shared, max_images)
+                         for _ in range(n - 1)]
         if max_prompt is not None and eps[0].traj.prompt_len > max_prompt:
             for ep in eps:
                 ep.done, ep.traj.done_reason = True, "prompt_too_long"
@@ -206,10 +268,10 @@ def run_episodes(engine: RolloutEngine, groups: list[list[Episode]], sampling: S
 
 def collect(engine: RolloutEngine, records: list[dict], processor, n: int, sampling: Sampling, max_turns: int | None,
             max_context: int, env_registry: dict | None = None, max_prompt: int | None = None,
-            timings: dict | None = None) -> list[Trajectory]:
+            timings: dict | None = None, max_images: int | None = None) -> list[Trajectory]:
     """n episodes per record, run to the end (start_episodes, then run_episodes); returns trajectories grouped
     by record, in order."""
-    groups = start_episodes(records, processor, n, max_context, env_registry, max_prompt)
+    groups = start_episodes(records, processor, n, max_context, env_registry, max_prompt, max_images)
     return run_episodes(engine, groups, sampling, max_turns, timings)
 
 
@@ -223,14 +285,15 @@ def turn_limit(records: list[dict], max_turns: int | None, env_registry: dict | 
 
 
 def engine_limits(records: list[dict], max_model_len: int, max_turns: int | None,
-                  env_registry: dict | None = None) -> EngineLimits:
+                  env_registry: dict | None = None, max_images: int | None = None) -> EngineLimits:
     """What an engine must allow at start-up for episodes of these records: sequences of `max_model_len`, and as
-    many images as one episode can hold (the most of any prompt, then each later turn's observation images,
-    as the records' environments declare them)."""
+    many images as one episode's context can hold (the most of any prompt, then each later turn's observation
+    images, as the records' environments declare them; at most the image history's bound)."""
     from ..data.records import image_urls
 
     turns = turn_limit(records, max_turns, env_registry)
     prompt_images = max((len(image_urls(rec)) for rec in records), default=0)
     classes = {rec.get("env_class") for rec in records if rec.get("env_class")}
     per_turn = max((resolve_env(c, env_registry).observation_images for c in classes), default=0)
-    return EngineLimits(max_model_len=max_model_len, max_images=prompt_images + per_turn * (turns - 1))
+    images = prompt_images + per_turn * (turns - 1)
+    return EngineLimits(max_model_len=max_model_len, max_images=images if max_images is None else min(images, max_images))

@@ -56,6 +56,7 @@ class DriftOptions:
     micro_batch: int = 8
     pack_tokens: int = 0  # > 0: the trainer scores packed rows of at most this many tokens (trainer.pack_tokens)
     envs: dict = field(default_factory=dict)  # extra env_class -> "module:Class" (as a recipe's envs:)
+    max_images: int | None = None  # the image history's bound (rollout.history.max_images)
 
 
 @dataclass
@@ -225,28 +226,34 @@ def score(trainer, trajs, processor, temperature: float, banned: list[int], micr
     from ..train.batches import score_sequences
     from ..train.distributed import device
 
-    return score_sequences(trainer, trajs, processor, 1.0 if temperature == 0 else temperature, banned, device(),
+    seqs = [seq for t in trajs for seq in t.sequences()]  # every segment of a cut image history, in order
+    return score_sequences(trainer, seqs, processor, 1.0 if temperature == 0 else temperature, banned, device(),
                            per_batch=micro_batch, pack_tokens=pack_tokens)
 
 
 def token_rows(trajs, trainer_lps: list[np.ndarray], image_token_id: int) -> TokenRows:
+    """One row per generated token. trainer_lps: one array per sequence of every trajectory, in order (`score`);
+    a trajectory's turns are counted across the segments of a cut image history."""
     cols = {k: [] for k in ("engine", "trainer", "seq", "turn", "pos", "with_images", "after_image")}
     where = []
-    for s, (t, tlp) in enumerate(zip(trajs, trainer_lps)):
-        has_images = image_token_id in t.token_ids[:t.prompt_len]
+    lps = iter(trainer_lps)
+    for s, t in enumerate(trajs):
+        has_images = image_token_id in t.sequences()[0].token_ids[:t.prompt_len]
         turn, pos, saw_image, after, in_response = 0, 0, False, False, False
-        for k, (tok, m) in enumerate(zip(t.token_ids, t.loss_mask)):
-            if not m:
-                saw_image = saw_image or tok == image_token_id
-                in_response = False
-                continue
-            if not in_response:  # a new turn starts
-                turn, pos, after, saw_image, in_response = turn + 1, 0, saw_image, False, True
-            for key, v in (("engine", t.engine_logp[k]), ("trainer", float(tlp[k])), ("seq", s), ("turn", turn),
-                           ("pos", pos), ("with_images", has_images), ("after_image", after and pos < AFTER_IMAGE_TOKENS)):
-                cols[key].append(v)
-            where.append((s, k))
-            pos += 1
+        for g, seq in enumerate(t.sequences()):
+            tlp = next(lps)
+            for k, (tok, m) in enumerate(zip(seq.token_ids, seq.loss_mask)):
+                if not m:
+                    saw_image = saw_image or tok == image_token_id
+                    in_response = False
+                    continue
+                if not in_response:  # a new turn starts
+                    turn, pos, after, saw_image, in_response = turn + 1, 0, saw_image, False, True
+                for key, v in (("engine", seq.engine_logp[k]), ("trainer", float(tlp[k])), ("seq", s), ("turn", turn),
+                               ("pos", pos), ("with_images", has_images), ("after_image", after and pos < AFTER_IMAGE_TOKENS)):
+                    cols[key].append(v)
+                where.append((s, g, k))
+                pos += 1
     return TokenRows(np.array(cols["engine"], dtype=np.float64), np.array(cols["trainer"], dtype=np.float64),
                      np.array(cols["seq"], dtype=np.int64), np.array(cols["turn"], dtype=np.int64),
                      np.array(cols["pos"], dtype=np.int64), np.array(cols["with_images"], dtype=bool),
@@ -257,11 +264,13 @@ def worst_tokens(rows: TokenRows, trajs, tokenizer, k: int = 10, context: int = 
     d = np.abs(rows.trainer - rows.engine)
     out = []
     for i in np.argsort(-d)[:k]:
-        s, pos = rows.where[i]
+        s, g, pos = rows.where[i]
         t = trajs[s]
+        seq = t.sequences()[g]
+        start = t.prompt_len if g == 0 else 0
         out.append({"record_id": t.record_id, "turn": int(rows.turn[i]), "position": int(rows.pos[i]),
-                    "token": tokenizer.decode([t.token_ids[pos]]), "token_id": int(t.token_ids[pos]),
-                    "context": tokenizer.decode(t.token_ids[max(t.prompt_len, pos - context):pos]),
+                    "token": tokenizer.decode([seq.token_ids[pos]]), "token_id": int(seq.token_ids[pos]),
+                    "context": tokenizer.decode(seq.token_ids[max(start, pos - context):pos]),
                     "engine_logprob": float(rows.engine[i]), "trainer_logprob": float(rows.trainer[i]),
                     "abs_diff": float(d[i])})
     return out
@@ -272,7 +281,8 @@ def worst_tokens(rows: TokenRows, trajs, tokenizer, k: int = 10, context: int = 
 
 def trainer_images(trajs) -> list[tuple[str, int, tuple, torch.Tensor]]:
     """(record id, image index, grid, pixel rows) for every image the trainer scores, in order."""
-    return [(t.record_id, j, g, rows) for t in trajs for j, (g, rows) in enumerate(per_image(t.tensors))]
+    return [(t.record_id, j, g, rows) for t in trajs for seq in t.sequences()
+            for j, (g, rows) in enumerate(per_image(seq.tensors))]
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -324,15 +334,17 @@ def check_image_token_counts(trajs, prompts, processor) -> Check:
     for (a, b) in prompts:
         first_engine.setdefault(tuple(a), b)
     for t in trajs:
-        counts = image_token_counts(processor, t.tensors)
+        first = t.sequences()[0]  # the prompt as the first request sent it
+        counts = image_token_counts(processor, first.tensors)
         if not counts:
             continue
         n += 1
         # only the prompt's images count here; observation images come later in the sequence
-        prompt_images = _count_runs(t.token_ids[:t.prompt_len], pad)
+        prompt = first.token_ids[:t.prompt_len]
+        prompt_images = _count_runs(prompt, pad)
         expected_prompt = sum(counts[:prompt_images])
-        got = t.token_ids[:t.prompt_len].count(pad)
-        engine_ids = first_engine.get(tuple(t.token_ids[:t.prompt_len]))
+        got = prompt.count(pad)
+        engine_ids = first_engine.get(tuple(prompt))
         eng = engine_ids.count(pad) if engine_ids is not None else got
         if got != expected_prompt or eng != expected_prompt:
             problems.append(f"record {t.record_id!r}: grid implies {expected_prompt}, trainer has {got}, engine {eng}")
@@ -391,7 +403,7 @@ def _rollouts(engine, records, processor, o: DriftOptions, seed: int):
 
     rec = RecordingEngine(engine)
     trajs = collect(rec, records, processor, 1, dataclasses.replace(o.sampling, seed=seed), o.max_turns, o.max_context_tokens,
-                    o.envs)
+                    o.envs, max_images=o.max_images)
     return [t for t in trajs if t.response_len > 0], rec.prompts
 
 
@@ -430,7 +442,7 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
 
         engine = make_engine(o.engine, model, engine_processor or load_processor(model), dtype=engine_dtype,
                              seed=o.sampling.seed, own_preprocessing=True, gpu_memory_utilization=o.gpu_memory_utilization,
-                             limits=engine_limits(records, o.max_context_tokens, o.max_turns, o.envs))
+                             limits=engine_limits(records, o.max_context_tokens, o.max_turns, o.envs, o.max_images))
     if hasattr(engine, "strict_prompts"):
         engine.strict_prompts = False  # report a prompt mismatch instead of raising
     probe = VisionInputProbe()
@@ -466,8 +478,8 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
         engine.wake()
         # how much the update moved the trainer on the tokens scored before: a stale cache must be visible
         moved = score(trainer, trajs, processor, o.sampling.temperature, banned, o.micro_batch, o.pack_tokens)
-        effect = float(np.mean(np.concatenate([np.abs(a - b)[np.array(t.loss_mask, dtype=bool)]
-                                               for a, b, t in zip(moved, lps, trajs)])))
+        effect = float(np.mean(np.concatenate([np.abs(a - b)[np.array(seq.loss_mask, dtype=bool)]
+                                               for a, b, seq in zip(moved, lps, [q for t in trajs for q in t.sequences()])])))
         after = {"update": update, "sync_seconds": sync_s, "update_effect_abs_mean": effect}
         for name, recs, seed in (("seen", seen, o.sampling.seed + 1), ("unseen", unseen, o.sampling.seed + 2)):
             if not recs:

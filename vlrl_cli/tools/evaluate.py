@@ -34,6 +34,7 @@ class EvalOptions:
     max_context_tokens: int = 8192  # the longest episode (and the vllm engine's max_model_len)
     limit: int | None = None
     dtype: str = "float32"
+    max_images: int | None = None  # the image history's bound (rollout.history.max_images)
 
 
 def summarize(trajs, n: int) -> dict:
@@ -73,12 +74,13 @@ def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions()
     from ..rollout.episodes import engine_limits
 
     engine = engine or make_engine(opts.engine, model, processor, dtype=opts.dtype, seed=opts.sampling.seed,
-                                   limits=engine_limits(records, opts.max_context_tokens, opts.max_turns, env_registry))
+                                   limits=engine_limits(records, opts.max_context_tokens, opts.max_turns, env_registry,
+                                                        opts.max_images))
     sampling = opts.sampling
     trajs = []
     for i in range(0, len(records), 16):  # chunks: progress, and bounded memory
         chunk = collect(engine, records[i:i + 16], processor, opts.n, sampling, opts.max_turns,
-                        opts.max_context_tokens, env_registry)
+                        opts.max_context_tokens, env_registry, max_images=opts.max_images)
         for t in chunk:
             t.group += i
         trajs += chunk

@@ -43,7 +43,7 @@ def validation_metrics(engine: RolloutEngine, records: list[dict], processor, re
     """Greedy (by default) rollouts on validation records: accuracy and mean reward."""
     r = recipe.rollout
     trajs = collect(engine, records, processor, 1, r.sampling(seed, evaluation=True), r.max_turns,
-                    r.max_context_tokens, recipe.envs)
+                    r.max_context_tokens, recipe.envs, max_images=r.history.max_images)
     engine.sleep()
     return {"val_accuracy": sum(bool(t.info.get("correct")) for t in trajs) / len(trajs),
             "val_reward_mean": sum(t.reward for t in trajs) / len(trajs)}
@@ -106,7 +106,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     def episodes_for(step: int):
         idx = prompts_for_step(len(train_records), step, r.prompts_per_step, tr.seed, rank, world)
         return start_episodes([train_records[i] for i in idx], render_processor, r.n, r.max_context_tokens,
-                              recipe.envs, recipe.data.max_prompt_tokens)
+                              recipe.envs, recipe.data.max_prompt_tokens, r.history.max_images)
 
     upcoming = renderer.submit(episodes_for, run.start)
     max_len = r.max_new_tokens * turn_limit(train_records, r.max_turns, recipe.envs)  # Dr. GRPO's constant
@@ -132,10 +132,12 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         group_ids = torch.tensor([t.group for t in trajs])
         adv = group_advantages(rewards, group_ids, a.adv_std_norm)
         keep = keep_informative_groups(rewards, group_ids) if a.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
-        batch = [(t, float(adv[i])) for i, t in enumerate(trajs) if keep[i] and t.response_len > 0]
+        # each sequence the engine generated from (one an episode, or one a segment of a cut image history)
+        batch = [(seq, float(adv[i])) for i, t in enumerate(trajs) if keep[i] for seq in t.sequences()
+                 if sum(seq.loss_mask) > 0]
 
         # 3. micro-batches, built once; the PPO anchor (several epochs) and the KL reference, once per step
-        norm = loss_normalisers({"tok": sum(t.response_len for t, _ in batch), "seq": len(batch)})
+        norm = loss_normalisers({"tok": sum(sum(seq.loss_mask) for seq, _ in batch), "seq": len(batch)})
         n_trained = int(norm["seq"] * world + 0.5)  # sequences trained on, all ranks
         micro = [[batch[i] for i in g]
                  for g in batches.micro_batches([len(t.token_ids) for t, _ in batch], tr.micro_batch, tr.pack_tokens)]

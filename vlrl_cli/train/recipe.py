@@ -50,6 +50,13 @@ class DataCfg:
 
 
 @dataclass
+class HistoryCfg:
+    """How much of a multi-turn episode's past the context keeps (both sides see the same context)."""
+
+    max_images: int | None = None  # the last this many images stay; older ones become a short text stand-in
+
+
+@dataclass
 class RolloutCfg:
     engine: str = "hf"  # hf | vllm
     n: int = 8  # samples per prompt (the GRPO group)
@@ -62,6 +69,7 @@ class RolloutCfg:
     gpu_memory_utilization: float = 0.3  # vllm
     eval_temperature: float = 0.0  # greedy
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks: fixed-length rollouts)
+    history: HistoryCfg = field(default_factory=HistoryCfg)  # a bounded image history (rollout/episodes.py)
 
     def sampling(self, seed: int, evaluation: bool = False):
         """The engines' Sampling for training rollouts, or for validation (eval_temperature, no ignore_eos)."""
@@ -360,4 +368,4 @@ def engine_limits(recipe: Recipe, records: list[dict]):
     from ..rollout.episodes import turn_limit
 
     turns = turn_limit(records, recipe.rollout.max_turns, recipe.envs)
-    return limits(records, episode_tokens(recipe, turns), turns, recipe.envs)
+    return limits(records, episode_tokens(recipe, turns), turns, recipe.envs, recipe.rollout.history.max_images)

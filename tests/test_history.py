@@ -1,0 +1,94 @@
+"""A bounded image history (rollout.history.max_images): long image episodes keep their last k frames, older
+ones become a text stand-in, and the trainer scores every turn with exactly the context the engine generated it
+from: no orphan placeholder, no sequence over the context limit, drift by turn at rounding level on 20-turn
+episodes."""
+
+import pytest
+
+pytestmark = pytest.mark.model
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def long_mazes(tmp_path_factory):
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("mazes")
+    prepare(PrepareOptions(source="maze2d", out=out, workers=1,
+                           source_opts={"rows": 8, "val_rows": 4, "maze_size": 4, "max_steps": 20}))
+    return out
+
+
+def test_keep_last_images_replaces_whole_image_parts_only():
+    from vlrl_cli.rollout.episodes import STAND_IN, keep_last_images
+
+    img = lambda i: {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{i}"}}  # noqa: E731
+    msgs = [{"role": "user", "content": [img(0), {"type": "text", "text": "go"}]},
+            {"role": "assistant", "content": "Move: up"},
+            {"role": "user", "content": [img(1), img(2), {"type": "text", "text": "moved"}]}]
+    kept = keep_last_images(msgs, 2)
+    parts = [p for m in kept if not isinstance(m["content"], str) for p in m["content"]]
+    assert [p.get("image_url", {}).get("url", p.get("text"))[-1] for p in parts if p["type"] == "image_url"] == ["1", "2"]
+    assert parts[0] == {"type": "text", "text": STAND_IN} and keep_last_images(msgs, None) is msgs
+    assert msgs[0]["content"][0] == img(0)  # the caller's messages are left as they were
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_twenty_turn_episodes_with_three_frames_agree_turn_by_turn(family_models, long_mazes, family):
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.model.render import image_token_counts
+    from vlrl_cli.rollout.engines import Sampling, placeholder_token_ids
+    from vlrl_cli.rollout.engines.hf import HFEngine
+    from vlrl_cli.rollout.episodes import collect, engine_limits
+    from vlrl_cli.data.records import load_records
+    from vlrl_cli.tools.drift import RecordingEngine, score, split_stats, token_rows
+
+    model = str(family_models[family])
+    processor = load_processor(model)
+    records = load_records(str(long_mazes / "val.parquet"))[:2]
+    engine = RecordingEngine(HFEngine(model, processor))
+    max_context = 4096
+    trajs = collect(engine, records, processor, 2, Sampling(1.0, 1.0, 6, 0), None, max_context, max_images=3)
+    pad = processor.image_token_id
+    for t in trajs:
+        assert t.turns == 20 and t.earlier, (t.turns, t.done_reason)  # a random policy walks all 20 moves
+        for seq in t.sequences():
+            counts = image_token_counts(processor, seq.tensors)
+            runs = sum(1 for k, x in enumerate(seq.token_ids) if x == pad and (k == 0 or seq.token_ids[k - 1] != pad))
+            assert len(counts) <= 3 and runs == len(counts), (len(counts), runs)  # no orphan placeholder
+            assert seq.token_ids.count(pad) == sum(counts)
+            assert len(seq.token_ids) < max_context
+    # every request the engine got is the start of one of the sequences the trainer scores
+    sequences = [s.token_ids for t in trajs for s in t.sequences()]
+    for sent, _ in engine.prompts:
+        assert any(seq[:len(sent)] == sent for seq in sequences)
+    assert engine_limits(records, max_context, None, None, 3).max_images == 3
+    # the trainer's scores of every segment against what the engine reported: turn by turn, rounding only
+    from vlrl_cli.tools.drift import load_trainer
+
+    trainer = load_trainer(model, "float32", None)
+    banned = placeholder_token_ids(processor)  # what the engine bans, as every run's trainer does
+    rows = token_rows(trajs, score(trainer, trajs, processor, 1.0, banned, 4), pad)
+    by_turn = split_stats(rows)["by_turn"]
+    assert len(by_turn) == 20, sorted(by_turn)
+    assert max(s["abs_diff"]["max"] for s in by_turn.values()) < 1e-4, {k: s["abs_diff"]["max"] for k, s in by_turn.items()}
+
+
+def test_grpo_trains_on_every_segment_of_a_cut_history(tmp_path, tiny_model, long_mazes):
+    import yaml
+
+    from vlrl_cli.train.launch import run_training
+    from vlrl_cli.train.recipe import load_recipe
+    from vlrl_cli.train.runs import read_metrics
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_model)}, "data": {"train": str(long_mazes / "train.parquet")},
+        "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 4, "max_turns": 6, "history": {"max_images": 2}},
+        "algorithm": {"name": "grpo", "kl_coef": 0.1}, "trainer": {"steps": 1, "lr": 1e-4, "save_final": False},
+        "run": {"name": "hist", "dir": str(tmp_path / "runs")}}))
+    run_training(load_recipe(recipe))
+    m = read_metrics(tmp_path / "runs" / "hist")[0]
+    # 4 episodes of 6 turns with 2 frames kept: a segment a turn once the window is full
+    assert m["trained_sequences"] > 4, m
+    assert m["kl"] == pytest.approx(0.0, abs=1e-7) and m["drift_abs_max"] < 1e-4, m
