@@ -61,3 +61,13 @@ def pytest_report_header(config):
     import transformers
 
     return f"transformers {transformers.__version__} ({transformers.__file__})"
+
+
+def prepared_mazes(tmp_path_factory, size: int, max_steps: int) -> Path:
+    """8 training and 4 validation Maze2D records of one size and move limit."""
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp(f"maze{size}x{max_steps}")
+    prepare(PrepareOptions(source="maze2d", out=out, workers=1,
+                           source_opts={"rows": 8, "val_rows": 4, "maze_size": size, "max_steps": max_steps}))
+    return out

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import prepared_mazes
 import torch
 import yaml
 from PIL import Image
@@ -24,12 +25,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 @pytest.fixture(scope="module")
 def maze_data(tmp_path_factory):
-    from vlrl_cli.data.prepare import PrepareOptions, prepare
-
-    out = tmp_path_factory.mktemp("maze")
-    prepare(PrepareOptions(source="maze2d", out=out, workers=1,
-                           source_opts={"rows": 8, "val_rows": 4, "maze_size": 3, "max_steps": 3}))
-    return out
+    return prepared_mazes(tmp_path_factory, 3, 3)
 
 
 def _uri(rng, w, h):

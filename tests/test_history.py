@@ -4,6 +4,7 @@ from: no orphan placeholder, no sequence over the context limit, drift by turn a
 episodes."""
 
 import pytest
+from conftest import prepared_mazes
 
 pytestmark = pytest.mark.model
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -11,12 +12,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 @pytest.fixture(scope="module")
 def long_mazes(tmp_path_factory):
-    from vlrl_cli.data.prepare import PrepareOptions, prepare
-
-    out = tmp_path_factory.mktemp("mazes")
-    prepare(PrepareOptions(source="maze2d", out=out, workers=1,
-                           source_opts={"rows": 8, "val_rows": 4, "maze_size": 4, "max_steps": 20}))
-    return out
+    return prepared_mazes(tmp_path_factory, 4, 20)
 
 
 def test_keep_last_images_replaces_whole_image_parts_only():
