@@ -42,7 +42,8 @@ def lora_recipe(tmp_path, tiny_model, colors_data, name, lora=None, **trainer):
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_lora_grpo_trains_adapters_and_the_engine_gets_the_merged_policy(tmp_path, tiny_model, colors_data, stage):
+def test_lora_grpo_trains_adapters_and_the_engine_gets_the_merged_policy(tmp_path, tiny_model, colors_data, stage,
+                                                                         monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
@@ -58,7 +59,9 @@ def test_lora_grpo_trains_adapters_and_the_engine_gets_the_merged_policy(tmp_pat
 
     from vlrl_cli.train.recipe import load_recipe
 
-    assert load_recipe(tmp_path / "runs" / f"lora{stage}" / "recipe.yaml").model.lora.rank == 8  # a valid recipe
+    # the run's copy is a valid recipe, from the folder that holds its environment module
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(tmp_path / "runs" / f"lora{stage}" / "recipe.yaml").model.lora.rank == 8
     ckpt = tmp_path / "runs" / f"lora{stage}" / "checkpoints" / "step_3"
     assert (ckpt / "adapter" / "adapter_config.json").exists()
     base = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
@@ -94,6 +97,7 @@ def test_lora_bad_input_is_named_before_any_work(tmp_path, tiny_model, colors_da
     cases = [({"rank": 0}, "model.lora.rank"),
              ({"rank": 4, "target_modules": ["no_such_proj"]}, "model.lora.target_modules"),
              ({"rank": 4, "dropout": 2}, "model.lora.dropout")]
+    (tmp_path / "userenvs.py").write_text(USER_ENV)  # found beside the recipes
     for i, (lora, key) in enumerate(cases):
         r = run_cli("train", lora_recipe(tmp_path, tiny_model, colors_data, f"bad{i}", lora=lora))
         assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr, (lora, r.stderr[-1500:])

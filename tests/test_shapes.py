@@ -97,6 +97,7 @@ def test_the_hf_engine_samples_the_distribution_whose_logprobs_it_reports(tiny_m
 
 
 def test_grpo_refuses_truncated_sampling_and_groups_of_one(tmp_path, tiny_model, colors_data):
+    (tmp_path / "userenvs.py").write_text(USER_ENV)  # the recipes' environment, beside them
     for sets, key in ((["rollout.top_p=0.9"], "rollout.top_p"), (["rollout.n=1"], "rollout.n"),
                       (["rollout.max_turns=3", "rollout.max_context_tokens=1000"], "rollout.max_context_tokens")):
         with pytest.raises(RecipeError, match=key.replace(".", r"\.")):

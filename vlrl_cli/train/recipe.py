@@ -307,8 +307,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
             raise RecipeError(f"{where}: data.{key} {p} does not exist")
     check_model_length(recipe, where)
     if recipe.envs:  # the recipe's own environments, imported now: a typo is named before any model loads
-        from ..rollout.envs import check_envs
+        from ..rollout.envs import check_envs, importable_from
 
+        # from Python as from the CLI: modules beside the recipe or in the current folder
+        importable_from(Path.cwd(), *([path.parent] if path is not None else []))
         try:
             check_envs(recipe.envs)
         except UserError as e:
