@@ -162,6 +162,7 @@ PREPARE_EPILOG = """[bold]Examples[/]
   vlrl prepare geometry3k --path ../shared/data/geometry3k-sample --out data/geo
   vlrl prepare geometry3k --path hiyouga/geometry3k --out data/geo3k        (online)
   vlrl prepare maze2d --out data/maze --rows 5000 --val-rows 100 --maze-size 6
+  vlrl prepare maze2d --out data/maze3 --maze-size 3 --min-moves 4 --max-steps 4 --reward progress
   vlrl prepare ./my_dataset --image-column image --question-column question --answer-column answer \\
       --env-class geometry3k --prompt-template "{question} Put the answer in \\\\boxed{}." --out data/mine
 """
@@ -192,6 +193,10 @@ def prepare(
     maze_size: Annotated[Optional[int], typer.Option(help="maze2d [default: 5].", rich_help_panel="colors / maze2d")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="maze2d: moves allowed [default: 20].", rich_help_panel="colors / maze2d")] = None,
     cell_px: Annotated[Optional[int], typer.Option(help="maze2d: pixels per maze cell (images are size x cell_px) [default: 28].", rich_help_panel="colors / maze2d")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="maze2d: hard (one route) or easy (some inner walls opened) [default: hard].", rich_help_panel="colors / maze2d")] = None,
+    min_moves: Annotated[Optional[int], typer.Option(help="maze2d: keep mazes whose shortest route has at least this many moves.", rich_help_panel="colors / maze2d")] = None,
+    max_moves: Annotated[Optional[int], typer.Option(help="maze2d: ... and at most this many.", rich_help_panel="colors / maze2d")] = None,
+    reward: Annotated[Optional[str], typer.Option(help="maze2d: goal (1 at the goal, else 0) or progress (the share of the route covered) [default: goal].", rich_help_panel="colors / maze2d")] = None,
     image_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="Stable row ids (default: an `id` column when there is one); "
                                                      "splits are a hash of the id", rich_help_panel="Any dataset")] = None,
@@ -220,6 +225,7 @@ def prepare(
     source_opts = {k: v for k, v in dict(
         rows=rows, num_colors=num_colors, shapes=[s.strip() for s in shapes.split(",") if s.strip()] if shapes else None,
         image_size=image_size, val_rows=val_rows, maze_size=maze_size, max_steps=max_steps, cell_px=cell_px,
+        variant=variant, min_moves=min_moves, max_moves=max_moves, reward=reward,
         image_column=image_column, id_column=id_column, question_column=question_column, answer_column=answer_column,
         env_class=env_class, prompt_template=prompt_template, data_source=data_source).items() if v is not None}
     opts = PrepareOptions(
@@ -247,6 +253,13 @@ def prepare(
               highlight=False)
     if result.rejected:
         err.print(f"[yellow]{result.rejected} rows rejected; reasons in {out / 'rejects.jsonl'}[/]")
+    maze = result.manifest.get("summary") if source == "maze2d" else None
+    if maze:
+        err.print(f"mazes ({maze['variant']}): shortest routes (moves: rows) val {maze['val']['shortest_moves']}, "
+                  f"train {maze['train']['shortest_moves']}; layouts val {maze['val']['distinct_layouts']}, train "
+                  f"{maze['train']['distinct_layouts']}, {maze['val_layouts_seen_in_train']} of the val layouts also in train")
+        err.print(f"a blind policy (the best fixed move sequence) solves {'' if maze['blind_policy_exact'] else '>= '}"
+                  f"{maze['blind_policy_val_success']:.3f} of the val mazes", highlight=False)
     if json_out:
         write_json(json_out, result.manifest)
 

@@ -181,7 +181,7 @@ def check_options(opts: PrepareOptions) -> None:
         raise UserError(f"--min-pixels {sp.min_pixels} is below one {sp.factor}x{sp.factor} patch ({sp.factor * sp.factor})")
     if sp.max_pixels < sp.min_pixels:
         raise UserError(f"--max-pixels {sp.max_pixels} is below --min-pixels {sp.min_pixels}")
-    for key in ("rows", "val_rows", "num_colors", "image_size", "maze_size", "max_steps"):
+    for key in ("rows", "val_rows", "num_colors", "image_size", "maze_size", "max_steps", "min_moves", "max_moves"):
         if key in so and so[key] < (0 if key in ("rows", "val_rows") else 1):
             raise UserError(f"--{key.replace('_', '-')} must be {'>= 0' if key in ('rows', 'val_rows') else '>= 1'}, got {so[key]}")
     if "image_size" in so and so["image_size"] < 16:
@@ -271,6 +271,7 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
         "counts": {"in": rows_in, "out": rows_out, "rejected": rejected},
         "split_method": split_method(how, split),
         "images": stats.summary(opts.spec.image_format),
+        **({"summary": source.summary(source_opts)} if source.summary else {}),
         "files": {p.name: _sha256_file(p) for p in sorted([w.path for w in writers.values()] + [out / "rejects.jsonl"])},
     }
     tmp = out / "manifest.json.partial"

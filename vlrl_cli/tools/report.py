@@ -105,8 +105,9 @@ def _sample(t, k: int) -> str:
             obs = f'<div class="obs">&#8594; {_e(x["observation"])}</div>'
         turns.append(f'<div class="turn"><b>turn {i}</b> <span class="muted">{x["tokens"]} tokens, {_e(x["finish"])}, '
                      f'reward {x["reward"]:.3g}</span><div class="response">{_e(x["response"])}</div>{obs}</div>')
+        said = " ".join(x["response"].split())[-40:]  # the move as the model wrote it, under the frame it led to
         for _ in range(x.get("observation_images", 0)):
-            frames.append(_img(t.images[img_i], f"after turn {i}"))
+            frames.append(_img(t.images[img_i], f"after turn {i}: {said}" if said else f"after turn {i}"))
             img_i += 1
     strip = f'<div class="frames">{"".join(frames)}</div>' if frames else ""
     badge = '<span class="badge ok">correct</span>' if ok else '<span class="badge bad">incorrect</span>'

@@ -46,6 +46,7 @@ class Source:
     items: Callable[[str | None, dict], Iterator[Item]]
     convert: Callable[[Item, ConvertContext], tuple[dict, list[CanonicalImage]]]
     options: tuple[str, ...] = ()  # the source options it reads (recorded in the manifest)
+    summary: Callable[[dict], dict] | None = None  # what the generated rows are like (the manifest's "summary")
 
 
 def image_part(img: CanonicalImage) -> dict:

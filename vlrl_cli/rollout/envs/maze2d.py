@@ -2,14 +2,20 @@
 
 The maze is a function of the row's seed (randomised depth-first search on a size x size grid). The
 agent starts top-left, the goal is bottom-right. Each turn the model answers `Move: up|down|left|right`
-(the last such line counts); a wall or a malformed answer leaves the agent in place. Reward 1 on reaching
-the goal, else 0 when max_steps run out.
+(the last such line counts); a wall or a malformed answer leaves the agent in place. The episode ends at
+the goal or when max_steps run out. Reward (extra_info.reward): "goal" (the default) is 1 at the goal, else
+0; "progress" is the share of the shortest route covered, 1 - moves left / moves at the start (1 at the goal,
+negative when the agent ends farther away than it began), so a group learns from episodes that get closer
+before any reaches the goal. Success (`correct`) is reaching the goal either way.
 """
 
 from __future__ import annotations
 
-from ...data.mazes import MOVE_RE, MOVES, frame_part, first_prompt, make_maze
+from ...data.mazes import MOVE_RE, frame_part, first_prompt, goal_distances, make_maze, step
 from .base import Env, StepResult
+
+REWARDS = ("goal", "progress")
+
 
 class Maze2dEnv(Env):
     @classmethod
@@ -22,7 +28,11 @@ class Maze2dEnv(Env):
         self.seed, self.size = int(extra.get("seed", 0)), int(extra.get("maze_size", 5))
         self.max_turns = int(extra.get("max_steps", 20))
         self.cell = int(extra.get("cell_px", 28))
-        self.maze = make_maze(self.seed, self.size)
+        self.reward_mode = extra.get("reward", "goal")
+        if self.reward_mode not in REWARDS:
+            raise ValueError(f"extra_info.reward must be one of {', '.join(REWARDS)}, got {self.reward_mode!r}")
+        self.maze = make_maze(self.seed, self.size, extra.get("variant", "hard"))
+        self.distance = goal_distances(self.maze, self.size)
         self.agent, self.turn = (0, 0), 0
         return first_prompt(extra)
 
@@ -36,8 +46,7 @@ class Maze2dEnv(Env):
         if found:
             move = found[-1].lower()
             if move in self.maze[self.agent]:
-                dx, dy = MOVES[move]
-                self.agent = (self.agent[0] + dx, self.agent[1] + dy)
+                self.agent = step(self.maze, self.agent, move)
                 note = f"You moved {move}."
             else:
                 note = f"A wall blocks {move}; you stay."
@@ -46,6 +55,13 @@ class Maze2dEnv(Env):
         reached = self.agent == (self.size - 1, self.size - 1)
         info.update(correct=reached, position=list(self.agent))
         if reached or self.turn >= self.max_turns:
-            return StepResult([], float(reached), True, {**info, "done_reason": "goal" if reached else "max_steps"})
+            return StepResult([], self._final_reward(reached), True,
+                              {**info, "done_reason": "goal" if reached else "max_steps"})
         return StepResult([{"role": "user", "content": [self._image_part(), {"type": "text", "text": note}]}],
                           0.0, False, info)
+
+    def _final_reward(self, reached: bool) -> float:
+        if self.reward_mode == "goal" or reached:
+            return float(reached)
+        start = self.distance[(0, 0)]
+        return 1.0 - self.distance[self.agent] / start
