@@ -11,7 +11,7 @@ FLOOR    := .venv-floor
 # the Tinker recipes `vlrl serve` is tested against (tests/test_serve_cookbook.py), unmodified
 COOKBOOK := 0.6.1
 
-.PHONY: install test test-newest test-floor browser demo demo-maze bench clean
+.PHONY: install test test-newest test-floor browser demo demo-maze demo-maze3 bench clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ demo: install
 # the multi-turn image task: 2x2 mazes, a new frame after every move
 demo-maze: install
 	bash scripts/demo-maze.sh $(VLRL) $(DEMO)
+
+# the same on 3x3 mazes that take 4 moves (a blind policy solves 0.25): about 40 minutes on 2 cores
+demo-maze3: install
+	bash scripts/demo-maze3.sh $(VLRL) $(DEMO)
 
 bench: install
 	$(PY) bench/prepare_validate.py

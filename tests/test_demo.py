@@ -59,3 +59,6 @@ def test_demo_maze_learns_to_walk_the_mazes(tmp_path):
     assert max(t["abs_diff"]["mean"] for t in turns.values()) < 0.05, turns
     assert "after GRPO" in r.stdout and "drift by turn" in r.stdout
     assert (tmp_path / "runs" / "maze-grpo" / "curves.png").exists()
+    # the report shows held-out episodes frame by frame, each frame under the move that led to it
+    html = (tmp_path / "demo-out" / "eval-maze-grpo" / "report.html").read_text()
+    assert "after turn 1: Move:" in html

@@ -148,8 +148,9 @@ def test_every_shipped_recipe_gets_engine_limits_that_hold_its_longest_episode(t
         positions = max_positions(rec.model.path)
         if positions is not None:  # the hub ids vlrl knows offline; the demo's local models are built by it
             assert longest <= positions, path.name
-        if kind == "maze2d":
-            assert limits.max_images == turn_limit(data[kind], rec.rollout.max_turns), (path.name, limits)  # a frame a move
+        if kind == "maze2d":  # a frame a move, or as many as the bounded history keeps
+            frames = turn_limit(data[kind], rec.rollout.max_turns)
+            assert limits.max_images == min(frames, rec.rollout.history.max_images or frames), (path.name, limits)
         else:
             assert limits.max_images == max(len(image_urls(r)) for r in data[kind])
         args = engine_args(rec.model.path, rec.model.dtype, 0.3, 0, limits, True)
