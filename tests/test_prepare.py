@@ -178,6 +178,24 @@ def test_refuses_to_overwrite_without_flag(tmp_path, cli):
     assert r.exit_code == 0 and "in = out + rejected: 12 = 12 + 0" in r.output
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--num-colors", "99"], "--num-colors"),
+    (["--shapes", "hexagon"], "hexagon"),
+    (["--image-column", "picture", "--question-column", "q", "--answer-column", "a", "--env-class", "colors"], "no column"),
+])
+def test_a_bad_flag_with_overwrite_leaves_the_previous_dataset_as_it_was(tmp_path, cli, flags, message):
+    out = tmp_path / "data"
+    assert cli("prepare", "colors", "--out", out, "--rows", 10, "--workers", 1).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    src = tmp_path / "qa.jsonl"
+    src.write_text(json.dumps({"img": "x.png", "q": "?", "a": "1"}) + "\n")
+    source = str(src) if "--image-column" in flags else "colors"
+    r = cli("prepare", source, "--out", out, "--rows" if source == "colors" else "--workers", 10 if source == "colors" else 1,
+            *flags, "--overwrite")
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def _qa_rows(tmp_path, ids):
     img = tmp_path / "x.png"
     if not img.exists():

@@ -9,6 +9,7 @@ output or in rejects.jsonl, and the counts are checked before the manifest is wr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -211,7 +212,11 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
     path = opts.path if opts.path is not None else (None if source.name != "generic" else opts.source)
     source_opts = {**opts.source_opts, "seed": opts.seed, "path": path}
     ctx = ConvertContext(spec=opts.spec, limits=ImageLimits(), opts=source_opts)
-    items = _limited(source.items(path, source_opts), opts.limit)
+    items = iter(source.items(path, source_opts))
+    # sources check their options as they yield the first row: take it before the output folder is touched,
+    # so a bad flag with --overwrite leaves the previous dataset as it was
+    first = next(items, None)
+    items = _limited(itertools.chain([first] if first is not None else [], items), opts.limit)
 
     out = Path(opts.out)
     _clear_previous(out, opts.overwrite)
