@@ -50,7 +50,8 @@ drift = json.load(open(f"{out}/drift-maze3.json"))
 turns = drift["stats"]["by_turn"]
 print("drift by turn (mean abs log-prob diff, tokens):",
       ", ".join(f"{k} {v['abs_diff']['mean']:.2e} ({v['tokens']})" for k, v in turns.items() if v.get("tokens")))
-# one held-out episode's frames, replayed through the environment with the policy's own answers
+# one held-out episode's frames (the last one is where it ended), replayed through the environment with
+# the policy's own answers
 from PIL import Image
 import pyarrow.parquet as pq
 from vlrl_cli.rollout.envs.maze2d import Maze2dEnv
@@ -63,9 +64,6 @@ frames = [image_from_uri(env.reset(rec)[0]["content"][0]["image_url"]["url"])]
 for s in ep["steps"]:
     obs = env.step(s["response"]).observation
     frames += [image_from_uri(p["image_url"]["url"]) for m in obs for p in m["content"] if p.get("type") == "image_url"]
-if env.agent == (env.size - 1, env.size - 1):  # the goal reached: the episode ends without a new frame
-    from vlrl_cli.data.mazes import draw_maze
-    frames.append(draw_maze(env.maze, env.size, env.agent, env.cell))
 strip = Image.new("RGB", (sum(f.width for f in frames) + 8 * (len(frames) - 1), frames[0].height), "white")
 x = 0
 for f in frames:

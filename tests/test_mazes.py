@@ -195,3 +195,26 @@ def test_the_3x3_demo_recipes_match_their_data_and_the_blind_policy_stays_below_
     assert grpo.rollout.max_turns == 4 and grpo.model.path == "runs/maze3-sft/checkpoints/step_30/hf"
     sft = load_recipe(root / "recipes" / "maze3-tiny-sft.yaml", check_paths=False)
     assert sft.run.name == "maze3-sft" and sft.trainer.steps == 30 and sft.data.train == grpo.data.train
+
+
+@pytest.mark.model
+def test_an_episode_shows_its_closing_frame_in_the_report_but_never_in_the_context(tmp_path, tiny_model):
+    """The move that ends an episode has a frame too (the agent at the goal, or where the moves ran out): the
+    report shows it under that move; the model never sees it, so the trained sequence ends with the answer."""
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.rollout.engines import Sampling
+    from vlrl_cli.rollout.engines.hf import HFEngine
+    from vlrl_cli.rollout.episodes import collect
+    from vlrl_cli.tools.evaluate import summarize
+    from vlrl_cli.tools.report import write_report
+
+    train, _, _ = maze_rows(tmp_path, maze_size=3, max_steps=2, cell_px=28)
+    processor = load_processor(str(tiny_model))
+    trajs = collect(HFEngine(str(tiny_model), processor), train[:2], processor, 2, Sampling(1.0, 1.0, 6, 0), None, 4096)
+    for t in trajs:
+        assert t.done_reason in ("goal", "max_steps") and len(t.end_images) == 1
+        assert t.texts[-1]["observation_images"] == 0
+        assert len(t.images) == t.turns  # the first frame and one after each move but the last
+        assert t.loss_mask[-1] == 1  # the sequence ends with the model's last answer: no closing frame in it
+    html = write_report(tmp_path / "r.html", {**summarize(trajs, 2), "settings": {}}, trajs, {r["id"]: r for r in train[:2]}).read_text()
+    assert html.count("<figcaption>end: ") == len(trajs)

@@ -53,6 +53,7 @@ class Trajectory(Sequence):
     info: dict = field(default_factory=dict)
     texts: list[dict] = field(default_factory=list)  # per turn: response text, tokens, observation text
     images: list[str] = field(default_factory=list)  # data URIs of the episode's images, in order (for reports)
+    end_images: list[str] = field(default_factory=list)  # the environment's last frame, shown in reports only
     # segments closed when the image history was cut (rollout.history): each is the context the engine saw for
     # the turns in it; this trajectory's own tokens are the last segment
     earlier: list[Sequence] = field(default_factory=list)
@@ -148,8 +149,10 @@ class Episode:
                         "reward": result.reward, "observation": _text_of(result.observation),
                         "observation_images": len(_image_urls(result.observation))})
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        if result.done:
+        if result.done:  # a closing observation never enters the context; its frame is kept for the report
             self.done, t.done_reason = True, result.info.get("done_reason", "done")
+            t.texts[-1]["observation_images"] = 0
+            t.end_images = _image_urls(result.observation)
             return
         new_images = len(_image_urls(result.observation))
         if self.max_images is not None and len(_image_urls(self.messages)) + new_images > self.max_images:

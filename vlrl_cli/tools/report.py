@@ -109,6 +109,9 @@ def _sample(t, k: int) -> str:
         for _ in range(x.get("observation_images", 0)):
             frames.append(_img(t.images[img_i], f"after turn {i}: {said}" if said else f"after turn {i}"))
             img_i += 1
+    if multi:  # where the episode ended (the environment's closing frame), under the last move
+        said = " ".join(t.texts[-1]["response"].split())[-40:] if t.texts else ""
+        frames += [_img(u, f"end: {said}") for u in t.end_images]
     strip = f'<div class="frames">{"".join(frames)}</div>' if frames else ""
     badge = '<span class="badge ok">correct</span>' if ok else '<span class="badge bad">incorrect</span>'
     return (f'<div class="sample {"ok" if ok else "bad"}" data-correct="{int(ok)}"><div>sample {k} {badge} '

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class StepResult:
-    observation: list[dict]  # messages to append (empty when done)
+    observation: list[dict]  # messages to append; when done, never appended (its images show in reports)
     reward: float
     done: bool
     info: dict = field(default_factory=dict)  # correct, format_ok, done_reason, ... (reported in metrics)

@@ -54,8 +54,9 @@ class Maze2dEnv(Env):
             note = "No valid move found; answer with one line like Move: up."
         reached = self.agent == (self.size - 1, self.size - 1)
         info.update(correct=reached, position=list(self.agent))
-        if reached or self.turn >= self.max_turns:
-            return StepResult([], self._final_reward(reached), True,
+        if reached or self.turn >= self.max_turns:  # the closing frame is for reports: the model never sees it
+            end = [{"role": "user", "content": [self._image_part(), {"type": "text", "text": note}]}]
+            return StepResult(end, self._final_reward(reached), True,
                               {**info, "done_reason": "goal" if reached else "max_steps"})
         return StepResult([{"role": "user", "content": [self._image_part(), {"type": "text", "text": note}]}],
                           0.0, False, info)
