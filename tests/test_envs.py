@@ -4,7 +4,7 @@ import pytest
 
 from vlrl_cli.rollout.envs import resolve_env
 from vlrl_cli.rollout.envs.maze2d import Maze2dEnv
-from vlrl_cli.data.mazes import make_maze
+from vlrl_cli.data.mazes import make_maze, shortest_moves as solve
 from vlrl_cli.data.images import image_from_uri
 from vlrl_cli.rollout.rewards import grade_boxed, to_number
 
@@ -133,27 +133,6 @@ def test_colors_env_needs_exactly_one_colour():
     for text, reward in (("red", 1), ("Red.", 1), ("red or blue", 0), ("blue", 0), ("", 0)):
         env.reset(rec)
         assert env.step(text).reward == reward, text
-
-
-def solve(maze, size):
-    """Breadth-first path of moves from (0,0) to the goal."""
-    from collections import deque
-
-    from vlrl_cli.data.mazes import MOVES
-
-    prev, q = {(0, 0): None}, deque([(0, 0)])
-    while q:
-        c = q.popleft()
-        for d in maze[c]:
-            n = (c[0] + MOVES[d][0], c[1] + MOVES[d][1])
-            if n not in prev:
-                prev[n] = (c, d)
-                q.append(n)
-    path, c = [], (size - 1, size - 1)
-    while prev[c]:
-        c, d = prev[c]
-        path.append(d)
-    return path[::-1]
 
 
 def test_maze_rules():
