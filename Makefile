@@ -57,7 +57,7 @@ demo-maze: install
 
 # the same on 3x3 mazes that take 4 moves (a blind policy solves 0.25): about 40 minutes on 2 cores
 demo-maze3: install
-	bash scripts/demo-maze3.sh $(VLRL) $(DEMO)
+	bash scripts/demo-maze.sh $(VLRL) $(DEMO) 3
 
 bench: install
 	$(PY) bench/prepare_validate.py
