@@ -45,10 +45,13 @@ def data_for(recipe, work: Path, rows: int) -> tuple[str, str | None]:
         opts = PrepareOptions(source="geometry3k", out=out, path=str(GEOMETRY_SAMPLE), workers=4, split="train=1.0",
                               overwrite=True, spec=spec)
     elif "maze" in train:
-        small = (recipe.rollout.max_turns or 20) <= 2  # the CPU demo's 2x2 mazes
+        turns = recipe.rollout.max_turns or 20
+        # the CPU demos' mazes (2x2 in two moves; 3x3 whose route takes four), else VisGym's 5x5 in 20 moves
+        maze = ({"maze_size": 2, "cell_px": 56} if turns <= 2 else
+                {"maze_size": 3, "cell_px": 56, "min_moves": 4, "max_moves": 4, "reward": "progress"} if turns <= 4 else
+                {"maze_size": 5, "cell_px": factor})
         opts = PrepareOptions(source="maze2d", out=out, workers=4, overwrite=True, spec=spec, source_opts={
-            "rows": rows, "val_rows": 8, "maze_size": 2 if small else 5, "max_steps": recipe.rollout.max_turns or 20,
-            "cell_px": 56 if small else factor})
+            "rows": rows, "val_rows": 8, "max_steps": turns, **maze})
     else:
         opts = PrepareOptions(source="colors", out=out, workers=4, overwrite=True, spec=spec,
                               source_opts={"rows": rows, "image_size": 84})

@@ -398,6 +398,26 @@ def test_maze_learns_with_vllm_and_drift_stays_small_on_every_turn(tmp_path, gpu
     assert rc == 0 and set(turns) == {"turn_1", "turn_2"} and max(turns.values()) < 0.02, turns
 
 
+@needs_gpu
+def test_twenty_turn_episodes_with_a_bounded_history_agree_with_vllm_turn_by_turn(tmp_path, gpu_tiny, family):
+    """20-move mazes (a random policy walks all 20), the last three frames in context: vLLM generates every turn
+    from a context the trainer rebuilds exactly (older frames as text stand-ins), so check-drift split by turn
+    stays at bf16 rounding on every one of the 20 turns."""
+    data, logs = tmp_path / "long-mazes", os.environ.get("OUT") or str(tmp_path)
+    assert run_logged(f"long_maze_prepare-{family}", "prepare", "maze2d", "--out", data, "--rows", "8", "--val-rows", "8",
+                      "--maze-size", "4", "--max-steps", "20") == 0
+    report = os.path.join(logs, f"drift_history-{family}.json")
+    rc = run_logged(f"drift_history-{family}", "check-drift", gpu_tiny, data / "val.parquet", "--engine", "vllm",
+                    "--train-dtype", "bf16", "--samples", "8", "--max-new-tokens", "6", "--max-turns", "20",
+                    "--history-images", "3", "--max-mean", "0.02", "--json", report)
+    with open(report) as f:
+        stats = json.load(f)["stats"]
+    turns = {k: v["abs_diff"]["mean"] for k, v in stats["by_turn"].items() if v.get("tokens")}
+    record("drift_history", family, {"rc": rc, "drift_by_turn": turns, "overall": stats["overall"]["abs_diff"]})
+    assert rc == 0 and len(turns) == 20, sorted(turns)
+    assert max(turns.values()) < 0.02, turns
+
+
 def serve_process(model, state, *extra):
     from test_serve import serve_subprocess
 
