@@ -3,6 +3,9 @@ a recipe sized for an 80 GB GPU is proven within 80 GB on a larger one (its vLLM
 
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, when run as a script from any folder
 
 if __name__ == "__main__":
     fraction = os.environ.get("VLRL_TRAINER_MEMORY_FRACTION")

@@ -119,6 +119,10 @@ def performance_page() -> str:
                        f"{_fmt(last.get('drift_abs_mean', ''))} | {_fmt(r['steps'][0].get('kl')) if r.get('steps') else ''} | "
                        f"{ckpt / 1e9:.2f}{est} | {_cell(r.get('device'), 30)} | "
                        f"{r.get('commit', '')} |\n")
+        caveats = [(n, r["caveat"]) for n, r in json.loads(recipes.read_text()).items() if r.get("caveat")]
+        if caveats:
+            out.append("\nRows older than the code they depend on:\n\n"
+                       + "".join(f"- `{n}`: {c}\n" for n, c in caveats))
     gpu = results / "gpu.json"
     if gpu.exists():
         out.append("\n## Benchmarks\n\n| figure | value | device | commit | command |\n|---|---|---|---|---|\n")
