@@ -155,8 +155,10 @@ def test_every_shipped_recipe_gets_engine_limits_that_hold_its_longest_episode(t
             assert limits.max_images == max(len(image_urls(r)) for r in data[kind])
         args = engine_args(rec.model.path, rec.model.dtype, 0.3, 0, limits, True)
         assert args["max_model_len"] == longest and args["limit_mm_per_prompt"]["image"] >= limits.max_images
-    maze = load_recipe(ROOT / "recipes" / "maze2d.yaml", check_paths=False)
-    assert engine_limits(maze, data["maze2d"]).max_images == 20 and episode_tokens(maze) == 16384
+    every_frame = load_recipe(ROOT / "recipes" / "maze2d-qwen3vl.yaml", check_paths=False)
+    assert engine_limits(every_frame, data["maze2d"]).max_images == 20 and episode_tokens(every_frame) == 16384
+    last_four = load_recipe(ROOT / "recipes" / "maze2d.yaml", check_paths=False)
+    assert engine_limits(last_four, data["maze2d"]).max_images == 4 and episode_tokens(last_four) == 16384
 
 
 # --- 1. packed rows with a KL reference; statistics of every epoch -------------------------------------------
