@@ -107,7 +107,8 @@ def performance_page() -> str:
                    "less stable in bf16 than a trained model's: they show the runs are alive, not their accuracy.\n\n"
                    "| recipe | model | ran | step s | generate s | train s | trainer peak GB | engine GB | drift mean | "
                    "step-1 KL | checkpoint GB | device | commit |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        for name, r in json.loads(recipes.read_text()).items():
+        rows = json.loads(recipes.read_text())
+        for name, r in rows.items():
             last = (r.get("steps") or [{}])[-1]
             parts = r.get("checkpoint_parts") or {}
             first = parts[min(parts, key=lambda n: int(n.split("_")[1]))] if parts else None
@@ -119,7 +120,7 @@ def performance_page() -> str:
                        f"{_fmt(last.get('drift_abs_mean', ''))} | {_fmt(r['steps'][0].get('kl')) if r.get('steps') else ''} | "
                        f"{ckpt / 1e9:.2f}{est} | {_cell(r.get('device'), 30)} | "
                        f"{r.get('commit', '')} |\n")
-        caveats = [(n, r["caveat"]) for n, r in json.loads(recipes.read_text()).items() if r.get("caveat")]
+        caveats = [(n, r["caveat"]) for n, r in rows.items() if r.get("caveat")]
         if caveats:
             out.append("\nRows older than the code they depend on:\n\n"
                        + "".join(f"- `{n}`: {c}\n" for n, c in caveats))
