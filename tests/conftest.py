@@ -29,7 +29,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory) -> dict:
-    """A tiny model of each Qwen-VL family: {qwen2_vl, qwen2_5_vl, qwen3_vl: folder} (never written to by tests)."""
+    """A tiny model of each supported family (families.FAMILIES): {name: folder} (never written to by tests)."""
     from vlrl_cli.model.tiny import FAMILIES, build_tiny_model
 
     root = tmp_path_factory.mktemp("families")

@@ -1,5 +1,5 @@
 """Every Qwen-VL family through every model-facing path: rendering, the trainer's forward, the hf engine,
-SFT, GRPO and check-drift (qwen2_vl, qwen2_5_vl, qwen3_vl)."""
+SFT, GRPO and check-drift (qwen2_vl, qwen2_5_vl, qwen3_vl, and qwen3_vl_moe: routed experts in the text model)."""
 
 import io
 import json
@@ -20,7 +20,7 @@ from vlrl_cli.model.render import image_inputs, model_inputs, split_messages
 from vlrl_cli.model.loading import load_processor
 
 pytestmark = pytest.mark.model
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,24 @@ def test_sft_grpo_and_check_drift_through_the_cli_on_every_family(tmp_path, fami
     assert r.returncode == 0, r.stderr[-3000:]
     checks = {c["name"]: c["passed"] for c in json.loads(report.read_text())["checks"]}
     assert checks["image_tensors"] and checks["prompt_ids"] and checks["after_update_seen_images"], checks
+
+
+def test_an_unsupported_architecture_is_refused_at_load_with_the_supported_list(tmp_path, colors_data):
+    """A text-only Llama folder given to train and check-drift: exit 2 and one line listing the families,
+    before any weights load (not a crash in the processor or the first forward)."""
+    from transformers import LlamaConfig
+
+    from vlrl_cli.model.families import FAMILIES
+
+    model = tmp_path / "llama"
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=8192).save_pretrained(model)  # a config alone: nothing may read weights
+    recipe = {"model": {"path": str(model)}, "data": {"train": str(colors_data / "train.parquet")},
+              "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 4},
+              "run": {"dir": str(tmp_path / "runs"), "name": "llama"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    for args in (["train", tmp_path / "r.yaml"], ["check-drift", model, colors_data / "val.parquet"]):
+        r = _run(args)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1, (args[0], r.stderr[-2000:])
+        assert "'llama' is not supported" in err[0] and all(f in err[0] for f in FAMILIES), err

@@ -125,7 +125,7 @@ def test_check_drift_agrees_with_a_lora_policy_before_and_after_an_adapter_chang
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(family_models, family):
     """vision: false -> adapters in the language model only; vision: true -> also every vision block, the
     projector (merger; Qwen3-VL's deepstack mergers too) and the patch embedding (a Conv3d), never the head.
@@ -145,9 +145,39 @@ def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(f
             continue
         assert any(".blocks." in n for n in in_visual) and any(".merger." in n for n in in_visual), in_visual
         assert any(n.endswith("patch_embed.proj") for n in in_visual), in_visual
-        if family == "qwen3_vl":
+        if family.startswith("qwen3_vl"):
             assert any("deepstack_merger_list" in n for n in in_visual)
         _assert_merged_equals_adapted(model, family_models[family])
+
+
+@pytest.mark.model
+def test_lora_on_routed_experts_adapts_attention_and_the_plan_counts_what_trains(family_models):
+    """Qwen3-VL-MoE: the experts are 3-D weight tensors and the router a gate, not linear layers. The default
+    targets adapt every layer's attention; experts and router stay frozen and reach the engine unchanged
+    (merged names equal the plain model's), and the memory plan counts exactly the adapters that train."""
+    from vlrl_cli.model.loading import load_vlm
+    from vlrl_cli.train.lora import merged_model
+    from vlrl_cli.train.plan import model_config, model_shape
+    from vlrl_cli.train.recipe import LoraCfg
+    from vlrl_cli.train.lora import wrap
+
+    path = family_models["qwen3_vl_moe"]
+    plain = load_vlm(str(path), torch.float32)
+    names = dict(plain.named_parameters())
+    model = wrap(load_vlm(str(path), torch.float32), LoraCfg(rank=4, alpha=8))
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    layers = plain.config.text_config.num_hidden_layers
+    assert sum(n.endswith("self_attn.q_proj") for n in adapted) == layers, adapted
+    assert not any(".mlp." in n for n in adapted), adapted
+    experts = [n for n, p in model.named_parameters() if ".experts." in n or ".mlp.gate." in n]
+    assert experts and not any(p.requires_grad for n, p in model.named_parameters() if n in experts)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model_shape(model_config(str(path)), LoraCfg(rank=4, alpha=8)).trainable == trainable
+    _, merged = merged_model(model)
+    assert set(merged) == set(names)
+    for n in names:
+        if ".experts." in n or ".mlp.gate." in n:
+            assert torch.equal(merged[n], names[n]), n
 
 
 def _assert_merged_equals_adapted(model, path):

@@ -14,7 +14,7 @@ from vlrl_cli.model.loading import load_processor
 from vlrl_cli.model.render import render_prompt
 
 pytestmark = pytest.mark.model
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def image(w, h, colour):

@@ -49,7 +49,7 @@ def test_parameter_counts_from_the_config_equal_the_loaded_model(tiny_model):
         lora = LoraCfg(rank=4, vision=vision)
         planned = model_shape(model_config(str(tiny_model)), lora).trainable
         peft = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_model),
-                              LoraConfig(r=4, target_modules=target_regex(None, vision)))
+                              LoraConfig(r=4, target_modules=target_regex(None, vision, model.config)))
         assert planned == sum(p.numel() for p in peft.parameters() if p.requires_grad)
 
 

@@ -1,4 +1,11 @@
-"""The model families vlrl supports and the released sizes it knows offline.
+"""The model families vlrl supports: what each one changes, declared in one place, and the released sizes
+vlrl knows offline.
+
+A `Family` holds everything that differs between architectures: the transformers classes, the placeholder
+tokens, the image processor's grid, the vision tower's module names (LoRA and freezing), whether the text
+model routes tokens to experts, and the tiny test config. Render, batches, LoRA, the plan, drift and the
+engines ask the declaration (`family_of`) instead of naming a family. Adding a family is one declaration
+here, a tiny config, and the family in the tests' lists.
 
 REAL_SIZES are the configs of released checkpoints (text and vision towers at their real shapes). GPU
 benchmarks and the shipped recipes' at-shape runs build them with random weights (`build_real_size_model`),
@@ -8,7 +15,103 @@ them for hub ids without the network.
 
 from __future__ import annotations
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # config.json's model_type
+    config_class: str  # transformers class names
+    processor_class: str
+    video_processor_class: str
+    # the image processor's grid: patch size in pixels, patches merged per side into one token, and the
+    # normalisation (Qwen3-VL: 16-px patches, mean/std 0.5; Qwen2/2.5-VL: 14-px, CLIP's)
+    patch_size: int = 14
+    merge_size: int = 2
+    image_mean: tuple[float, ...] | None = None  # None: the processor's default
+    image_std: tuple[float, ...] | None = None
+    tiny_pixels: tuple[int, int] | None = None  # (min, max) pixels of the tiny model; None: vlrl's defaults
+    # tokens that stand for images in a prompt; the model must never sample them
+    placeholders: tuple[str, ...] = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    vision_tower: str = "visual"  # the tower's attribute on the inner model (model.model.<name>)
+    # LoRA with model.lora.vision: the tower's blocks' projections, the projector (patch features -> text
+    # width) and the patch embedding, as regexes below the tower
+    vision_projections: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj",
+                                           "linear_fc1", "linear_fc2")
+    projector: str = r"(merger|deepstack_merger_list\.\d+)\.(mlp\.[02]|linear_fc1|linear_fc2)"
+    patch_embed: str = r"patch_embed\.proj"
+    # routed experts in the text model: their weights are 3-D tensors (not linear layers), so LoRA's
+    # default targets adapt attention only there, and the router stays frozen
+    moe: bool = False
+    tiny_text: dict = field(default_factory=dict)  # the tiny model's text and vision config (tiny.py adds the rest)
+    tiny_vision: dict = field(default_factory=dict)
+
+
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}
+_QWEN3_TINY_TEXT = dict(head_dim=64, rope_parameters=dict(_MROPE, mrope_interleaved=True))
+_QWEN3_TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                          num_position_embeddings=256, deepstack_visual_indexes=[0])
+_QWEN3_PIXELS = dict(patch_size=16, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                     tiny_pixels=(32 * 32 * 4, 32 * 32 * 1280))
+
+FAMILY = {f.name: f for f in (
+    Family("qwen2_vl", "Qwen2VLConfig", "Qwen2VLProcessor", "Qwen2VLVideoProcessor",
+           tiny_text=dict(rope_parameters=_MROPE),
+           tiny_vision=dict(depth=2, embed_dim=128, hidden_size=128, num_heads=2, mlp_ratio=2)),
+    Family("qwen2_5_vl", "Qwen2_5_VLConfig", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor",
+           tiny_text=dict(rope_parameters=_MROPE),
+           tiny_vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                            fullatt_block_indexes=[1], window_size=112)),
+    Family("qwen3_vl", "Qwen3VLConfig", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", **_QWEN3_PIXELS,
+           tiny_text=_QWEN3_TINY_TEXT, tiny_vision=_QWEN3_TINY_VISION),
+    # Qwen3-VL with routed experts in every text layer (Qwen3-VL-30B-A3B, 235B-A22B): the same vision
+    # tower, processor and chat format as Qwen3-VL
+    Family("qwen3_vl_moe", "Qwen3VLMoeConfig", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", **_QWEN3_PIXELS, moe=True,
+           tiny_text=dict(_QWEN3_TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                          decoder_sparse_step=1),
+           tiny_vision=_QWEN3_TINY_VISION),
+)}
+FAMILIES = tuple(FAMILY)
+
+
+def family_of(config) -> Family:
+    """The declaration of a model's family, from its config (or model_type); an architecture vlrl does not
+    support is refused here, at load, with the list of those it does."""
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
+    if model_type not in FAMILY:
+        raise UserError(f"model type {model_type!r} is not supported; vlrl trains {', '.join(FAMILIES)}")
+    return FAMILY[model_type]
+
+
+def vision_tower(model):
+    """The vision tower of a transformers model (under PEFT or DeepSpeed wrappers), or None."""
+    inner = model
+    while not hasattr(inner, "config") and hasattr(inner, "module"):  # a DeepSpeed engine
+        inner = inner.module
+    name = family_of(inner.config).vision_tower
+    for owner in (inner, getattr(inner, "model", None), getattr(getattr(inner, "base_model", None), "model", None)):
+        base = getattr(owner, "model", None)
+        tower = getattr(base, name, None) if base is not None else None
+        if tower is not None:
+            return tower
+    return None
+
+
+def placeholder_token_ids(processor) -> list[int]:
+    """Tokens the model must never sample: the family's image/video placeholders and vision delimiters."""
+    f = family_of_processor(processor)
+    tok = processor.tokenizer
+    names = f.placeholders if f is not None else Family.placeholders
+    ids = {tok.convert_tokens_to_ids(n) for n in names}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+
+
+def family_of_processor(processor) -> Family | None:
+    """The family a processor belongs to (by its class), or None for one vlrl does not know."""
+    name = type(processor).__name__
+    return next((f for f in FAMILY.values() if f.processor_class == name), None)
 
 _QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
@@ -56,8 +159,7 @@ HUB_IDS = {"qwen/qwen2.5-vl-3b-instruct": "qwen2_5_vl_3b", "qwen/qwen2.5-vl-7b-i
 def config_class(family: str):
     import transformers
 
-    return {"qwen2_vl": transformers.Qwen2VLConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig,
-            "qwen3_vl": transformers.Qwen3VLConfig}[family]
+    return getattr(transformers, FAMILY[family].config_class)
 
 
 def real_size_config(size: str, ids: dict[str, int] | None = None):

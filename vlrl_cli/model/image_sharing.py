@@ -6,6 +6,9 @@ import itertools
 
 import torch
 
+from .families import vision_tower
+
+
 def share_repeated_images(model, enabled: bool = True):
     """Run the vision tower once per distinct image of a forward. A GRPO group's n samples carry the same
     prompt image, and their sequences share a micro-batch (trainer.micro_batch >= n, or a packed row), so
@@ -21,7 +24,7 @@ def share_repeated_images(model, enabled: bool = True):
     second expands the outputs back to every image in order. Hooks, not a replaced forward, so DeepSpeed's
     own hooks and a deepcopy of the model keep working. enabled=False takes the hooks off again (benchmarks
     compare both). Returns the visual module (None: no vision tower)."""
-    visual = getattr(getattr(model, "model", None), "visual", None)
+    visual = vision_tower(model)
     if visual is None:
         return None
     hooks = visual.__dict__.pop("_vlrl_share_hooks", ())
@@ -35,7 +38,7 @@ def share_repeated_images(model, enabled: bool = True):
 
 def shares_images(model) -> bool:
     """Whether share_repeated_images' hooks are on this model's vision tower (benchmarks record it)."""
-    visual = getattr(getattr(model, "model", None), "visual", None)
+    visual = vision_tower(model)
     return bool(visual is not None and visual.__dict__.get("_vlrl_share_hooks"))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .attention import use_grouped_vision_attention
 from .image_sharing import share_repeated_images
 
@@ -91,23 +92,40 @@ def from_pretrained(loader, name: str, **kwargs):
         raise UserError(f"cannot load {name}: {str(e).strip().splitlines()[0]}") from None
 
 
-def max_positions(path: str) -> int | None:
-    """The language model's max_position_embeddings, from the config alone (a local folder, or a released
-    size vlrl knows offline); None where it cannot be read without the network."""
+def read_config(path: str):
+    """The model's config from its config file alone (a local folder, or a released size vlrl knows offline);
+    None where it cannot be read without the network."""
     from pathlib import Path
 
     from .families import known_config
 
-    config = None
-    if (Path(path) / "config.json").is_file():
-        from transformers import AutoConfig
+    if not (Path(path) / "config.json").is_file():
+        return known_config(path)
+    from transformers import AutoConfig
 
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - the model's own load names the problem later
+        return None
+
+
+def check_supported(path: str) -> None:
+    """Refuse, in one line, a model whose architecture vlrl does not support (before its weights or
+    processor load, so not as a crash in the first forward); a config that cannot be read passes here."""
+    from .families import family_of
+
+    config = read_config(path)
+    if config is not None:
         try:
-            config = AutoConfig.from_pretrained(path)
-        except Exception:  # noqa: BLE001 - the model's own load names the problem later
-            return None
-    else:
-        config = known_config(path)
+            family_of(config)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+
+
+def max_positions(path: str) -> int | None:
+    """The language model's max_position_embeddings, from the config alone; None where it cannot be read
+    without the network."""
+    config = read_config(path)
     if config is None:
         return None
     text = config.get_text_config()
@@ -117,6 +135,7 @@ def max_positions(path: str) -> int | None:
 def load_processor(name_or_path: str):
     from transformers import AutoProcessor
 
+    check_supported(name_or_path)
     return from_pretrained(AutoProcessor, name_or_path)
 
 
@@ -130,6 +149,7 @@ def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
     """
     from transformers import AutoModelForImageTextToText
 
+    check_supported(path)
     if attention != "auto":
         model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype, attn_implementation=attention)
     else:

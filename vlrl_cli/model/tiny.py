@@ -1,4 +1,4 @@
-"""`vlrl tiny-model`: a random few-MB VLM of a real Qwen-VL architecture, built offline.
+"""`vlrl tiny-model`: a random few-MB VLM of a real architecture (families.FAMILY), built offline.
 
 Real architecture classes from `transformers` (so mrope, window attention, deepstack, placeholder
 expansion all run the real code), a byte-level BPE tokenizer trained here with `tokenizers` on a small
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .families import FAMILIES, REAL_SIZES, real_size_config
+from .families import FAMILIES, FAMILY, REAL_SIZES, real_size_config
 from ..errors import UserError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -62,55 +62,34 @@ def build_tokenizer():
 
 
 def _configs(family: str, vocab: int, ids: dict[str, int]):
+    """The tiny config of a family: its declaration's text and vision settings on a shared small base."""
+    import transformers
+
+    f = FAMILY[family]
     text = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, max_position_embeddings=8192, bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+                **f.tiny_text)
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig
-
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}
-        vision = dict(depth=2, embed_dim=128, hidden_size=128, num_heads=2, mlp_ratio=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}
-        vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
-                      fullatt_block_indexes=[1], window_size=112)
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig
-
-        text.update(head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                  "mrope_section": [8, 12, 12], "mrope_interleaved": True})
-        vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
-                      num_position_embeddings=256, deepstack_visual_indexes=[0])
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
-    raise UserError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    return getattr(transformers, f.config_class)(text_config=text, vision_config=dict(f.tiny_vision), **tokens)
 
 
 def _processor(family: str, tokenizer, min_pixels: int | None, max_pixels: int | None):
+    """The family's own processor class around the local tokenizer, with its image grid and normalisation."""
+    import transformers
     from transformers import Qwen2VLImageProcessor
-
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-        ip = Qwen2VLImageProcessor(patch_size=16, merge_size=2, min_pixels=min_pixels or 32 * 32 * 4,
-                                   max_pixels=max_pixels or 32 * 32 * 1280, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        return Qwen3VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(),
-                                chat_template=CHAT_TEMPLATE)
-    from transformers import Qwen2VLVideoProcessor
 
     from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-    ip = Qwen2VLImageProcessor(min_pixels=min_pixels or DEFAULT_MIN_PIXELS, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLProcessor as Proc
-    else:
-        from transformers import Qwen2_5_VLProcessor as Proc
-    return Proc(image_processor=ip, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    f = FAMILY[family]
+    low, high = f.tiny_pixels or (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    norm = {k: list(v) for k, v in (("image_mean", f.image_mean), ("image_std", f.image_std)) if v is not None}
+    ip = Qwen2VLImageProcessor(patch_size=f.patch_size, merge_size=f.merge_size, min_pixels=min_pixels or low,
+                               max_pixels=max_pixels or high, **norm)
+    return getattr(transformers, f.processor_class)(image_processor=ip, tokenizer=tokenizer,
+                                                    video_processor=getattr(transformers, f.video_processor_class)(),
+                                                    chat_template=CHAT_TEMPLATE)
 
 
 def build_tiny_model(out: str | Path, family: str = "qwen2_5_vl", seed: int = 0,

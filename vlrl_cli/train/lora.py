@@ -6,7 +6,8 @@ sync as a full fine-tune (weights.export_weights). So the engine samples from ex
 and there is no adapter state on its side that could go stale or be half-applied.
 
 Default targets: the language model's attention and MLP projections, matched by a regex on the full module
-name (PEFT's short names `gate_proj`, `up_proj`, ... also match the Qwen-VL vision tower's MLP).
+name (PEFT's short names `gate_proj`, `up_proj`, ... also match the Qwen-VL vision tower's MLP). Where the text
+model routes tokens to experts (Qwen3-VL-MoE), those are attention only: the experts are 3-D weight tensors.
 `vision: true` adds the vision tower's attention and MLP projections and the projector's (the merger that
 maps patch features into the language model), and the patch embedding (a 3-D convolution over pixel
 patches: the only layer that sees colours as colours).
@@ -21,19 +22,21 @@ import torch
 from ..errors import UserError
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_PROJECTIONS = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "linear_fc1", "linear_fc2")
-# the projector's linear layers: merger.mlp.0 and .2 around a GELU (Qwen2-VL, Qwen2.5-VL), merger.linear_fc1/2 and the
-# deepstack mergers' (Qwen3-VL)
-PROJECTOR = r".*visual\.(merger|deepstack_merger_list\.\d+)\.(mlp\.[02]|linear_fc1|linear_fc2)"
-PATCH_EMBED = r".*visual\.patch_embed\.proj"
 
 
-def target_regex(target_modules: list[str] | None, vision: bool) -> str:
-    """PEFT's target_modules as one regex over full module names."""
+def target_regex(target_modules: list[str] | None, vision: bool, config) -> str:
+    """PEFT's target_modules as one regex over full module names. The vision tower's names come from the
+    model's family declaration (config: the model's config or model_type). In a text model with routed
+    experts the default names match attention only: the experts are 3-D weights, not linear layers."""
+    from ..model.families import family_of
+
     lm = "|".join(target_modules or LM_PROJECTIONS)
     pattern = rf".*language_model\..*\.({lm})"
     if vision:
-        pattern += rf"|.*visual\.blocks\..*\.({'|'.join(VISION_PROJECTIONS)})|{PROJECTOR}|{PATCH_EMBED}"
+        f = family_of(config)
+        tower = rf".*{f.vision_tower}\."
+        pattern += (rf"|{tower}blocks\..*\.({'|'.join(f.vision_projections)})|{tower}{f.projector}"
+                    rf"|{tower}{f.patch_embed}")
     return pattern
 
 
@@ -46,7 +49,7 @@ def wrap(model, cfg):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules=target_regex(cfg.target_modules, cfg.vision), bias="none")
+                        target_modules=target_regex(cfg.target_modules, cfg.vision, model.config), bias="none")
     try:
         # adapters in the model's dtype: PEFT would make bf16 adapters fp32, and every adapted projection
         # would then cast its input to fp32 and multiply in fp32 (a LoRA training phase slower than a full

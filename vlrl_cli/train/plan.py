@@ -100,7 +100,7 @@ def model_shape(config, lora=None) -> ModelShape:
     if lora is not None and lora.rank > 0:
         from .lora import target_regex
 
-        pattern = re.compile(target_regex(lora.target_modules, lora.vision))
+        pattern = re.compile(target_regex(lora.target_modules, lora.vision, config))
         trainable = sum(_lora_params(m, lora.rank) for name, m in model.named_modules() if pattern.fullmatch(name))
     text = config.get_text_config()
     return ModelShape(params, trainable, text.num_hidden_layers, text.hidden_size, text.intermediate_size,

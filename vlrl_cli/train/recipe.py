@@ -353,8 +353,12 @@ def episode_tokens(recipe: Recipe, turns: int | None = None) -> int:
 
 def check_model_length(recipe: Recipe, where) -> None:
     """An episode must fit the model's positions (vLLM refuses a longer max_model_len at start-up)."""
-    from ..model.loading import max_positions
+    from ..model.loading import check_supported, max_positions
 
+    try:
+        check_supported(recipe.model.path)
+    except UserError as e:
+        raise RecipeError(f"{where}: model.path {e}") from None
     limit = max_positions(recipe.model.path)
     need = max(episode_tokens(recipe), recipe.rollout.max_context_tokens if multi_turn(recipe) else 0)
     if limit is not None and need > limit:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
+from ...model.families import placeholder_token_ids  # noqa: F401 - the engines and their callers import it from here
 from ...model.render import split_by_grid
 
 
@@ -103,14 +104,6 @@ def make_engine(name: str, model_path: str, processor, **kwargs) -> RolloutEngin
     raise UserError(f"unknown rollout engine {name!r} (hf or vllm)")
 
 
-def placeholder_token_ids(processor) -> list[int]:
-    """Tokens the model must never sample: image/video placeholders and vision delimiters."""
-    tok = processor.tokenizer
-    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-    ids = {tok.convert_tokens_to_ids(n) for n in names}
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
-
-
 def collapse_placeholders(ids: list[int], pad_id: int) -> list[int]:
     """One placeholder per image: runs of `pad_id` become a single token (how vLLM takes prompts)."""
     out = []
@@ -136,7 +129,7 @@ def expand_placeholders(ids: list[int], pad_id: int, counts: list[int]) -> list[
 class VisionInputProbe:
     """Records the pixel tensors an engine's vision encoder actually receives, one entry per image.
 
-    A forward pre-hook on the model's `visual` module (same name in transformers and vLLM); the
+    A forward pre-hook on the model's vision tower (families.Family.vision_tower; the same name in transformers and vLLM); the
     concatenated patches are split per image by the grid (t*h*w rows each). check-drift compares these
     with the tensors the trainer scores, so a preprocessing difference on either side is named, not guessed.
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ...model.families import vision_tower
 from ...model.logprobs import token_logprobs
 from ...model.render import concat_image_inputs, image_inputs, image_token_counts, model_inputs, split_messages
 from . import GenRequest, Generation, Sampling, collapse_placeholders, expand_placeholders, placeholder_token_ids
@@ -45,7 +46,7 @@ class HFEngine:
 
     def attach_vision_probe(self, probe) -> None:
         """Record what the vision encoder receives (see engines.VisionInputProbe)."""
-        self.model.model.visual.register_forward_pre_hook(probe, with_kwargs=True)
+        vision_tower(self.model).register_forward_pre_hook(probe, with_kwargs=True)
 
     @torch.no_grad()
     def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]:

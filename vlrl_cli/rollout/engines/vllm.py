@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ...model.families import family_of
 from . import EngineLimits, GenRequest, Generation, Sampling, collapse_placeholders, placeholder_token_ids
 
 
@@ -94,7 +95,9 @@ class VLLMEngine:
 
     def attach_vision_probe(self, probe) -> None:
         """Record what vLLM's vision encoder receives (see engines.VisionInputProbe); in-process engine only."""
-        self.llm.apply_model(lambda model: model.visual.register_forward_pre_hook(probe, with_kwargs=True) and None)
+        # vLLM's models name their tower as transformers does
+        name = family_of(self.llm.llm_engine.model_config.hf_config).vision_tower
+        self.llm.apply_model(lambda model: getattr(model, name).register_forward_pre_hook(probe, with_kwargs=True) and None)
 
     def update_weights(self, named_tensors) -> None:
         """Load (HF name, tensor) pairs and drop every cache that could serve old-weight results."""
