@@ -20,7 +20,7 @@ from vlrl_cli.model.render import image_inputs, model_inputs, split_messages
 from vlrl_cli.model.loading import load_processor
 
 pytestmark = pytest.mark.model
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def test_check_drift_agrees_with_a_lora_policy_before_and_after_an_adapter_chang
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
 def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(family_models, family):
     """vision: false -> adapters in the language model only; vision: true -> also every vision block, the
     projector (merger; Qwen3-VL's deepstack mergers too) and the patch embedding (a Conv3d), never the head.

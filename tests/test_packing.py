@@ -14,7 +14,7 @@ from vlrl_cli.model.loading import load_processor
 from vlrl_cli.model.render import render_prompt
 
 pytestmark = pytest.mark.model
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")
 
 
 def image(w, h, colour):
@@ -74,6 +74,40 @@ def test_packed_logprobs_and_gradients_equal_the_padded_ones(family_models, fami
     with torch.no_grad():
         leaky = sequence_logprobs(model, packed, 1.0, [processor.image_token_id])
     assert (leaky - results[0]).abs()[valid].max() > 1e-3
+
+
+def test_linear_attention_runs_per_sequence_in_packed_rows_also_under_recompute(family_models):
+    """Qwen3.5's gated-DeltaNet layers carry a recurrent state and a convolution along the row. Packed ==
+    padded with activation checkpointing too (the recompute splits the row as the forward did); the control:
+    the layers' own forward, unsplit, carries one sequence into the next."""
+    from vlrl_cli.model.families import family_of
+    from vlrl_cli.model.loading import load_vlm
+
+    path = str(family_models["qwen3_5"])
+    model, processor = load_vlm(path, torch.float32), load_processor(path)
+    linear = family_of(model.config).linear_attention
+    seqs = sequences(processor)
+    padded, packed = make_batch(seqs, processor, "cpu"), make_batch(seqs, processor, "cpu", packed_for=model)
+    valid = torch.zeros(padded.input_ids.shape, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        valid[i, 1:len(s.token_ids)] = True
+    model.gradient_checkpointing_enable()
+    model.train()
+    out = []
+    for b in (padded, packed):
+        model.zero_grad()
+        lp = sequence_logprobs(model, b, 1.0, [processor.image_token_id])
+        (-(lp * b.loss_mask).sum()).backward()
+        out.append((lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    assert (out[0][0] - out[1][0]).abs()[valid].max() < 1e-5
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-4)
+    layers = [m for m in model.modules() if getattr(m, linear, None) is not None and "forward" in vars(m)]
+    assert layers
+    for m in layers:
+        del m.forward  # the class's own forward: one state along the whole row
+    with torch.no_grad():
+        leaky = sequence_logprobs(model, packed, 1.0, [processor.image_token_id])
+    assert (leaky - out[0][0]).abs()[valid].max() > 1e-3
 
 
 @pytest.mark.parametrize("family", FAMILIES)

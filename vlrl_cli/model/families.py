@@ -45,6 +45,11 @@ class Family:
     # routed experts in the text model: their weights are 3-D tensors (not linear layers), so LoRA's
     # default targets adapt attention only there, and the router stays frozen
     moe: bool = False
+    # hybrid text models: the attribute of a decoder layer that holds linear attention (a recurrent state and a
+    # short convolution, which would carry one sequence into the next in a packed row: model.linear_attention
+    # runs it per sequence), and its projections, adapted by LoRA's default targets besides attention's and MLP's
+    linear_attention: str | None = None
+    linear_projections: tuple[str, ...] = ()
     tiny_text: dict = field(default_factory=dict)  # the tiny model's text and vision config (tiny.py adds the rest)
     tiny_vision: dict = field(default_factory=dict)
 
@@ -72,6 +77,17 @@ FAMILY = {f.name: f for f in (
            tiny_text=dict(_QWEN3_TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                           decoder_sparse_step=1),
            tiny_vision=_QWEN3_TINY_VISION),
+    # Qwen3.5: natively multimodal, three gated-DeltaNet linear-attention layers to one full-attention layer;
+    # Qwen3-VL's processor, placeholders and vision tower (without deepstack)
+    Family("qwen3_5", "Qwen3_5Config", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", **_QWEN3_PIXELS,
+           linear_attention="linear_attn", linear_projections=("in_proj_qkv", "in_proj_z", "out_proj"),
+           tiny_text=dict(head_dim=64, layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                          linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+                          linear_num_value_heads=4,
+                          rope_parameters=dict(_MROPE, mrope_section=[2, 3, 3], mrope_interleaved=True,
+                                               partial_rotary_factor=0.25)),
+           tiny_vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                            num_position_embeddings=256)),
 )}
 FAMILIES = tuple(FAMILY)
 

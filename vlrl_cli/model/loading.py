@@ -8,7 +8,9 @@ import torch
 
 from ..errors import UserError
 from .attention import use_grouped_vision_attention
+from .families import family_of
 from .image_sharing import share_repeated_images
+from .linear_attention import split_linear_attention_at_sequences
 
 
 def check_model_name(name: str) -> str:
@@ -161,6 +163,9 @@ def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
     # image encoded once"). The CPU tests switch it on explicitly.
     if torch.cuda.is_available():
         share_repeated_images(model)
+    linear = family_of(model.config).linear_attention
+    if linear is not None:  # hybrid models: packed rows must not carry a recurrent state across sequences
+        split_linear_attention_at_sequences(model, linear)
     return model
 
 

@@ -30,10 +30,10 @@ def target_regex(target_modules: list[str] | None, vision: bool, config) -> str:
     experts the default names match attention only: the experts are 3-D weights, not linear layers."""
     from ..model.families import family_of
 
-    lm = "|".join(target_modules or LM_PROJECTIONS)
+    f = family_of(config)
+    lm = "|".join(target_modules or LM_PROJECTIONS + f.linear_projections)
     pattern = rf".*language_model\..*\.({lm})"
     if vision:
-        f = family_of(config)
         tower = rf".*{f.vision_tower}\."
         pattern += (rf"|{tower}blocks\..*\.({'|'.join(f.vision_projections)})|{tower}{f.projector}"
                     rf"|{tower}{f.patch_embed}")
