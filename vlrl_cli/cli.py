@@ -22,6 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .model.families import FAMILIES
+
 app = typer.Typer(
     name="vlrl",
     help="Reinforcement learning for vision-language models: prepare, validate, train, eval, check-drift.",
@@ -338,7 +340,7 @@ def validate(
 @guarded
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
-    family: Annotated[str, typer.Option(help="A supported family: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5.")] = "qwen2_5_vl",
+    family: Annotated[str, typer.Option(help=f"A supported family: {', '.join(FAMILIES)}.")] = "qwen2_5_vl",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace what OUT holds.")] = False,
 ) -> None:
