@@ -34,10 +34,11 @@ def data_for(recipe, work: Path, rows: int) -> tuple[str, str | None]:
     """Records of the recipe's kind at its shape, on its model's image grid: (train, val)."""
     from vlrl_cli.data.images import CanonicalSpec
     from vlrl_cli.data.prepare import PrepareOptions, prepare
-    from vlrl_cli.model.families import HUB_IDS, REAL_SIZES
+    from vlrl_cli.model.families import FAMILY, HUB_IDS, REAL_SIZES
 
     size = HUB_IDS.get(recipe.model.path.lower())
-    factor = 32 if size and REAL_SIZES[size][0] == "qwen3_vl" else 28
+    family = FAMILY[REAL_SIZES[size][0]] if size else FAMILY["qwen2_5_vl"]
+    factor = family.patch_size * family.merge_size  # the image grid the model's processor snaps to
     spec = CanonicalSpec(factor=factor)
     train = recipe.data.train
     out = work / "data"

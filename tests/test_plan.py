@@ -142,3 +142,16 @@ def test_fp32_gradient_accumulation_is_planned():
     assert "optimizer step (fp32 grad copy)" not in b.training and "optimizer step (fp32 grad copy)" in a.training
     assert a.fits and not b.fits, render_plan(b)
     assert plan_memory(acc, "H200-141GB", GPUS["H200-141GB"]).fits
+
+
+def test_every_released_size_has_its_published_parameter_count():
+    """families.REAL_SIZES are the released configs: built on the meta device, each has the total its model
+    card states (Qwen3-VL-30B-A3B: every expert counted, 3.3 B of them active per token)."""
+    from vlrl_cli.model.families import REAL_SIZES, real_size_config
+
+    # the model cards' totals (the 30B-A3B card rounds 31.07 to 31.1)
+    published = {"qwen2_5_vl_3b": 3.75, "qwen2_5_vl_7b": 8.29, "qwen3_vl_2b": 2.13, "qwen3_vl_4b": 4.44,
+                 "qwen3_vl_8b": 8.77, "qwen3_vl_30b_a3b": 31.07}
+    assert set(published) == set(REAL_SIZES)
+    for size, billions in published.items():
+        assert model_shape(real_size_config(size)).params / 1e9 == pytest.approx(billions, abs=0.006), size

@@ -164,12 +164,19 @@ REAL_SIZES = {
                          num_key_value_heads=8, tie_word_embeddings=False),
                     dict(_QWEN3_VISION, depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=4096,
                          deepstack_visual_indexes=[8, 16, 24])),
+    # routed experts: 128 per layer, 8 active (30.5 B parameters, 3.3 B active per token); the 8B's vision tower
+    "qwen3_vl_30b_a3b": ("qwen3_vl_moe",
+                         dict(_QWEN3_TEXT, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                              num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
+                              num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1),
+                         dict(_QWEN3_VISION, depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=2048,
+                              deepstack_visual_indexes=[8, 16, 24])),
 }
 
 # the hub ids of those checkpoints (lower case), for configs without the network
 HUB_IDS = {"qwen/qwen2.5-vl-3b-instruct": "qwen2_5_vl_3b", "qwen/qwen2.5-vl-7b-instruct": "qwen2_5_vl_7b",
            "qwen/qwen3-vl-2b-instruct": "qwen3_vl_2b", "qwen/qwen3-vl-4b-instruct": "qwen3_vl_4b",
-           "qwen/qwen3-vl-8b-instruct": "qwen3_vl_8b"}
+           "qwen/qwen3-vl-8b-instruct": "qwen3_vl_8b", "qwen/qwen3-vl-30b-a3b-instruct": "qwen3_vl_30b_a3b"}
 
 
 def config_class(family: str):
