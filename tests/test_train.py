@@ -508,3 +508,29 @@ def test_grad_accum_fp32_trains_resumes_and_is_refused_where_deepspeed_cannot(tm
                                      trainer={**trainer, **bad}))
     with pytest.raises(RecipeError, match="model.dtype bfloat16"):
         load_recipe(write_recipe(tmp_path, tiny_model, colors_data, "bad", trainer=trainer))
+
+
+def test_two_multi_rank_runs_on_one_machine_get_their_own_port(monkeypatch, tmp_path):
+    """DeepSpeed's launcher defaults every run to port 29500: a second run on the machine died with "address
+    already in use". Each launch takes a free port (a MASTER_PORT the user set wins; a hostfile's nodes keep
+    DeepSpeed's agreement)."""
+    import socket
+
+    from vlrl_cli.train.launch import launcher_command
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    ports = []
+    for _ in range(2):
+        cmd = launcher_command(tmp_path / "r.yaml", [], False, nprocs=2)
+        ports.append(int(cmd[cmd.index("--master_port") + 1]))
+        with socket.socket() as s:  # free now
+            s.bind(("127.0.0.1", ports[-1]))
+    with socket.socket() as held:  # a run holding its port: the next launch does not get it
+        held.bind(("127.0.0.1", ports[0]))
+        held.listen()
+        cmd = launcher_command(tmp_path / "r.yaml", [], False, nprocs=2)
+        assert int(cmd[cmd.index("--master_port") + 1]) != ports[0]
+    monkeypatch.setenv("MASTER_PORT", "31234")
+    cmd = launcher_command(tmp_path / "r.yaml", [], False, nprocs=2)
+    assert cmd[cmd.index("--master_port") + 1] == "31234"
+    assert "--master_port" not in launcher_command(tmp_path / "r.yaml", [], False, hostfile=tmp_path / "hosts")

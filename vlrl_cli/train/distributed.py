@@ -19,11 +19,9 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault(k, v)
     own_port = "MASTER_PORT" not in os.environ
     if own_port:
-        import socket
+        from .launch import free_port
 
-        with socket.socket() as s:  # a free port: two runs on one machine must not collide
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())  # two runs on one machine must not collide
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     if own_port:  # our store holds it now; a process started from this one must not inherit (and reuse) it

@@ -3,7 +3,9 @@ curves at the end) or, for several ranks, through DeepSpeed's own launcher (no h
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +18,24 @@ def launcher_command(recipe: Path, overrides: list[str], resume: bool, gpus: int
     exe = shutil.which("deepspeed")
     cmd = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
     if hostfile:
-        cmd += ["--hostfile", str(hostfile)]
+        cmd += ["--hostfile", str(hostfile)]  # the nodes agree on DeepSpeed's port (or the user's MASTER_PORT)
     else:
-        cmd += ["--num_gpus", str(max(gpus, nprocs))]
+        # one machine: a free port, so two runs at once do not both take DeepSpeed's default (29500) and
+        # the second fail with "address already in use"; a MASTER_PORT the user set wins
+        cmd += ["--num_gpus", str(max(gpus, nprocs)), "--master_port", os.environ.get("MASTER_PORT") or str(free_port())]
     cmd += ["--no_local_rank", "--module", "vlrl_cli", "train", str(recipe)]  # ranks read LOCAL_RANK
     for o in overrides:
         cmd += ["--set", o]
     if resume:
         cmd.append("--resume")
     return cmd
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def relaunch(recipe: Path, overrides: list[str], resume: bool, **kw) -> int:
