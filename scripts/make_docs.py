@@ -120,10 +120,13 @@ def performance_page() -> str:
                        f"{_fmt(last.get('drift_abs_mean', ''))} | {_fmt(r['steps'][0].get('kl')) if r.get('steps') else ''} | "
                        f"{ckpt / 1e9:.2f}{est} | {_cell(r.get('device'), 30)} | "
                        f"{r.get('commit', '')} |\n")
-        caveats = [(n, r["caveat"]) for n, r in rows.items() if r.get("caveat")]
+        # a row's own caveat, and `stale`: a later code change it was not re-run after (rows sharing one, together)
+        caveats = [(f"`{n}`", r["caveat"]) for n, r in rows.items() if r.get("caveat")]
+        for text in dict.fromkeys(r["stale"] for r in rows.values() if r.get("stale")):
+            caveats.append((", ".join(f"`{n}`" for n, r in rows.items() if r.get("stale") == text), text))
         if caveats:
-            out.append("\nRows older than the code they depend on:\n\n"
-                       + "".join(f"- `{n}`: {c}\n" for n, c in caveats))
+            out.append("\nCaveats: rows older than the code they depend on, and figures not yet explained:\n\n"
+                       + "".join(f"- {n}: {c}\n" for n, c in caveats))
     gpu = results / "gpu.json"
     if gpu.exists():
         out.append("\n## Benchmarks\n\n| figure | value | device | commit | command |\n|---|---|---|---|---|\n")
