@@ -2,8 +2,8 @@
 vlrl knows offline.
 
 A `Family` holds everything that differs between architectures: the transformers classes, the placeholder
-tokens, the image processor's grid, the vision tower's module names (LoRA and freezing), whether the text
-model routes tokens to experts, and the tiny test config. Render, batches, LoRA, the plan, drift and the
+tokens, the image processor's grid, the vision tower's module names (LoRA and freezing), the text model's
+linear-attention layers, and the tiny test config. Render, batches, LoRA, the plan, drift and the
 engines ask the declaration (`family_of`) instead of naming a family. Adding a family is one declaration
 here, a tiny config, and the family in the tests' lists.
 
@@ -42,9 +42,6 @@ class Family:
                                            "linear_fc1", "linear_fc2")
     projector: str = r"(merger|deepstack_merger_list\.\d+)\.(mlp\.[02]|linear_fc1|linear_fc2)"
     patch_embed: str = r"patch_embed\.proj"
-    # routed experts in the text model: their weights are 3-D tensors (not linear layers), so LoRA's
-    # default targets adapt attention only there, and the router stays frozen
-    moe: bool = False
     # hybrid text models: the attribute of a decoder layer that holds linear attention (a recurrent state and a
     # short convolution, which would carry one sequence into the next in a packed row: model.linear_attention
     # runs it per sequence), and its projections, adapted by LoRA's default targets besides attention's and MLP's
@@ -72,8 +69,9 @@ FAMILY = {f.name: f for f in (
     Family("qwen3_vl", "Qwen3VLConfig", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", **_QWEN3_PIXELS,
            tiny_text=_QWEN3_TINY_TEXT, tiny_vision=_QWEN3_TINY_VISION),
     # Qwen3-VL with routed experts in every text layer (Qwen3-VL-30B-A3B, 235B-A22B): the same vision
-    # tower, processor and chat format as Qwen3-VL
-    Family("qwen3_vl_moe", "Qwen3VLMoeConfig", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", **_QWEN3_PIXELS, moe=True,
+    # tower, processor and chat format as Qwen3-VL. The experts are 3-D weight tensors, not linear layers, so
+    # LoRA's default targets (lora.target_regex) adapt attention there and leave experts and router frozen.
+    Family("qwen3_vl_moe", "Qwen3VLMoeConfig", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", **_QWEN3_PIXELS,
            tiny_text=dict(_QWEN3_TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                           decoder_sparse_step=1),
            tiny_vision=_QWEN3_TINY_VISION),

@@ -114,8 +114,6 @@ def read_config(path: str):
 def check_supported(path: str) -> None:
     """Refuse, in one line, a model whose architecture vlrl does not support (before its weights or
     processor load, so not as a crash in the first forward); a config that cannot be read passes here."""
-    from .families import family_of
-
     config = read_config(path)
     if config is not None:
         try:
