@@ -2,7 +2,7 @@
 
     . /tmp/kit/env.sh && python3 -m pytest -m gpu -q tests/test_gpu.py
 
-Every family (qwen2_vl, qwen2_5_vl, qwen3_vl): the vLLM engine against the trainer's forward (before and
+Every family (model.families.FAMILIES): the vLLM engine against the trainer's forward (before and
 after a weight update, on seen images), `vlrl check-drift --engine vllm --after-update`, and GRPO steps
 with the vllm engine. Each writes its figures to $OUT/<test>-<family>.json when OUT is set.
 """
@@ -30,7 +30,7 @@ def colour_records(n, seed=0):
                                         "shapes": ["circle", "square"]}), ctx)[0] for i in range(n)]
 
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+from vlrl_cli.model.families import FAMILIES  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
