@@ -1,5 +1,6 @@
-"""Every Qwen-VL family through every model-facing path: rendering, the trainer's forward, the hf engine,
-SFT, GRPO and check-drift (qwen2_vl, qwen2_5_vl, qwen3_vl, and qwen3_vl_moe: routed experts in the text model)."""
+"""Every family through every model-facing path: rendering, the trainer's forward, the hf engine, SFT, GRPO
+and check-drift (the Qwen-VL families; qwen3_vl_moe: routed experts in the text model; qwen3_5: linear
+attention; gemma4: sliding-window layers, 1-D positions, images attended both ways)."""
 
 import io
 import json
@@ -20,7 +21,7 @@ from vlrl_cli.model.render import image_inputs, model_inputs, split_messages
 from vlrl_cli.model.loading import load_processor
 
 pytestmark = pytest.mark.model
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma4")
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,9 @@ def test_model_inputs_equal_the_processors_own_on_a_multi_turn_multi_image_seque
         logits_ref = model(**dict(ref)).logits
         torch.testing.assert_close(logits_ours, logits_ref, rtol=0, atol=0)
         # what happened before: the per-token input dropped. Qwen2-VL / Qwen3-VL refuse; Qwen2.5-VL silently
-        # falls back to 1-D positions and computes other logits
+        # falls back to 1-D positions, and Gemma 4 to causal attention among an image's tokens: other logits
         without = {k: v for k, v in ours.items() if k != "mm_token_type_ids"}
-        if family == "qwen2_5_vl":
+        if family in ("qwen2_5_vl", "gemma4"):
             assert (model(**without).logits - logits_ref).abs().max() > 1e-4
         else:
             with pytest.raises(ValueError, match="mm_token_type_ids"):

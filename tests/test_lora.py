@@ -125,7 +125,7 @@ def test_check_drift_agrees_with_a_lora_policy_before_and_after_an_adapter_chang
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma4"])
 def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(family_models, family):
     """vision: false -> adapters in the language model only; vision: true -> also every vision block, the
     projector (merger; Qwen3-VL's deepstack mergers too) and the patch embedding (a Conv3d), never the head.
@@ -134,17 +134,24 @@ def test_lora_vision_adapts_the_vision_tower_and_the_projector_of_every_family(f
     from vlrl_cli.train.lora import wrap
     from vlrl_cli.model.loading import load_vlm
 
+    from vlrl_cli.model.families import FAMILY
+
+    tower = FAMILY[family].vision_tower
+    # Qwen-VL: blocks, merger and patch_embed below the tower; Gemma 4: encoder layers and patch embedder below
+    # it, its projector (embed_vision) beside it
+    blocks, projector, patch = ((".encoder.layers.", "embed_vision.embedding_projection", "patch_embedder.input_proj")
+                                if family == "gemma4" else (".blocks.", ".merger.", "patch_embed.proj"))
     for vision in (False, True):
         model = wrap(load_vlm(str(family_models[family]), torch.float32), LoraCfg(rank=4, alpha=8, vision=vision))
         adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
-        in_visual = [n for n in adapted if ".visual." in n]
+        in_visual = [n for n in adapted if f".{tower}." in n or projector in n]
         assert any("language_model" in n for n in adapted)
         assert not any("lm_head" in n for n in adapted)
         if not vision:
             assert not in_visual
             continue
-        assert any(".blocks." in n for n in in_visual) and any(".merger." in n for n in in_visual), in_visual
-        assert any(n.endswith("patch_embed.proj") for n in in_visual), in_visual
+        assert any(blocks in n for n in in_visual) and any(projector in n for n in in_visual), in_visual
+        assert any(n.endswith(patch) for n in in_visual), in_visual
         if family.startswith("qwen3_vl"):
             assert any("deepstack_merger_list" in n for n in in_visual)
         _assert_merged_equals_adapted(model, family_models[family])

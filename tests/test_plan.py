@@ -152,6 +152,28 @@ def test_every_released_size_has_its_published_parameter_count():
     # the model cards' totals (the 30B-A3B card rounds 31.07 to 31.1)
     published = {"qwen2_5_vl_3b": 3.75, "qwen2_5_vl_7b": 8.29, "qwen3_vl_2b": 2.13, "qwen3_vl_4b": 4.44,
                  "qwen3_vl_8b": 8.77, "qwen3_vl_30b_a3b": 31.07}
-    assert set(published) == set(REAL_SIZES)
     for size, billions in published.items():
         assert model_shape(real_size_config(size)).params / 1e9 == pytest.approx(billions, abs=0.006), size
+    # Qwen3.5 and Gemma 4 E2B: no total from a model card here; their totals sit by the size in the name (E2B:
+    # 2 B "effective", 4.8 B with its per-layer embeddings, without the audio tower vlrl leaves out)
+    named = {"qwen3_5_0_8b": 0.8, "qwen3_5_4b": 4.0, "qwen3_5_9b": 9.0, "gemma4_e2b": 4.8}
+    assert set(published) | set(named) == set(REAL_SIZES)
+    for size, billions in named.items():
+        assert model_shape(real_size_config(size)).params / 1e9 == pytest.approx(billions, rel=0.15), size
+
+
+def test_the_qwen3_5_and_gemma4_sizes_have_their_families_layer_layouts():
+    """The released layouts, as the real-size benchmarks build them: Qwen3.5, three gated-DeltaNet layers to
+    one full-attention layer with 256-wide heads; Gemma 4 E2B, four sliding-window layers to one global layer,
+    the last 20 reusing earlier keys and values, per-layer input embeddings, tied embeddings."""
+    from vlrl_cli.model.families import real_size_config
+
+    for size in ("qwen3_5_0_8b", "qwen3_5_4b", "qwen3_5_9b"):
+        text = real_size_config(size).text_config
+        assert text.layer_types == (["linear_attention"] * 3 + ["full_attention"]) * (text.num_hidden_layers // 4), size
+        assert text.head_dim == 256 and text.vocab_size == 248320
+    gemma = real_size_config("gemma4_e2b")
+    text = gemma.text_config
+    assert text.layer_types == (["sliding_attention"] * 4 + ["full_attention"]) * 7
+    assert text.num_kv_shared_layers == 20 and text.hidden_size_per_layer_input == 256 and gemma.tie_word_embeddings
+    assert gemma.audio_config is None and gemma.vision_config.pooling_kernel_size == 3

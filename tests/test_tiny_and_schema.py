@@ -21,12 +21,16 @@ def test_tiny_model_loads_and_runs_with_an_image(family, tmp_path, cli):
     proc = AutoProcessor.from_pretrained(tmp_path / family)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / family)
     assert model.config.model_type == family
+    from vlrl_cli.model.families import FAMILY
+    from vlrl_cli.model.render import image_factor, processor_size
+
     tok = proc.tokenizer
-    for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
-        token = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
-                 "vision_end_token_id": "<|vision_end|>"}[name]
-        assert getattr(model.config, name) == tok.convert_tokens_to_ids(token)
-    factor = proc.image_processor.patch_size * proc.image_processor.merge_size
+    tokens = FAMILY[family].tokens  # the placeholders the config names, by id, are the tokenizer's
+    assert [k for k in tokens if k.endswith(("token_id", "token_index"))], tokens
+    for name, token in tokens.items():
+        if name.endswith(("token_id", "token_index")):
+            assert getattr(model.config, name) == tok.convert_tokens_to_ids(token) != tok.unk_token_id, name
+    factor = image_factor(proc)
     import io
 
     buf = io.BytesIO()
@@ -34,7 +38,10 @@ def test_tiny_model_loads_and_runs_with_an_image(family, tmp_path, cli):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": to_data_uri(buf.getvalue(), "image/png")}},
                                              {"type": "text", "text": "What colour is it?"}]}]
     rendered = render_prompt(proc, messages)
-    assert rendered.num_image_tokens == rendered.expected_image_tokens == 6  # a 3x2 grid of merged patches
+    # Qwen-VL keeps a 3x2 grid of merged patches as it is; Gemma 4 scales it to its token budget, aspect kept
+    w, h = processor_size(proc, factor * 3, factor * 2)
+    assert rendered.num_image_tokens == rendered.expected_image_tokens == (w // factor) * (h // factor)
+    assert family == "gemma4" or (w, h) == (factor * 3, factor * 2)
     assert messages[0]["content"][0]["type"] == "image_url"  # the caller's messages are left alone
     ids = torch.tensor([rendered.input_ids])
     with torch.no_grad():

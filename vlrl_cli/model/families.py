@@ -35,22 +35,41 @@ class Family:
     tiny_pixels: tuple[int, int] | None = None  # (min, max) pixels of the tiny model; None: vlrl's defaults
     # tokens that stand for images in a prompt; the model must never sample them
     placeholders: tuple[str, ...] = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    # the tokens a config names by id (tiny and real-size models built here): config key -> token; "bos",
+    # "eos" and "pad" are the text config's
+    tokens: dict = field(default_factory=lambda: dict(_QWEN_TOKENS))
+    chat_format: str = "qwen"  # the tiny model's chat template (tiny.CHAT_TEMPLATES)
     vision_tower: str = "visual"  # the tower's attribute on the inner model (model.model.<name>)
-    # LoRA with model.lora.vision: the tower's blocks' projections, the projector (patch features -> text
-    # width) and the patch embedding, as regexes below the tower
+    # LoRA with model.lora.vision: the tower's blocks and their projections, the projector (patch features ->
+    # text width; a regex on the inner model, which need not be below the tower) and the patch embedding
+    vision_blocks: str = r"blocks\."
     vision_projections: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj",
                                            "linear_fc1", "linear_fc2")
-    projector: str = r"(merger|deepstack_merger_list\.\d+)\.(mlp\.[02]|linear_fc1|linear_fc2)"
+    projector: str = r"visual\.(merger|deepstack_merger_list\.\d+)\.(mlp\.[02]|linear_fc1|linear_fc2)"
     patch_embed: str = r"patch_embed\.proj"
+    # text positions: "mrope" (Qwen's 3-D rotary positions from get_rope_index, which packing computes per
+    # sequence) or "1d" (one position per token)
+    positions: str = "mrope"
+    # image tokens attend to each other both ways on the sliding-window layers (Gemma 4): a packed row then
+    # needs its masks built here per layer type (batches.packed_masks), and the varlen kernel (plain causal)
+    # is not used for it
+    bidirectional_images: bool = False
+    # the tower takes vlrl's grouped segment attention (model.attention): towers that attend over padded
+    # per-image rows instead of packed segments (Gemma 4) keep their own
+    grouped_vision_attention: bool = True
     # hybrid text models: the attribute of a decoder layer that holds linear attention (a recurrent state and a
     # short convolution, which would carry one sequence into the next in a packed row: model.linear_attention
     # runs it per sequence), and its projections, adapted by LoRA's default targets besides attention's and MLP's
     linear_attention: str | None = None
     linear_projections: tuple[str, ...] = ()
+    config_extra: dict = field(default_factory=dict)  # more keyword arguments of config_class (Gemma 4: no audio)
     tiny_text: dict = field(default_factory=dict)  # the tiny model's text and vision config (tiny.py adds the rest)
     tiny_vision: dict = field(default_factory=dict)
 
 
+_QWEN_TOKENS = dict(bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>", image_token_id="<|image_pad|>",
+                    video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
+                    vision_end_token_id="<|vision_end|>")
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}
 _QWEN3_TINY_TEXT = dict(head_dim=64, rope_parameters=dict(_MROPE, mrope_interleaved=True))
 _QWEN3_TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
@@ -86,6 +105,27 @@ FAMILY = {f.name: f for f in (
                                                partial_rotary_factor=0.25)),
            tiny_vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
                             num_position_embeddings=256)),
+    # Gemma 4: sliding-window and global layers, 1-D positions, image tokens attending to each other both
+    # ways on the sliding layers, a vision tower over 16-px patches pooled 3x3 into soft tokens (each image
+    # scaled to the processor's token budget), <|image> <|image|>... <image|> placeholders, tied embeddings
+    # and a soft-capped head
+    Family("gemma4", "Gemma4Config", "Gemma4Processor", "Gemma4VideoProcessor", patch_size=16, merge_size=3,
+           placeholders=("<|image|>", "<|video|>", "<|audio|>", "<|image>", "<image|>", "<|audio>", "<audio|>"),
+           tokens=dict(bos="<bos>", eos="<turn|>", pad="<|endoftext|>", image_token_id="<|image|>",
+                       boi_token_id="<|image>", eoi_token_id="<image|>", video_token_id="<|video|>",
+                       audio_token_id="<|audio|>", boa_token_id="<|audio>", eoa_token_index="<audio|>"),
+           chat_format="gemma", vision_tower="vision_tower", vision_blocks=r"encoder\.layers\.",
+           vision_projections=tuple(rf"{p}\.linear" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj")),
+           projector=r"embed_vision\.embedding_projection", patch_embed=r"patch_embedder\.input_proj",
+           positions="1d", bidirectional_images=True, grouped_vision_attention=False,
+           config_extra=dict(audio_config=None),
+           tiny_text=dict(head_dim=64, global_head_dim=64, sliding_window=128,
+                          layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                          final_logit_softcapping=30.0, use_bidirectional_attention="vision", tie_word_embeddings=True),
+           tiny_vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=2, head_dim=32, patch_size=16, pooling_kernel_size=3,
+                            position_embedding_size=256, default_output_length=70)),
 )}
 FAMILIES = tuple(FAMILY)
 
@@ -137,6 +177,28 @@ _QWEN3_TEXT = dict(max_position_embeddings=262144, rms_norm_eps=1e-6, head_dim=1
 _QWEN3_VISION = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
                      hidden_act="gelu_pytorch_tanh", num_heads=16)
 
+# Qwen3.5: three gated-DeltaNet layers to one full-attention layer (transformers' default layer_types)
+_QWEN35_TEXT = dict(max_position_embeddings=262144, rms_norm_eps=1e-6, head_dim=256, vocab_size=248320,
+                    linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10],
+                                     "mrope_interleaved": True, "partial_rotary_factor": 0.25})
+_QWEN35_VISION = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                      hidden_act="gelu_pytorch_tanh")
+# Gemma 4 E2B: four sliding-window layers to one global layer, the last 20 layers reusing earlier layers' keys
+# and values, per-layer input embeddings; its audio tower is left out (vlrl trains on images)
+_GEMMA4_E2B_TEXT = dict(vocab_size=262144, hidden_size=1536, intermediate_size=6144, num_hidden_layers=35,
+                        num_attention_heads=8, num_key_value_heads=1, head_dim=256, global_head_dim=512,
+                        sliding_window=512, vocab_size_per_layer_input=262144, hidden_size_per_layer_input=256,
+                        num_kv_shared_layers=20, use_double_wide_mlp=True, max_position_embeddings=131072,
+                        rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=30.0,
+                        layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, tie_word_embeddings=True,
+                        rope_parameters={"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                            "rope_theta": 1000000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+_GEMMA4_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+                      num_key_value_heads=12, head_dim=64, global_head_dim=64, patch_size=16, pooling_kernel_size=3,
+                      position_embedding_size=10240, use_clipped_linears=True, standardize=False)
+
 # size -> (family, text config, vision config): the values of the released checkpoints' config.json
 REAL_SIZES = {
     "qwen2_5_vl_3b": ("qwen2_5_vl",
@@ -169,12 +231,33 @@ REAL_SIZES = {
                               num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1),
                          dict(_QWEN3_VISION, depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=2048,
                               deepstack_visual_indexes=[8, 16, 24])),
+    "qwen3_5_0_8b": ("qwen3_5",
+                     dict(_QWEN35_TEXT, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+                          num_attention_heads=8, num_key_value_heads=2, linear_num_key_heads=16,
+                          linear_num_value_heads=16, tie_word_embeddings=True),
+                     dict(_QWEN35_VISION, depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
+                          out_hidden_size=1024)),
+    "qwen3_5_4b": ("qwen3_5",
+                   dict(_QWEN35_TEXT, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
+                        num_attention_heads=16, num_key_value_heads=4, linear_num_key_heads=16,
+                        linear_num_value_heads=32, tie_word_embeddings=True),
+                   dict(_QWEN35_VISION, depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                        out_hidden_size=2560)),
+    "qwen3_5_9b": ("qwen3_5",
+                   dict(_QWEN35_TEXT, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                        num_attention_heads=16, num_key_value_heads=4, linear_num_key_heads=16,
+                        linear_num_value_heads=32, tie_word_embeddings=False),
+                   dict(_QWEN35_VISION, depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                        out_hidden_size=4096)),
+    "gemma4_e2b": ("gemma4", _GEMMA4_E2B_TEXT, _GEMMA4_VISION),
 }
 
 # the hub ids of those checkpoints (lower case), for configs without the network
 HUB_IDS = {"qwen/qwen2.5-vl-3b-instruct": "qwen2_5_vl_3b", "qwen/qwen2.5-vl-7b-instruct": "qwen2_5_vl_7b",
            "qwen/qwen3-vl-2b-instruct": "qwen3_vl_2b", "qwen/qwen3-vl-4b-instruct": "qwen3_vl_4b",
-           "qwen/qwen3-vl-8b-instruct": "qwen3_vl_8b", "qwen/qwen3-vl-30b-a3b-instruct": "qwen3_vl_30b_a3b"}
+           "qwen/qwen3-vl-8b-instruct": "qwen3_vl_8b", "qwen/qwen3-vl-30b-a3b-instruct": "qwen3_vl_30b_a3b",
+           "qwen/qwen3.5-0.8b": "qwen3_5_0_8b", "qwen/qwen3.5-4b": "qwen3_5_4b", "qwen/qwen3.5-9b": "qwen3_5_9b",
+           "google/gemma-4-e2b-it": "gemma4_e2b", "google/gemma-4-e2b": "gemma4_e2b"}
 
 
 def config_class(family: str):
@@ -189,11 +272,20 @@ def real_size_config(size: str, ids: dict[str, int] | None = None):
     family, text, vision = REAL_SIZES[size]
     text, special = dict(text), {}
     if ids is not None:
-        text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-        special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        text.update(token_ids(family, ids, text=True))
+        special = token_ids(family, ids)
     return config_class(family)(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
-                                **special)
+                                **special, **FAMILY[family].config_extra)
+
+
+def token_ids(family: str, ids: dict[str, int], text: bool = False) -> dict[str, int]:
+    """A config's token-id keys for a tokenizer's ids (token -> id): the text config's bos/eos/pad (text=True)
+    or the multimodal config's placeholders."""
+    names = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "pad_token_id"}
+    tokens = FAMILY[family].tokens
+    if text:
+        return {names[k]: ids[v] for k, v in tokens.items() if k in names}
+    return {k: ids[v] for k, v in tokens.items() if k not in names}
 
 
 def known_config(path: str):

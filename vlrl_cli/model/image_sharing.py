@@ -51,7 +51,8 @@ def _keep_distinct_images(module, args, kwargs):
     module._vlrl_copies = None
     pixels = args[0] if args else kwargs.get("hidden_states")
     grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
-    if pixels is None or grid is None or len(grid) < 2:
+    # towers given packed patch rows and their grids only (Gemma 4's take padded per-image rows and positions)
+    if pixels is None or grid is None or len(grid) < 2 or grid.dim() != 2:
         return None
     sizes = grid.prod(-1).tolist()
     starts = _starts(sizes)

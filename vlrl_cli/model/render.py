@@ -25,6 +25,8 @@ from ..data.records import content_parts
 
 # processor outputs with one value per token; everything else it returns is per image
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+# what image processors return beside the model's inputs (Gemma 4's own processor drops these itself)
+NOT_MODEL_INPUTS = ("num_soft_tokens_per_image", "num_soft_tokens_per_video")
 
 
 @dataclass
@@ -42,15 +44,40 @@ class RenderedPrompt:
 
 
 def image_factor(processor) -> int:
-    """Side length the model's vision tower needs images to be a multiple of (patch x merge)."""
+    """Side length the model's vision tower needs images to be a multiple of (patch x merge; Gemma 4: patch x
+    pooling)."""
     ip = processor.image_processor
-    return int(ip.patch_size) * int(getattr(ip, "merge_size", 1))
+    return int(ip.patch_size) * int(getattr(ip, "merge_size", None) or getattr(ip, "pooling_kernel_size", 1))
 
 
 def pixel_bounds(processor) -> tuple[int, int]:
-    size = processor.image_processor.size
+    """(min, max) pixels an image keeps as it is. A processor with a soft-token budget (Gemma 4) scales every
+    image to fill it, so only sizes at the budget are kept: (budget, budget)."""
+    ip = processor.image_processor
+    if getattr(ip, "max_soft_tokens", None):
+        side = image_factor(processor)
+        return side * side, int(ip.max_soft_tokens) * side * side
+    size = ip.size
     get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
     return int(get("shortest_edge") or get("min_pixels")), int(get("longest_edge") or get("max_pixels"))
+
+
+def processor_size(processor, width: int, height: int) -> tuple[int, int]:
+    """The (width, height) the model's image processor turns a width x height image into."""
+    ip = processor.image_processor
+    if getattr(ip, "max_soft_tokens", None):  # Gemma 4: aspect ratio kept, scaled to the token budget
+        from transformers.models.gemma4.image_processing_gemma4 import get_aspect_ratio_preserving_size
+
+        pool = int(ip.pooling_kernel_size)
+        h, w = get_aspect_ratio_preserving_size(height=height, width=width, patch_size=int(ip.patch_size),
+                                                max_patches=int(ip.max_soft_tokens) * pool * pool,
+                                                pooling_kernel_size=pool)
+        return w, h
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    lo, hi = pixel_bounds(processor)
+    h, w = smart_resize(height, width, factor=image_factor(processor), min_pixels=lo, max_pixels=hi)
+    return w, h
 
 
 def split_messages(messages: list[dict], limits: ImageLimits = ImageLimits(),
@@ -96,8 +123,9 @@ def render_text(processor, text: str, images: list) -> tuple[list[int], dict]:
 
 
 def image_inputs(processor_output) -> dict[str, torch.Tensor]:
-    """The per-image part of a processor's (or image processor's) output."""
-    return {k: v for k, v in dict(processor_output).items() if k not in PER_TOKEN_KEYS}
+    """The per-image tensors of a processor's (or image processor's) output: what the model takes (an image
+    processor's bookkeeping, e.g. Gemma 4's `num_soft_tokens_per_image`, is not a model input)."""
+    return {k: v for k, v in dict(processor_output).items() if k not in PER_TOKEN_KEYS + NOT_MODEL_INPUTS}
 
 
 def concat_image_inputs(parts) -> dict[str, torch.Tensor]:
@@ -110,20 +138,43 @@ def concat_image_inputs(parts) -> dict[str, torch.Tensor]:
 
 
 def image_token_counts(processor, tensors: dict) -> list[int]:
-    """Placeholder tokens each image expands to: its patch grid t*h*w over merge^2."""
+    """Placeholder tokens each image expands to: Qwen-VL, its patch grid t*h*w over merge^2; Gemma 4, its
+    real (unpadded) patches over pooling^2."""
     grid = tensors.get("image_grid_thw")
-    if grid is None:
-        return []
-    merge = int(getattr(processor.image_processor, "merge_size", 1))
-    return [int(v) for v in (grid.prod(dim=-1) // (merge * merge)).tolist()]
+    if grid is not None:
+        merge = int(getattr(processor.image_processor, "merge_size", 1))
+        return [int(v) for v in (grid.prod(dim=-1) // (merge * merge)).tolist()]
+    positions = tensors.get("image_position_ids")  # [images, patches, 2]; (-1, -1) pads a row
+    if positions is not None:
+        pool = int(processor.image_processor.pooling_kernel_size)
+        return [int(v) for v in ((positions >= 0).all(-1).sum(-1) // (pool * pool)).tolist()]
+    return []
 
 
 def per_image(tensors: dict) -> list[tuple[tuple[int, int, int], torch.Tensor]]:
-    """(grid, pixel rows) per image: concatenated patch rows split by each image's t*h*w."""
-    grid, pixels = tensors.get("image_grid_thw"), tensors.get("pixel_values")
-    if grid is None or pixels is None:
+    """(grid, pixel rows) per image, as the vision tower receives them (split_tower_input)."""
+    pixels = tensors.get("pixel_values")
+    second = tensors.get("image_grid_thw", tensors.get("image_position_ids"))
+    if pixels is None or second is None:
         return []
-    return split_by_grid(pixels, grid.tolist())
+    return split_tower_input(pixels, second)
+
+
+def split_tower_input(pixels, second) -> list[tuple[tuple[int, int, int], Any]]:
+    """A vision tower's input split per image: (grid, pixel rows) each.
+
+    Qwen-VL: `second` is the grids [images, 3] and `pixels` their patch rows concatenated (t*h*w rows an image).
+    Gemma 4: `second` is the patch positions [images, patches, 2] ((x, y), (-1, -1) on padding) and `pixels`
+    [images, patches, dim]; an image's rows are its real patches, its grid (1, rows, columns)."""
+    if hasattr(second, "dim") and second.dim() == 3:
+        out = []
+        for px, pos in zip(pixels, second):
+            real = (pos >= 0).all(-1)
+            used = pos[real]
+            grid = (1, int(used[:, 1].max()) + 1, int(used[:, 0].max()) + 1) if len(used) else (1, 0, 0)
+            out.append((grid, px[real]))
+        return out
+    return split_by_grid(pixels, second.tolist() if hasattr(second, "tolist") else second)
 
 
 def split_by_grid(pixels, grid) -> list[tuple[tuple[int, int, int], Any]]:

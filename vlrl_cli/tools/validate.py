@@ -134,7 +134,7 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
 
 
 def _check_with_processor(row: dict, processor, opts: ValidateOptions, decoded: list) -> list[tuple[str, str, str]]:
-    from ..model.render import image_factor, pixel_bounds, render_prompt
+    from ..model.render import image_factor, pixel_bounds, processor_size, render_prompt
 
     try:
         rendered = render_prompt(processor, row["prompt"], limits=opts.limits, decoded=decoded)
@@ -148,14 +148,14 @@ def _check_with_processor(row: dict, processor, opts: ValidateOptions, decoded: 
         found.append(("error", "image_token_mismatch",
                       f"prompt: {rendered.num_image_tokens} image placeholder tokens, the image grids imply "
                       f"{rendered.expected_image_tokens}"))
-    factor = image_factor(processor)
-    lo, hi = pixel_bounds(processor)
     for i, img in enumerate(rendered.images):
         w, h = img.size
-        if w % factor or h % factor or not lo <= w * h <= hi:
+        if processor_size(processor, w, h) != (w, h):
+            W, H = processor_size(processor, w, h)
             found.append(("warning", "image_not_canonical",
-                          f"image {i}: {w}x{h} is not a multiple of {factor} within [{lo}, {hi}] pixels; the "
-                          "processor will resize it (run it through `vlrl prepare` to store the model's pixels)"))
+                          f"image {i}: the processor resizes {w}x{h} to {W}x{H} (sides a multiple of "
+                          f"{image_factor(processor)}, {pixel_bounds(processor)[1]} pixels at most); run it through "
+                          "`vlrl prepare` to store the model's pixels"))
     return found
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..model.families import family_of
 from ..model.logprobs import token_logprobs
 from ..model.render import concat_image_inputs, model_inputs
 from ..rollout.episodes import Sequence
@@ -61,13 +62,14 @@ def micro_batches(lengths: list[int], per_batch: int = 0, pack_tokens: int = 0, 
 
 def make_batch(seqs: list[Sequence], processor, dev: torch.device, packed_for=None) -> Batch:
     """The model inputs of these sequences, right-padded, or (packed_for: the model, or its DeepSpeed / PEFT
-    wrapper, whose `get_rope_index` computes the positions) packed end to end in one row with no padding.
+    wrapper, whose `get_rope_index` computes M-RoPE positions) packed end to end in one row with no padding.
 
-    A packed row carries its sequence boundaries in its positions alone: each sequence keeps its own (M-RoPE
+    A packed row carries its sequence boundaries in its positions: each sequence keeps its own (M-RoPE
     computed per sequence, text positions restarting at 0) and there is no attention mask, from which
     transformers builds a block-diagonal causal mask for any attention implementation. So every model that
     scores the batch (policy, KL reference, check-drift) attends within sequences only; the GPU's varlen kernel
-    needs no mask at all (`_logits`).
+    needs no mask at all (`_logits`). A family whose image tokens attend to each other both ways (Gemma 4)
+    gets its masks built here instead, one per layer type (packed_masks).
     """
     T = max(len(s.token_ids) for s in seqs)
     B = len(seqs)
@@ -82,6 +84,9 @@ def make_batch(seqs: list[Sequence], processor, dev: torch.device, packed_for=No
         ids = torch.tensor([[t for s in seqs for t in s.token_ids]])
         inputs = model_inputs(processor, ids, None, images, dev)
         inputs["position_ids"] = packed_positions(packed_for, processor, seqs).to(dev)
+        config = _inner(packed_for).config
+        if family_of(config).bidirectional_images:
+            inputs["attention_mask"] = packed_masks(config, inputs["mm_token_type_ids"], [len(s.token_ids) for s in seqs])
         return Batch(inputs, mask.to(dev), elp.to(dev), [len(s.token_ids) for s in seqs])
     ids = torch.full((B, T), processor.tokenizer.pad_token_id, dtype=torch.long)
     att = torch.zeros((B, T), dtype=torch.long)
@@ -98,19 +103,28 @@ def uses_varlen(model) -> bool:
     return getattr(getattr(config, "text_config", config), "_attn_implementation", None) == PACKED
 
 
+def _inner(model):
+    """The transformers model under DeepSpeed / PEFT wrappers (the one with the config)."""
+    model = getattr(model, "module", model)
+    return getattr(getattr(model, "base_model", None), "model", model) if hasattr(model, "peft_config") else model
+
+
 def _rope_owner(model):
     """The submodule that computes M-RoPE positions (`get_rope_index`), under DeepSpeed / PEFT wrappers."""
     for m in getattr(model, "module", model).modules():
         if hasattr(m, "get_rope_index"):
             return m
-    raise TypeError(f"{type(model).__name__} has no get_rope_index: packing needs a Qwen-VL model")
+    raise TypeError(f"{type(model).__name__} has no get_rope_index: packing needs an M-RoPE model")
 
 
 def packed_positions(model, processor, seqs) -> torch.Tensor:
-    """[4, 1, sum of lengths]: row 0 the text positions (restarting at 0 per sequence: how transformers finds
-    the sequence boundaries), rows 1-3 each sequence's own M-RoPE positions, computed as for it alone."""
+    """The packed row's positions, each sequence's own as if it were alone. M-RoPE families: [4, 1, sum of
+    lengths], row 0 the text positions (restarting at 0 per sequence: how transformers finds the sequence
+    boundaries), rows 1-3 the sequence's M-RoPE positions. 1-D families: [1, sum of lengths], restarting."""
     from ..model.render import mm_token_type_ids
 
+    if family_of(_inner(model).config).positions == "1d":
+        return torch.cat([torch.arange(len(s.token_ids)) for s in seqs]).view(1, -1)
     owner, rows = _rope_owner(model), []
     for s in seqs:
         ids = torch.tensor([s.token_ids])
@@ -124,11 +138,34 @@ def packed_positions(model, processor, seqs) -> torch.Tensor:
     return torch.cat(rows, dim=2)
 
 
+def packed_masks(config, token_types: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
+    """[1, 1, T, T] boolean masks (True: may attend) of a packed row, per layer type, for a model whose image
+    tokens attend to each other both ways on its sliding-window layers (Gemma 4): full-attention layers are
+    causal within each sequence; sliding layers causal within the window, or within one image's block (a run
+    of image tokens, token_types 1), and never across sequences. What transformers builds for one sequence;
+    built here because its packed-row inference does not handle the image blocks."""
+    text = getattr(config, "text_config", config)
+    types = token_types.reshape(-1).cpu()
+    T = types.numel()
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    image = types == 1
+    starts = image & torch.cat([torch.tensor([True]), ~image[:-1]])  # first token of each run of image tokens
+    block = torch.where(image, torch.cumsum(starts, 0), torch.zeros_like(types))  # 0: not an image token
+    q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    same = seq[:, None] == seq[None, :]
+    causal = (k <= q) & same
+    both_ways = (block[:, None] == block[None, :]) & (block[:, None] > 0)
+    window = causal & (q - k < text.sliding_window)
+    masks = {"full_attention": causal, "sliding_attention": window | both_ways}
+    return {name: masks[name][None, None].to(token_types.device) for name in set(text.layer_types)}
+
+
 def _logits(model, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T, V] logits, or [B, len(keep), V] at the positions `keep` only (the language-model head and
     its memory for those positions alone)."""
     dtype = next(model.parameters()).dtype
-    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.inputs.items()}
+    inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in batch.inputs.items()}  # a packed row's per-layer-type masks (a dict) are boolean
     if batch.lengths is not None and batch.input_ids.is_cuda and uses_varlen(model):
         # the varlen kernel (model.attention.packed_text_attention) finds the boundaries in the positions
         # itself: an all-ones mask makes transformers skip building the [T, T] block mask it would ignore

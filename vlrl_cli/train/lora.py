@@ -35,7 +35,7 @@ def target_regex(target_modules: list[str] | None, vision: bool, config) -> str:
     pattern = rf".*language_model\..*\.({lm})"
     if vision:
         tower = rf".*{f.vision_tower}\."
-        pattern += (rf"|{tower}blocks\..*\.({'|'.join(f.vision_projections)})|{tower}{f.projector}"
+        pattern += (rf"|{tower}{f.vision_blocks}.*\.({'|'.join(f.vision_projections)})|.*\.{f.projector}"
                     rf"|{tower}{f.patch_embed}")
     return pattern
 
@@ -136,5 +136,13 @@ def _merge(name: str, weight: torch.Tensor, factors) -> tuple[str, torch.Tensor]
 def merged_model(module, state: dict[str, torch.Tensor] | None = None):
     """The plain transformers model (the wrapped one's own object) and a state dict of merged weights
     (from `state`, a full state dict of the wrapped model, when given; else from the live parameters)."""
-    merged = merged_state_dict(module, state) if state is not None else dict(merged_named_parameters(module))
-    return module.base_model.model, merged
+    inner = module.base_model.model
+    if state is not None:
+        return inner, merged_state_dict(module, state)
+    merged = dict(merged_named_parameters(module))
+    # and the persistent buffers a saved model holds (Gemma 4's per-layer scalars): they are not parameters
+    saved = inner.state_dict(keep_vars=True)
+    for name, buf in inner.named_buffers():
+        if name in saved:
+            merged.setdefault(name.replace(".base_layer.", "."), buf.detach())
+    return inner, merged

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from ...model.families import placeholder_token_ids  # noqa: F401 - the engines and their callers import it from here
-from ...model.render import split_by_grid
+from ...model.render import split_tower_input
 
 
 @dataclass
@@ -130,7 +130,7 @@ class VisionInputProbe:
     """Records the pixel tensors an engine's vision encoder actually receives, one entry per image.
 
     A forward pre-hook on the model's vision tower (families.Family.vision_tower; the same name in transformers and vLLM); the
-    concatenated patches are split per image by the grid (t*h*w rows each). check-drift compares these
+    tower's input is split per image (render.split_tower_input). check-drift compares these
     with the tensors the trainer scores, so a preprocessing difference on either side is named, not guessed.
     """
 
@@ -138,11 +138,9 @@ class VisionInputProbe:
         self.images: list[tuple[tuple[int, int, int], Any]] = []  # (grid, pixel rows)
 
     def __call__(self, module, args, kwargs):
-        import torch
-
         pixels = args[0] if args else kwargs.get("hidden_states", kwargs.get("x", kwargs.get("pixel_values")))
-        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
-        if pixels is None or grid is None:
+        # Qwen-VL towers take the grids; Gemma 4's the patch positions
+        second = args[1] if len(args) > 1 else kwargs.get("grid_thw", kwargs.get("pixel_position_ids"))
+        if pixels is None or second is None:
             return
-        grid = grid.tolist() if isinstance(grid, torch.Tensor) else grid
-        self.images += [(g, rows.detach().to("cpu")) for g, rows in split_by_grid(pixels, grid)]
+        self.images += [(g, rows.detach().to("cpu")) for g, rows in split_tower_input(pixels, second)]
