@@ -159,3 +159,32 @@ def test_an_unsupported_architecture_is_refused_at_load_with_the_supported_list(
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(err) == 1, (args[0], r.stderr[-2000:])
         assert "'llama' is not supported" in err[0] and all(f in err[0] for f in FAMILIES), err
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma4"])
+def test_engine_prompts_hold_one_placeholder_per_image_and_expand_back_exactly(family_models, family):
+    """vLLM takes a prompt with one placeholder per image and expands it with its own processor: Qwen-VL's
+    <|image_pad|> between the template's own vision delimiters; Gemma 4's <|image|> alone, its expansion adding
+    <|image> and <image|> around the image tokens. Collapsing the trainer's ids must give exactly that, and
+    expanding by the image processor's counts (the hf engine's own-preprocessing path) the trainer's ids."""
+    from vlrl_cli.model.families import image_wrap_ids
+    from vlrl_cli.model.render import image_token_counts, render_prompt
+    from vlrl_cli.rollout.engines import collapse_placeholders, expand_placeholders
+
+    processor = load_processor(family_models[family])
+    rng = np.random.default_rng(0)
+    messages = [{"role": "user", "content": [_image(_uri(rng, 112, 84)), {"type": "text", "text": "and"},
+                                             _image(_uri(rng, 56, 84)), {"type": "text", "text": "Which?"}]}]
+    r = render_prompt(processor, messages)
+    pad, wrap = processor.image_token_id, image_wrap_ids(processor)
+    short = collapse_placeholders(r.input_ids, pad, wrap)
+    assert short.count(pad) == 2
+    template, _ = split_messages(messages)
+    text = processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
+    assert short == processor.tokenizer(text, add_special_tokens=False)["input_ids"]  # the unexpanded template
+    if family == "gemma4":
+        assert wrap is not None and not set(wrap) & set(short)
+    else:
+        assert wrap is None
+    counts = image_token_counts(processor, r.tensors)
+    assert expand_placeholders(short, pad, counts, wrap) == r.input_ids

@@ -39,7 +39,13 @@ class Family:
     # "eos" and "pad" are the text config's
     tokens: dict = field(default_factory=lambda: dict(_QWEN_TOKENS))
     chat_format: str = "qwen"  # the tiny model's chat template (tiny.CHAT_TEMPLATES)
+    # what the processor's expansion of one image placeholder puts around the image tokens (Gemma 4: <|image>
+    # and <image|>); an engine that expands placeholders itself (vLLM) takes the prompt without them
+    image_wrap: tuple[str, str] | None = None
     vision_tower: str = "visual"  # the tower's attribute on the inner model (model.model.<name>)
+    # the tower's submodule that first receives the pixels and their grid (or patch positions), in transformers
+    # and vLLM alike: the engines' vision probes hook it ("": the tower itself)
+    vision_input: str = ""
     # LoRA with model.lora.vision: the tower's blocks and their projections, the projector (patch features ->
     # text width; a regex on the inner model, which need not be below the tower) and the patch embedding
     vision_blocks: str = r"blocks\."
@@ -114,7 +120,8 @@ FAMILY = {f.name: f for f in (
            tokens=dict(bos="<bos>", eos="<turn|>", pad="<|endoftext|>", image_token_id="<|image|>",
                        boi_token_id="<|image>", eoi_token_id="<image|>", video_token_id="<|video|>",
                        audio_token_id="<|audio|>", boa_token_id="<|audio>", eoa_token_index="<audio|>"),
-           chat_format="gemma", vision_tower="vision_tower", vision_blocks=r"encoder\.layers\.",
+           chat_format="gemma", image_wrap=("<|image>", "<image|>"), vision_tower="vision_tower",
+           vision_input="patch_embedder", vision_blocks=r"encoder\.layers\.",
            vision_projections=tuple(rf"{p}\.linear" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                "up_proj", "down_proj")),
            projector=r"embed_vision\.embedding_projection", patch_embed=r"patch_embedder\.input_proj",
@@ -160,6 +167,20 @@ def placeholder_token_ids(processor) -> list[int]:
     names = f.placeholders if f is not None else Family.placeholders
     ids = {tok.convert_tokens_to_ids(n) for n in names}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+
+
+def image_wrap_ids(processor) -> tuple[int, int] | None:
+    """The ids of the tokens the processor puts around an image's placeholder tokens (Family.image_wrap)."""
+    f = family_of_processor(processor)
+    if f is None or f.image_wrap is None:
+        return None
+    start, end = (processor.tokenizer.convert_tokens_to_ids(t) for t in f.image_wrap)
+    return start, end
+
+
+def vision_input_module(tower, family: Family):
+    """The submodule of a vision tower (transformers' or vLLM's) that receives the pixels first."""
+    return tower.get_submodule(family.vision_input) if family.vision_input else tower
 
 
 def family_of_processor(processor) -> Family | None:

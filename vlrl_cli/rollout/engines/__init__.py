@@ -104,22 +104,28 @@ def make_engine(name: str, model_path: str, processor, **kwargs) -> RolloutEngin
     raise UserError(f"unknown rollout engine {name!r} (hf or vllm)")
 
 
-def collapse_placeholders(ids: list[int], pad_id: int) -> list[int]:
-    """One placeholder per image: runs of `pad_id` become a single token (how vLLM takes prompts)."""
+def collapse_placeholders(ids: list[int], pad_id: int, wrap: tuple[int, int] | None = None) -> list[int]:
+    """One placeholder per image: runs of `pad_id` become a single token (how vLLM takes prompts), and the
+    tokens `wrap` the processor put around each run (families.image_wrap_ids) go too."""
     out = []
-    for t in ids:
+    for i, t in enumerate(ids):
         if t == pad_id and out and out[-1] == pad_id:
+            continue
+        if wrap is not None and ((t == wrap[0] and i + 1 < len(ids) and ids[i + 1] == pad_id)
+                                 or (t == wrap[1] and i > 0 and ids[i - 1] == pad_id)):
             continue
         out.append(t)
     return out
 
 
-def expand_placeholders(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
-    """The inverse: the i-th placeholder becomes counts[i] copies (what an engine's own processor does)."""
+def expand_placeholders(ids: list[int], pad_id: int, counts: list[int], wrap: tuple[int, int] | None = None) -> list[int]:
+    """The inverse: the i-th placeholder becomes counts[i] copies, inside `wrap` when given (what an engine's own
+    processor does)."""
     out, k = [], 0
     for t in ids:
         if t == pad_id:
-            out += [pad_id] * (counts[k] if k < len(counts) else 1)
+            run = [pad_id] * (counts[k] if k < len(counts) else 1)
+            out += [wrap[0], *run, wrap[1]] if wrap is not None else run
             k += 1
         else:
             out.append(t)

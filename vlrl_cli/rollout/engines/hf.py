@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ...model.families import vision_tower
+from ...model.families import family_of, image_wrap_ids, vision_input_module, vision_tower
 from ...model.logprobs import token_logprobs
 from ...model.render import concat_image_inputs, image_inputs, image_token_counts, model_inputs, split_messages
 from . import GenRequest, Generation, Sampling, collapse_placeholders, expand_placeholders, placeholder_token_ids
@@ -46,7 +46,8 @@ class HFEngine:
 
     def attach_vision_probe(self, probe) -> None:
         """Record what the vision encoder receives (see engines.VisionInputProbe)."""
-        vision_tower(self.model).register_forward_pre_hook(probe, with_kwargs=True)
+        tower = vision_tower(self.model)
+        vision_input_module(tower, family_of(self.model.config)).register_forward_pre_hook(probe, with_kwargs=True)
 
     @torch.no_grad()
     def generate(self, requests: list[GenRequest], sampling: Sampling) -> list[list[Generation]]:
@@ -74,7 +75,8 @@ class HFEngine:
         tensors = image_inputs(self.processor.image_processor(images=images, return_tensors="pt"))
         pad = self.processor.image_token_id
         counts = image_token_counts(self.processor, tensors)
-        return expand_placeholders(collapse_placeholders(req.input_ids, pad), pad, counts), tensors
+        wrap = image_wrap_ids(self.processor)
+        return expand_placeholders(collapse_placeholders(req.input_ids, pad, wrap), pad, counts, wrap), tensors
 
     def _batch(self, prompts: list[tuple[list[int], dict]], n: int, s: Sampling) -> list[list[Generation]]:
         """n samples of each of these equal-length prompts, in one `generate` call."""

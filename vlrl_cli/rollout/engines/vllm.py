@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ...model.families import family_of
+from ...model.families import family_of, image_wrap_ids, vision_input_module
 from . import EngineLimits, GenRequest, Generation, Sampling, collapse_placeholders, placeholder_token_ids
 
 
@@ -52,6 +52,7 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.processor = processor
         self.pad_id = processor.image_token_id
+        self.wrap = image_wrap_ids(processor)
         self.banned = placeholder_token_ids(processor)
         self.asleep = False  # KV cache released
         self.weights_asleep = False
@@ -69,7 +70,7 @@ class VLLMEngine:
         prompts, params = [], []
         for i, r in enumerate(requests):
             images = r.images if r.images is not None else split_messages(r.messages or [])[1]
-            prompt = {"prompt_token_ids": collapse_placeholders(r.input_ids, self.pad_id)}
+            prompt = {"prompt_token_ids": collapse_placeholders(r.input_ids, self.pad_id, self.wrap)}
             if images:
                 prompt["multi_modal_data"] = {"image": images}
             prompts.append(prompt)
@@ -95,9 +96,10 @@ class VLLMEngine:
 
     def attach_vision_probe(self, probe) -> None:
         """Record what vLLM's vision encoder receives (see engines.VisionInputProbe); in-process engine only."""
-        # vLLM's models name their tower as transformers does
-        name = family_of(self.llm.llm_engine.model_config.hf_config).vision_tower
-        self.llm.apply_model(lambda model: getattr(model, name).register_forward_pre_hook(probe, with_kwargs=True) and None)
+        # vLLM's models name their tower (and its first submodule) as transformers does
+        family = family_of(self.llm.llm_engine.model_config.hf_config)
+        self.llm.apply_model(lambda model: vision_input_module(getattr(model, family.vision_tower), family)
+                             .register_forward_pre_hook(probe, with_kwargs=True) and None)
 
     def update_weights(self, named_tensors) -> None:
         """Load (HF name, tensor) pairs and drop every cache that could serve old-weight results."""
