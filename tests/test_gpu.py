@@ -505,7 +505,8 @@ def test_serve_with_vllm_colours_rl_example_learns(tmp_path):
 @needs_gpu
 def test_packed_rows_through_the_varlen_kernel_match_padded_batches(gpu_tiny, family):
     """trainer.pack_tokens on a GPU: the language model's attention over a packed row runs PyTorch's varlen
-    flash kernel per sequence (model.attention.packed_text_attention); its log-probs match the padded batch's."""
+    flash kernel per sequence (model.attention.packed_text_attention); its log-probs match the padded batch's.
+    Gemma 4 (images attended both ways) keeps sdpa with the packed row's own masks, on the GPU's kernels."""
     import test_packing
 
     from vlrl_cli.train.batches import make_batch, sequence_logprobs
@@ -514,7 +515,9 @@ def test_packed_rows_through_the_varlen_kernel_match_padded_batches(gpu_tiny, fa
     from vlrl_cli.model.loading import load_processor
 
     model = load_vlm(str(gpu_tiny), torch.bfloat16).cuda()
-    use_packed_text_attention(model)
+    from vlrl_cli.model.families import family_of
+
+    assert use_packed_text_attention(model) == (not family_of(model.config).bidirectional_images)
     processor = load_processor(str(gpu_tiny))
     seqs = test_packing.sequences(processor)
     with torch.no_grad():

@@ -212,3 +212,15 @@ def test_packed_row_boundaries_are_read_once_per_position_tensor():
     pos[0, 5] = 7  # in place: the sequence starting at 5 merges into the one before
     cu2, longest2 = attention.per_tensor_plan("packed_rows", pos, pos.device, counting)
     assert len(calls) == 2 and cu2.tolist() == [0, 3, 9] and longest2 == 6
+
+
+def test_the_varlen_kernel_is_never_given_a_family_whose_images_attend_both_ways(family_models):
+    """The GPU's varlen kernel is plain causal per sequence: Gemma 4's packed rows keep sdpa with their own
+    per-layer-type masks (batches.packed_masks), the Qwen-VL families go to the kernel."""
+    from vlrl_cli.model.attention import PACKED, use_packed_text_attention
+    from vlrl_cli.model.loading import load_vlm
+
+    for family, expected in (("gemma4", False), ("qwen2_5_vl", True)):
+        model = load_vlm(str(family_models[family]), torch.float32)
+        assert use_packed_text_attention(model) is expected
+        assert (model.config.text_config._attn_implementation == PACKED) is expected

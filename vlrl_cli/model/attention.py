@@ -153,15 +153,22 @@ def _varlen_causal(q, k, v, cu, longest: int, scale):
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
 
 
-def use_packed_text_attention(model) -> None:
-    """Route the language model's attention through packed_text_attention (its masks stay sdpa's)."""
+def use_packed_text_attention(model) -> bool:
+    """Route the language model's attention through packed_text_attention (its masks stay sdpa's). False
+    (unchanged) for a family whose image tokens attend to each other both ways: the varlen kernel is plain
+    causal, so its packed rows keep sdpa with the masks batches.packed_masks builds."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    from .families import family_of
+
+    if family_of(model.config).bidirectional_images:
+        return False
     AttentionInterface.register(PACKED, packed_text_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
     text = getattr(model.config, "text_config", model.config)
     text._attn_implementation = PACKED
+    return True
 
 
 def use_grouped_vision_attention(model) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..model.families import family_of
 from ..model.loading import load_vlm
 
 
@@ -99,9 +98,7 @@ def prepare_model(model_path: str, dtype: str, attention: str = "auto", packed: 
         from ..model.image_sharing import share_repeated_images
 
         share_repeated_images(model, enabled=bool(share_images))
-    # trainer.pack_tokens: packed rows through the varlen kernel on a GPU (plain causal: a family whose image
-    # tokens attend both ways keeps sdpa with the masks batches.packed_masks builds)
-    if packed and attention == "auto" and not family_of(model.config).bidirectional_images:
+    if packed and attention == "auto":  # trainer.pack_tokens: packed rows through the varlen kernel on a GPU
         from ..model.attention import use_packed_text_attention
 
         use_packed_text_attention(model)
