@@ -82,22 +82,33 @@ def test_3b_full_fine_tune_on_one_h100_fits_only_with_a_small_vllm_pool_and_7b_n
     assert z3.training["gradients"] == pytest.approx(full.shape.params * 2 / 8 / 1e9)  # bf16, one partitioned copy
 
 
-def test_plan_cli_prints_the_table_and_json_and_names_bad_input(tmp_path):
-    r = run_cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--json", tmp_path / "plan.json")
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_plan_cli_prints_the_table_and_json_and_names_bad_input(tmp_path, monkeypatch):
+    """In-process (the CLI's own parser and error path, without a Python start-up per call)."""
+    from typer.testing import CliRunner
+
+    from vlrl_cli.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+
+    def cli(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    r = cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--json", tmp_path / "plan.json")
+    assert r.exit_code == 0, r.output[-2000:]
     assert "memory plan: Qwen/Qwen2.5-VL-3B-Instruct on 8 x H100-80GB" in r.stderr and "fits" in r.stderr
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["fits"] and plan["gpus"] == 8 and plan["shape"]["params"] > 3e9
-    assert not (tmp_path / "runs").exists() and not Path("runs/geo3k-grpo").exists()  # planned, nothing started
-    r = run_cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--gpu", "1xH100-80GB",
-                "--set", "model.path=Qwen/Qwen2.5-VL-7B-Instruct")
-    assert r.returncode == 0 and "DOES NOT FIT" in r.stderr and "changes that fit:" in r.stderr, r.stderr[-2000:]
-    r = run_cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--gpu", "H1OO")
-    assert r.returncode == 2 and "H1OO" in r.stderr and "H100-80GB" in r.stderr
-    r = run_cli("train", ROOT / "recipes" / "colors-tiny.yaml", "--plan")
-    assert r.returncode == 2 and "sized for the CPU" in r.stderr
-    r = run_cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--set", "model.path=nobody/no-such-model")
-    assert r.returncode == 2 and "nobody/no-such-model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()  # planned, nothing started
+    r = cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--gpu", "1xH100-80GB",
+            "--set", "model.path=Qwen/Qwen2.5-VL-7B-Instruct")
+    assert r.exit_code == 0 and "DOES NOT FIT" in r.stderr and "changes that fit:" in r.stderr, r.stderr[-2000:]
+    r = cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--gpu", "H1OO")
+    assert r.exit_code == 2 and "H1OO" in r.stderr and "H100-80GB" in r.stderr
+    r = cli("train", ROOT / "recipes" / "colors-tiny.yaml", "--plan")
+    assert r.exit_code == 2 and "sized for the CPU" in r.stderr
+    r = cli("train", ROOT / "recipes" / "geometry3k.yaml", "--plan", "--set", "model.path=nobody/no-such-model")
+    assert r.exit_code == 2 and "nobody/no-such-model" in r.stderr and "Traceback" not in r.output
 
 
 def test_start_up_refuses_a_recipe_that_cannot_fit_this_gpu(monkeypatch):
@@ -177,3 +188,21 @@ def test_the_qwen3_5_and_gemma4_sizes_have_their_families_layer_layouts():
     assert text.layer_types == (["sliding_attention"] * 4 + ["full_attention"]) * 7
     assert text.num_kv_shared_layers == 20 and text.hidden_size_per_layer_input == 256 and gemma.tie_word_embeddings
     assert gemma.audio_config is None and gemma.vision_config.pooling_kernel_size == 3
+
+
+def test_advice_plans_each_single_change_once_and_looks_no_further(monkeypatch):
+    """A plan that does not fit tries single changes; their own plans must not search again (that recursion
+    made `--plan` of a 7B full fine-tune on one GPU build hundreds of meta models: about a minute)."""
+    import vlrl_cli.train.plan as plan_module
+
+    calls = []
+    real = plan_module.plan_memory
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("advise", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "plan_memory", counting)
+    plan = plan_module.plan_for(bench_recipe(**{"model.path": "Qwen/Qwen2.5-VL-7B-Instruct"}), "1xH100-80GB")
+    assert not plan.fits and plan.advice
+    assert calls[0] is True and calls[1:] and not any(calls[1:]) and len(calls) <= 12, calls

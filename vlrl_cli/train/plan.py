@@ -121,8 +121,9 @@ def _lora_params(module, rank: int) -> int:
 
 
 def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpus: int = 1,
-                shape: ModelShape | None = None) -> MemoryPlan:
-    """The per-GPU memory of `recipe` on `gpus` GPUs of `gpu_gb` GB each (see the module docstring)."""
+                shape: ModelShape | None = None, advise: bool = True) -> MemoryPlan:
+    """The per-GPU memory of `recipe` on `gpus` GPUs of `gpu_gb` GB each (see the module docstring).
+    advise: when it does not fit, look for single changes that do (the advice's own plans look no further)."""
     m, r, tr = recipe.model, recipe.rollout, recipe.trainer
     if gpu_gb is None:
         gpu = gpu or tr.sized_for
@@ -176,7 +177,7 @@ def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpu
     plan.train_peak_gb = base + sum(training.values())
     plan.usable_gb = gpu_gb - CONTEXT_GB
     plan.fits = max(plan.generate_peak_gb, plan.train_peak_gb) <= plan.usable_gb
-    if not plan.fits:
+    if not plan.fits and advise:
         plan.advice = _advice(recipe, gpu, gpu_gb, gpus, shape)
     return plan
 
@@ -204,7 +205,7 @@ def _advice(recipe, gpu, gpu_gb, gpus, shape) -> list[str]:
         variant = with_overrides(recipe, sets)
         lora_changed = variant.model.lora.rank != recipe.model.lora.rank
         s = model_shape(model_config(variant.model.path), variant.model.lora) if lora_changed else shape
-        p = plan_memory(variant, gpu, gpu_gb, gpus, s)
+        p = plan_memory(variant, gpu, gpu_gb, gpus, s, advise=False)
         if p.fits:
             found.append(f"--set {' --set '.join(sets)}  (peak {max(p.generate_peak_gb, p.train_peak_gb):.1f} GB)")
     return found
