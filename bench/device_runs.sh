@@ -43,6 +43,25 @@ recipe)
       --gpu-gb ${GPU_GB:-80} --work /tmp/shape --out $RESULTS/recipe_$name.json ${KEEP_MODEL:+--keep-model}
   done
   ;;
+families)
+  # the families added last, on the GPU. `families tests`: their GPU tests (vLLM engine vs trainer, weight sync
+  # on seen images, check-drift --after-update, packed rows) with figures in $OUT; `families sizes`: shipped
+  # recipes' shapes on their released sizes (random weights), rows as `recipe` writes them
+  shift
+  FAM=${FAMILY_K:-qwen3_5 or qwen3_vl_moe or gemma4}
+  if [ "$1" = tests ]; then
+    python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+      -k "($FAM) and (${TESTS_K:-vllm_engine_end_to_end or packed_rows or check_drift_with_vllm_including or grpo_steps})" \
+      2>&1 | tee $OUT/gpu_families.log | tail -n 30
+  else
+    RESULTS=${RESULTS:-$OUT}
+    for pair in ${SIZES:-maze2d-qwen3vl:Qwen/Qwen3.5-4B maze2d-qwen3vl:google/gemma-4-e2b-it geometry3k-qwen3vl-8b-lora:Qwen/Qwen3.5-9B}; do
+      python3 bench/recipe_shape.py recipes/${pair%%:*}.yaml --prompts ${PROMPTS:-4} --steps ${STEPS:-2} \
+        --gpu-gb ${GPU_GB:-80} --work /tmp/shape --set model.path=${pair#*:} \
+        --out $RESULTS/recipe_${pair%%:*}-$(echo ${pair#*:} | tr '/.' '__').json
+    done
+  fi
+  ;;
 setup)
   $P build --out $M && $P data --out /tmp/bd --rows 512
   ;;

@@ -23,10 +23,14 @@ def main() -> None:
     table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for path in sorted(Path(a.dir).glob("recipe_*.json")):
         row = json.loads(path.read_text())
-        name = Path(row["recipe"]).stem
+        name = row.get("name") or Path(row["recipe"]).stem
         row["commit"] = a.commit
         row["command"] = (f"PROMPTS={row['shape']['prompts_per_step']} STEPS={len(row['steps']) or '?'} "
                           f"GPU_GB={row['gpu_gb_cap'] or ''} bash bench/device_runs.sh recipe {name}")
+        if row.get("sets"):  # a shipped recipe's shape on another released size
+            row["command"] = (f"python3 bench/recipe_shape.py {row['recipe']} --prompts {row['shape']['prompts_per_step']} "
+                              f"--steps {len(row['steps']) or '?'} --gpu-gb {row['gpu_gb_cap'] or ''} "
+                              + " ".join(f"--set {s}" for s in row["sets"]) + " --out $OUT/recipe_NAME.json")
         if a.note:
             row["note"] = a.note
         table[name] = row

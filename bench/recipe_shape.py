@@ -85,22 +85,31 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/shape")
     ap.add_argument("--out", required=True)
     ap.add_argument("--keep-model", action="store_true", help="keep the random model for the next recipe")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change the recipe first (e.g. model.path=Qwen/Qwen3.5-4B: the recipe's shape on another "
+                         "released size); the row is then named NAME@SIZE")
+    ap.add_argument("--name", default=None, help="the row's name (default: the recipe's, @ the size when --set)")
     a = ap.parse_args()
 
     import torch
     import yaml
 
-    from vlrl_cli.train.recipe import load_recipe
+    from vlrl_cli.model.families import HUB_IDS
+    from vlrl_cli.train.recipe import load_recipe, with_overrides
 
-    name = Path(a.recipe).stem
     recipe = load_recipe(a.recipe, check_paths=False)
+    name = Path(a.recipe).stem
+    if a.set:
+        recipe = with_overrides(recipe, a.set)
+        name = f"{name}@{HUB_IDS.get(recipe.model.path.lower(), 'changed')}"
+    name = a.name or name
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, size = model_for(recipe, work)
     t_model = time.perf_counter() - t0
     prompts = a.prompts or recipe.rollout.prompts_per_step
-    train, val = data_for(recipe, work / name, max(prompts * a.steps, 16))
+    train, val = data_for(recipe, work / name.replace("@", "-"), max(prompts * a.steps, 16))
     gpu = torch.cuda.is_available()  # (the CPU runs the tiny recipes: a dry run of this script)
     total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if gpu else 0.0
     scale = min(1.0, a.gpu_gb / total_gb) if a.gpu_gb and gpu else 1.0
@@ -119,8 +128,9 @@ def main() -> None:
     # LoRA and tiny runs write their checkpoints (every step: a LoRA run's last one also holds the merged
     # model, the others its adapters alone); a full fine-tune's is estimated (a 3B one is over 50 GB)
     data["trainer"].update(steps=a.steps, eval_every=0, save_every=1 if lora or tiny else 0, save_final=lora or tiny)
-    data["run"].update(name=name, dir=str(work / "runs"))
-    derived = work / f"{name}.yaml"
+    safe = name.replace("@", "-")  # a run's name and a file name
+    data["run"].update(name=safe, dir=str(work / "runs"))
+    derived = work / f"{safe}.yaml"
     derived.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if a.gpu_gb and gpu and cap_trainer:
@@ -131,7 +141,7 @@ def main() -> None:
         rc = subprocess.call([sys.executable, str(Path(__file__).with_name("capped_train.py")), str(derived),
                               "--overwrite"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     wall = time.perf_counter() - t1
-    run_dir = work / "runs" / name
+    run_dir = work / "runs" / safe
     from vlrl_cli.train.runs import read_metrics
 
     steps = read_metrics(run_dir)
@@ -144,7 +154,7 @@ def main() -> None:
             "trainer_mem_held_gb", "engine_mem_gb", "drift_abs_mean", "drift_abs_max", "kl", "micro_batches",
             "trained_sequences", "prompt_len_mean", "response_len_mean", "padding_frac", "reward_mean", "loss")
     row = {
-        "recipe": f"recipes/{name}.yaml", "model": recipe.model.path, "size": size, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "name": name, "recipe": a.recipe, "sets": a.set, "model": recipe.model.path, "size": size, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
         "gpu_gb_cap": a.gpu_gb, "trainer_capped": bool(a.gpu_gb and gpu and cap_trainer),
         "gpu_memory_utilization_run": data["rollout"]["gpu_memory_utilization"],
         "shape": {"prompts_per_step": prompts, "prompts_per_step_recipe": recipe.rollout.prompts_per_step,

@@ -165,7 +165,7 @@ def test_every_shipped_recipe_gets_engine_limits_that_hold_its_longest_episode(t
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma4"])
 def test_packed_grpo_step_one_kl_is_zero(tmp_path, family_models, colors_data, family, monkeypatch):
     """At step 1 the policy is the reference: with packed rows (several sequences, images included, in one
     row) the reference must score exactly what the policy scores."""
