@@ -98,7 +98,7 @@ FAMILY = {f.name: f for f in (
     # LoRA's default targets (lora.target_regex) adapt attention there and leave experts and router frozen.
     Family("qwen3_vl_moe", "Qwen3VLMoeConfig", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", **_QWEN3_PIXELS,
            tiny_text=dict(_QWEN3_TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                          decoder_sparse_step=1),
+                          decoder_sparse_step=1, norm_topk_prob=True),
            tiny_vision=_QWEN3_TINY_VISION),
     # Qwen3.5: natively multimodal, three gated-DeltaNet linear-attention layers to one full-attention layer;
     # Qwen3-VL's processor, placeholders and vision tower (without deepstack)
@@ -109,8 +109,8 @@ FAMILY = {f.name: f for f in (
                           linear_num_value_heads=4,
                           rope_parameters=dict(_MROPE, mrope_section=[2, 3, 3], mrope_interleaved=True,
                                                partial_rotary_factor=0.25)),
-           tiny_vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
-                            num_position_embeddings=256)),
+           tiny_vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, num_attention_heads=2,
+                            out_hidden_size=128, num_position_embeddings=256)),
     # Gemma 4: sliding-window and global layers, 1-D positions, image tokens attending to each other both
     # ways on the sliding layers, a vision tower over 16-px patches pooled 3x3 into soft tokens (each image
     # scaled to the processor's token budget), <|image> <|image|>... <image|> placeholders, tied embeddings
@@ -249,26 +249,27 @@ REAL_SIZES = {
     "qwen3_vl_30b_a3b": ("qwen3_vl_moe",
                          dict(_QWEN3_TEXT, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
                               num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
-                              num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1),
+                              num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+                              norm_topk_prob=True),
                          dict(_QWEN3_VISION, depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=2048,
                               deepstack_visual_indexes=[8, 16, 24])),
     "qwen3_5_0_8b": ("qwen3_5",
                      dict(_QWEN35_TEXT, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
                           num_attention_heads=8, num_key_value_heads=2, linear_num_key_heads=16,
                           linear_num_value_heads=16, tie_word_embeddings=True),
-                     dict(_QWEN35_VISION, depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
+                     dict(_QWEN35_VISION, depth=12, hidden_size=768, intermediate_size=3072, num_heads=12, num_attention_heads=12,
                           out_hidden_size=1024)),
     "qwen3_5_4b": ("qwen3_5",
                    dict(_QWEN35_TEXT, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
                         num_attention_heads=16, num_key_value_heads=4, linear_num_key_heads=16,
                         linear_num_value_heads=32, tie_word_embeddings=True),
-                   dict(_QWEN35_VISION, depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                   dict(_QWEN35_VISION, depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_attention_heads=16,
                         out_hidden_size=2560)),
     "qwen3_5_9b": ("qwen3_5",
                    dict(_QWEN35_TEXT, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
                         num_attention_heads=16, num_key_value_heads=4, linear_num_key_heads=16,
                         linear_num_value_heads=32, tie_word_embeddings=False),
-                   dict(_QWEN35_VISION, depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                   dict(_QWEN35_VISION, depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_attention_heads=16,
                         out_hidden_size=4096)),
     "gemma4_e2b": ("gemma4", _GEMMA4_E2B_TEXT, _GEMMA4_VISION),
 }

@@ -49,6 +49,12 @@ class VLLMEngine:
 
         kwargs = engine_args(model_path, dtype, gpu_memory_utilization, seed, limits,
                              dist.is_initialized() or external_launcher)
+        if dist.is_initialized():
+            # the external launcher reads the rank from the environment, which a process group made without a
+            # launcher (an earlier engine's, in one process: check-drift, serve, tests) does not set
+            os.environ.setdefault("RANK", str(dist.get_rank()))
+            os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+            os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % max(torch.cuda.device_count(), 1)))
         self.llm = LLM(**kwargs)
         self.processor = processor
         self.pad_id = processor.image_token_id
