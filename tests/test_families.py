@@ -173,12 +173,14 @@ def test_engine_prompts_hold_one_placeholder_per_image_and_expand_back_exactly(f
 
     processor = load_processor(family_models[family])
     rng = np.random.default_rng(0)
-    messages = [{"role": "user", "content": [_image(_uri(rng, 112, 84)), {"type": "text", "text": "and"},
-                                             _image(_uri(rng, 56, 84)), {"type": "text", "text": "Which?"}]}]
+    # two images next to each other, then one after text
+    messages = [{"role": "user", "content": [_image(_uri(rng, 112, 84)), _image(_uri(rng, 56, 56)),
+                                             {"type": "text", "text": "and"}, _image(_uri(rng, 56, 84)),
+                                             {"type": "text", "text": "Which?"}]}]
     r = render_prompt(processor, messages)
     pad, wrap = processor.image_token_id, image_wrap_ids(processor)
     short = collapse_placeholders(r.input_ids, pad, wrap)
-    assert short.count(pad) == 2
+    assert short.count(pad) == 3
     template, _ = split_messages(messages)
     text = processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
     assert short == processor.tokenizer(text, add_special_tokens=False)["input_ids"]  # the unexpanded template

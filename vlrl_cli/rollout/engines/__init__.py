@@ -105,16 +105,22 @@ def make_engine(name: str, model_path: str, processor, **kwargs) -> RolloutEngin
 
 
 def collapse_placeholders(ids: list[int], pad_id: int, wrap: tuple[int, int] | None = None) -> list[int]:
-    """One placeholder per image: runs of `pad_id` become a single token (how vLLM takes prompts), and the
-    tokens `wrap` the processor put around each run (families.image_wrap_ids) go too."""
-    out = []
-    for i, t in enumerate(ids):
-        if t == pad_id and out and out[-1] == pad_id:
+    """One placeholder per image (how vLLM takes prompts): each run of `pad_id` becomes a single token; with
+    `wrap` (the tokens the processor put around each image, families.image_wrap_ids), each wrapped run becomes
+    one bare placeholder, so two images next to each other stay two."""
+    out, i = [], 0
+    while i < len(ids):
+        t = ids[i]
+        if wrap is not None and t == wrap[0] and i + 1 < len(ids) and ids[i + 1] == pad_id:
+            j = i + 1
+            while j < len(ids) and ids[j] == pad_id:
+                j += 1
+            out.append(pad_id)
+            i = j + 1 if j < len(ids) and ids[j] == wrap[1] else j
             continue
-        if wrap is not None and ((t == wrap[0] and i + 1 < len(ids) and ids[i + 1] == pad_id)
-                                 or (t == wrap[1] and i > 0 and ids[i - 1] == pad_id)):
-            continue
-        out.append(t)
+        if not (t == pad_id and out and out[-1] == pad_id and wrap is None):
+            out.append(t)
+        i += 1
     return out
 
 
