@@ -116,6 +116,17 @@ def test_non_canonical_images_are_flagged_with_a_processor(tmp_path, tiny_model)
     assert [(p.severity, p.code) for p in report.problems] == [("warning", "image_not_canonical")]
 
 
+@pytest.mark.model
+def test_a_processor_with_a_token_budget_is_never_told_to_prepare_its_images(tmp_path, family_models):
+    """Gemma 4's processor rescales every image to its soft-token budget: no stored size avoids it, so validate
+    does not send the user to `vlrl prepare` for it; odd sizes (wide, tall, 1 px) still count exactly."""
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(record(to_data_uri(png(w, h), "image/png"))) + "\n"
+                            for w, h in ((101, 77), (2000, 20), (1, 1))))
+    report = validate_paths([path], ValidateOptions(processor=str(family_models["gemma4"]), workers=1))
+    assert report.problems == [], report.problems
+
+
 def test_parquet_rows_are_numbered_like_the_file(tmp_path, colors_data):
     rows = list(iter_rows(colors_data / "train.parquet"))[:5]
     rows[3]["reward_spec"]["ground_truth"] = ""

@@ -336,7 +336,8 @@ def validate(
 # --- tiny-model -----------------------------------------------------------------------------------
 
 
-@app.command("tiny-model", epilog="[bold]Example[/]\n\n  vlrl tiny-model models/tiny --family qwen2_5_vl")
+@app.command("tiny-model", epilog="[bold]Examples[/]\n\n  vlrl tiny-model models/tiny --family qwen2_5_vl\n\n"
+                                   "  vlrl tiny-model models/tiny-gemma --family gemma4")
 @guarded
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
@@ -344,7 +345,7 @@ def tiny_model(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace what OUT holds.")] = False,
 ) -> None:
-    """Build a random few-MB VLM of a real Qwen-VL architecture, offline (for tests, demos, smoke tests)."""
+    """Build a random few-MB VLM of a real architecture (any supported family), offline (tests, demos, smoke tests)."""
     from .model.tiny import FAMILIES, build_tiny_model
 
     if family not in FAMILIES:

@@ -17,16 +17,19 @@ from ..errors import UserError
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
-def _chat_template(start: str, role: str, end: str, image: str, generation: str, first: str = "") -> str:
+def _chat_template(start: str, role: str, end: str, image: str, generation: str, first: str = "",
+                   newline: str = "\n") -> str:
     """A chat format: `content` may be a string or a list of parts; image parts (OpenAI `image_url` or
-    transformers' `image`) become one placeholder that the processor expands to the image's token count."""
+    transformers' `image`) become one placeholder that the processor expands to the image's token count.
+    `newline`: what follows a role and an end of turn. A literal newline there is eaten by the next `{%-` tag
+    (the Qwen tiny models' format has none, kept so their tokens never change); `{{ '\\n' }}` survives."""
     return (
-        f"{first}{{%- for message in messages -%}}{start}{role}\n"
+        f"{first}{{%- for message in messages -%}}{start}{role}{newline}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
         "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
         f"{{%- elif part['type'] in ('image', 'image_url') -%}}{image}"
-        f"{{%- endif -%}}{{%- endfor -%}}{{%- endif -%}}{end}\n"
+        f"{{%- endif -%}}{{%- endfor -%}}{{%- endif -%}}{end}{newline}"
         f"{{%- endfor -%}}{{%- if add_generation_prompt -%}}{generation}{{%- endif -%}}"
     )
 
@@ -35,10 +38,11 @@ CHAT_TEMPLATES = {
     # Qwen's: <|im_start|>role ... <|im_end|>
     "qwen": _chat_template("<|im_start|>", "{{ message['role'] }}", "<|im_end|>",
                            "<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>assistant\n"),
-    # Gemma 4's: <bos>, then <|turn>role ... <turn|> with the assistant called "model" (its thinking channel
-    # is left out: the tiny model never thinks)
+    # Gemma 4's: <bos>, then <|turn>role\n ... <turn|>\n with the assistant called "model" (its thinking
+    # channel is left out: the tiny model never thinks)
     "gemma": _chat_template("<|turn>", "{{ 'model' if message['role'] == 'assistant' else message['role'] }}",
-                            "<turn|>", "<|image|>", "<|turn>model\n", first="{{ bos_token }}"),
+                            "<turn|>", "<|image|>", "<|turn>model{{ '\\n' }}", first="{{ bos_token }}",
+                            newline="{{ '\\n' }}"),
 }
 CHAT_TEMPLATE = CHAT_TEMPLATES["qwen"]
 

@@ -148,7 +148,10 @@ def _check_with_processor(row: dict, processor, opts: ValidateOptions, decoded: 
         found.append(("error", "image_token_mismatch",
                       f"prompt: {rendered.num_image_tokens} image placeholder tokens, the image grids imply "
                       f"{rendered.expected_image_tokens}"))
-    for i, img in enumerate(rendered.images):
+    # a processor with a soft-token budget (Gemma 4) rescales every image to fill it, whatever its size: no
+    # stored size avoids that, so there is nothing to warn about or to prepare
+    budget = getattr(processor.image_processor, "max_soft_tokens", None)
+    for i, img in enumerate([] if budget else rendered.images):
         w, h = img.size
         if processor_size(processor, w, h) != (w, h):
             W, H = processor_size(processor, w, h)
