@@ -222,3 +222,14 @@ def _assert_merged_equals_adapted(model, path):
         untouched = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()(**inputs).logits
     assert not torch.allclose(adapted, untouched, atol=1e-3)  # the adapters change the output
     torch.testing.assert_close(base, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_an_adapter_folder_given_as_a_model_names_its_checkpoint(tmp_path):
+    from vlrl_cli.errors import UserError
+    from vlrl_cli.model.loading import check_model_name
+
+    adapter = tmp_path / "step_3" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match=f"not a model directory.*pass the checkpoint {tmp_path / 'step_3'}"):
+        check_model_name(str(adapter))

@@ -25,7 +25,9 @@ def check_model_name(name: str) -> str:
     p = Path(name).expanduser()
     if p.exists():
         if p.is_dir() and not (p / "config.json").exists():
-            raise UserError(f"{name}: a folder without config.json (not a model directory)")
+            hint = (f"; pass the checkpoint {p.parent} (vlrl merges its adapter)" if (p / "adapter_config.json").exists()
+                    else "")
+            raise UserError(f"{name}: a folder without config.json (not a model directory){hint}")
         return str(p.resolve())  # what a saved adapter records as its base: usable from any folder
     first = Path(name).parts[0] if Path(name).parts else ""
     if name.startswith((".", "/", "~")) or (first and Path(first).is_dir()) or name.count("/") != 1:
