@@ -13,7 +13,9 @@ batches and log-probs (batches.py) -> updates (losses.py, policy.py) -> weight s
 step's statistics, timings and memory figures: grpo_stats.py.
 
 Launch: `vlrl train recipes/colors-tiny.yaml` (one process; CPU or one GPU), `vlrl train RECIPE --gpus N`
-(DeepSpeed's launcher, one rank per GPU, each with its own colocated engine and its own prompts).
+(DeepSpeed's launcher, one rank per GPU, each with its own colocated engine and its own prompts). With
+`rollout.engine_ranks: k` the last k ranks only generate (rollout_ranks.py) and this loop runs on the others,
+receiving its rollouts instead of generating them, up to `rollout.max_staleness` updates behind.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .distributed import equal_micro_batches, loss_normalisers
 from .grpo_stats import StepStats
 from .losses import group_advantages, keep_informative_groups, micro_batch_loss
 from .recipe import Recipe, engine_limits
+from . import rollout_ranks
 from .runs import checkpoint_due, setup_run
 from .weight_sync import sync_weights
 
@@ -81,6 +84,13 @@ def reference_logprobs(ref, policy, batch, temperature: float, banned: list[int]
 
 def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
     a, r, tr = recipe.algorithm, recipe.rollout, recipe.trainer
+    bridge = None
+    if r.engine_ranks:  # rollouts on ranks of their own: an engine rank generates for the whole run and returns
+        placement = rollout_ranks.placement_for(r.engine_ranks)
+        if placement.is_engine:
+            rollout_ranks.run_engine_rank(recipe, placement)
+            return recipe.run_dir
+        bridge = rollout_ranks.connect(placement)  # this trainer's process group: the trainers alone
     run = setup_run(recipe, resume)
     rank, world, processor, banned, policy, dev = run.rank, run.world, run.processor, run.banned, run.policy, run.dev
     with_ref = a.kl_coef > 0
@@ -88,12 +98,14 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     train_records = load_records(recipe.data.train)
     val_records = load_records(recipe.data.val, recipe.data.val_limit) if recipe.data.val else []
     allocated_before_engine = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    engine = make_engine(r.engine, recipe.model.path, processor, dtype=recipe.model.dtype,
-                         gpu_memory_utilization=r.gpu_memory_utilization, seed=tr.seed + rank,
-                         attention=recipe.model.attention, limits=engine_limits(recipe, train_records + val_records))
+    engine = None if bridge else make_engine(
+        r.engine, recipe.model.path, processor, dtype=recipe.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+        seed=tr.seed + rank, attention=recipe.model.attention, limits=engine_limits(recipe, train_records + val_records))
     # PyTorch's allocator keeps counting vLLM's pool while it sleeps: the trainer's own figures subtract it
     engine_bytes = torch.cuda.memory_allocated() - allocated_before_engine if torch.cuda.is_available() else 0
-    if run.start:
+    if bridge:
+        rollout_ranks.start_engine_ranks(bridge, policy, run.start)  # resumed: the checkpoint's weights go too
+    elif run.start:
         sync_weights(policy, engine)  # resumed: the engine starts from the checkpoint's weights
 
     # A step's episodes (environment resets, prompts rendered with their images) need no engine: the next
@@ -108,22 +120,26 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         return start_episodes([train_records[i] for i in idx], render_processor, r.n, r.max_context_tokens,
                               recipe.envs, recipe.data.max_prompt_tokens, r.history.max_images)
 
-    upcoming = renderer.submit(episodes_for, run.start)
+    upcoming = renderer.submit(episodes_for, run.start) if engine else None
     max_len = r.max_new_tokens * turn_limit(train_records, r.max_turns, recipe.envs)  # Dr. GRPO's constant
     trained_steps = 0
     for step in range(run.start, tr.steps):
         stats = StepStats(engine_bytes)
-        groups = upcoming.result()  # (a bad record's error surfaces here, in the step it belongs to)
-
-        # 1. rollouts with the engine (awake only now)
-        clock = time.perf_counter()
-        engine.wake()
-        gen_times = {"wake_s": time.perf_counter() - clock}
-        trajs = run_episodes(engine, groups, r.sampling(tr.seed * 1_000_003 + step * 7919 + rank), r.max_turns,
-                             gen_times)
-        t_sleep = time.perf_counter()
-        engine.sleep(discard_weights=True)  # step 5 pushes every weight before the next generate
-        gen_times["sleep_s"] = time.perf_counter() - t_sleep
+        if bridge:  # 1. rollouts from this trainer's engine rank (generated while the last step trained)
+            trajs, sent = rollout_ranks.receive_rollouts(bridge, step)
+            staleness = rollout_ranks.check_staleness(step, sent["version"], r.max_staleness)
+            gen_times = {"engine_s": sent["engine_s"], "wake_s": 0.0, "sleep_s": 0.0}
+        else:  # 1. rollouts with the engine (awake only now)
+            groups = upcoming.result()  # (a bad record's error surfaces here, in the step it belongs to)
+            clock = time.perf_counter()
+            engine.wake()
+            gen_times = {"wake_s": time.perf_counter() - clock}
+            trajs = run_episodes(engine, groups, r.sampling(tr.seed * 1_000_003 + step * 7919 + rank), r.max_turns,
+                                 gen_times)
+            t_sleep = time.perf_counter()
+            engine.sleep(discard_weights=True)  # step 5 pushes every weight before the next generate
+            gen_times["sleep_s"] = time.perf_counter() - t_sleep
+            staleness = 0
         clock = stats.phase("generate", stats.t0)
         stats.training_starts()
 
@@ -157,7 +173,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         clock = stats.phase("score", clock)
         # the next step's episodes, rendered while the GPU trains; not earlier, during the batch building above:
         # that is Python work too, and the two threads would only take turns at the interpreter lock
-        if step + 1 < tr.steps:
+        if step + 1 < tr.steps and engine:
             upcoming = renderer.submit(episodes_for, step + 1)
 
         # 4. updates: gradients accumulate over micro-batches, one optimizer step per epoch
@@ -182,12 +198,16 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             run.nothing_trained(recipe, step + 1, why_nothing_trained(trajs, keep, recipe), trained_steps)
 
         # 5. push the new weights into the engine (every step: the next rollout must be on-policy, and the
-        # engine dropped its copy when it went to sleep)
-        sync_weights(policy, engine)
+        # engine dropped its copy when it went to sleep); engine ranks get them while a later generation needs them
+        if bridge is None:
+            sync_weights(policy, engine)
+        elif rollout_ranks.weights_needed(step, tr.steps, r.max_staleness):
+            rollout_ranks.send_weights(bridge, policy, step + 1)
         stats.phase("sync", clock)
 
         metrics = stats.metrics(step + 1, trajs, keep, mbs, n_trained, r.n, with_ref, world, grad_norm,
                                 policy.get_lr()[0], gen_times)
+        metrics["rollout_staleness"] = staleness
         if val_records and tr.eval_every and (step + 1) % tr.eval_every == 0:
             wait([upcoming])  # the validation episodes' environments never run beside the next step's resets
             metrics.update(validation_metrics(engine, val_records, processor, recipe, tr.seed))

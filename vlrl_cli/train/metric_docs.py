@@ -21,7 +21,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "prompts_too_long": ("grpo, sft", "prompts over data.max_prompt_tokens, not rolled out or trained"),
     "padding_frac": ("grpo, sft", "share of the positions the trainer's forwards computed that were padding"),
     "micro_batches": ("grpo, sft", "forwards per pass over the step's batch (this rank)"),
-    "time_generate_s": ("grpo", "seconds of the generate phase: the engine, environments, rewards, observations"),
+    "time_generate_s": ("grpo", "seconds of the generate phase: the engine, environments, rewards, observations "
+                        "(with `rollout.engine_ranks`: the time this trainer waited for its rollouts)"),
+    "rollout_staleness": ("grpo", "how many updates behind the weights that generated this step's rollouts were "
+                          "(0 on-policy; at most `rollout.max_staleness`)"),
     "time_generate_engine_s": ("grpo", "of which inside the engine's generate calls"),
     "time_generate_wake_s": ("grpo", "of which waking the engine (vllm: mapping its weights and KV cache back)"),
     "time_generate_sleep_s": ("grpo", "of which putting it to sleep"),

@@ -70,6 +70,9 @@ class RolloutCfg:
     eval_temperature: float = 0.0  # greedy
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks: fixed-length rollouts)
     history: HistoryCfg = field(default_factory=HistoryCfg)  # a bounded image history (rollout/episodes.py)
+    # the last engine_ranks ranks only generate, the others only train (train/rollout_ranks.py); 0: colocated
+    engine_ranks: int = 0
+    max_staleness: int = 0  # engine_ranks: rollouts from weights at most this many updates old
 
     def sampling(self, seed: int, evaluation: bool = False):
         """The engines' Sampling for training rollouts, or for validation (eval_temperature, no ignore_eos)."""
@@ -321,6 +324,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
 def check_rollout_settings(recipe: Recipe, where) -> None:
     """Settings a GRPO run cannot train correctly with, refused before any work (RecipeError naming the keys)."""
     r, a = recipe.rollout, recipe.algorithm
+    if r.max_staleness and not r.engine_ranks:
+        raise RecipeError(f"{where}: rollout.max_staleness {r.max_staleness} needs rollout.engine_ranks >= 1: an engine "
+                          "beside its trainer waits for every update (it sleeps while the trainer trains), so its "
+                          "rollouts are never stale")
+    if r.engine_ranks and a.name != "grpo":
+        raise RecipeError(f"{where}: rollout.engine_ranks is for GRPO; {a.name} generates nothing to put on ranks of "
+                          "its own (set it to 0)")
+    if r.engine_ranks and recipe.trainer.eval_every:
+        raise RecipeError(f"{where}: trainer.eval_every with rollout.engine_ranks: validation during a run needs an "
+                          "engine beside the trainer; set trainer.eval_every 0 and trainer.save_every N, then "
+                          "`vlrl eval` the checkpoints (or train with rollout.engine_ranks 0)")
     if a.name != "grpo":
         return
     if r.n < 2:
