@@ -82,6 +82,27 @@ def reference_logprobs(ref, policy, batch, temperature: float, banned: list[int]
         return batches.sequence_logprobs(policy, batch, temperature, banned, only=batch.loss_mask)
 
 
+def rollout_engine(recipe: Recipe, processor, rank: int, records: list[dict]) -> RolloutEngine:
+    """The recipe's rollout engine for `rank`'s prompts, sized for these records' episodes."""
+    r = recipe.rollout
+    return make_engine(r.engine, recipe.model.path, processor, dtype=recipe.model.dtype,
+                       gpu_memory_utilization=r.gpu_memory_utilization, seed=recipe.trainer.seed + rank,
+                       attention=recipe.model.attention, limits=engine_limits(recipe, records))
+
+
+def step_episodes(recipe: Recipe, records: list[dict], processor, step: int, rank: int, world: int):
+    """Step `step`'s episodes for trainer `rank` of `world`: its prompts, reset and rendered (no engine needed)."""
+    r, tr = recipe.rollout, recipe.trainer
+    idx = prompts_for_step(len(records), step, r.prompts_per_step, tr.seed, rank, world)
+    return start_episodes([records[i] for i in idx], processor, r.n, r.max_context_tokens, recipe.envs,
+                          recipe.data.max_prompt_tokens, r.history.max_images)
+
+
+def step_sampling(recipe: Recipe, step: int, rank: int):
+    """The sampling settings (and seed) of step `step`'s rollouts for trainer `rank`."""
+    return recipe.rollout.sampling(recipe.trainer.seed * 1_000_003 + step * 7919 + rank)
+
+
 def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
     a, r, tr = recipe.algorithm, recipe.rollout, recipe.trainer
     bridge = None
@@ -98,9 +119,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     train_records = load_records(recipe.data.train)
     val_records = load_records(recipe.data.val, recipe.data.val_limit) if recipe.data.val else []
     allocated_before_engine = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    engine = None if bridge else make_engine(
-        r.engine, recipe.model.path, processor, dtype=recipe.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
-        seed=tr.seed + rank, attention=recipe.model.attention, limits=engine_limits(recipe, train_records + val_records))
+    engine = None if bridge else rollout_engine(recipe, processor, rank, train_records + val_records)
     # PyTorch's allocator keeps counting vLLM's pool while it sleeps: the trainer's own figures subtract it
     engine_bytes = torch.cuda.memory_allocated() - allocated_before_engine if torch.cuda.is_available() else 0
     if bridge:
@@ -116,9 +135,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrl-render")
 
     def episodes_for(step: int):
-        idx = prompts_for_step(len(train_records), step, r.prompts_per_step, tr.seed, rank, world)
-        return start_episodes([train_records[i] for i in idx], render_processor, r.n, r.max_context_tokens,
-                              recipe.envs, recipe.data.max_prompt_tokens, r.history.max_images)
+        return step_episodes(recipe, train_records, render_processor, step, rank, world)
 
     upcoming = renderer.submit(episodes_for, run.start) if engine else None
     max_len = r.max_new_tokens * turn_limit(train_records, r.max_turns, recipe.envs)  # Dr. GRPO's constant
@@ -134,8 +151,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             clock = time.perf_counter()
             engine.wake()
             gen_times = {"wake_s": time.perf_counter() - clock}
-            trajs = run_episodes(engine, groups, r.sampling(tr.seed * 1_000_003 + step * 7919 + rank), r.max_turns,
-                                 gen_times)
+            trajs = run_episodes(engine, groups, step_sampling(recipe, step, rank), r.max_turns, gen_times)
             t_sleep = time.perf_counter()
             engine.sleep(discard_weights=True)  # step 5 pushes every weight before the next generate
             gen_times["sleep_s"] = time.perf_counter() - t_sleep

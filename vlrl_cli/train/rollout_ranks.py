@@ -261,12 +261,11 @@ def weights_needed(step: int, steps: int, max_staleness: int) -> bool:
 def run_engine_rank(recipe, placement: Placement) -> None:
     """What an engine rank does for the whole run: generate each step's rollouts for its trainers with weights
     at most rollout.max_staleness updates old, and send them."""
-    from ..data.records import load_records, prompts_for_step
+    from ..data.records import load_records
     from ..model.loading import load_processor
-    from ..rollout.engines import make_engine
-    from ..rollout.episodes import run_episodes, start_episodes
+    from ..rollout.episodes import run_episodes
     from .distributed import seed_everything
-    from .recipe import engine_limits
+    from .grpo import rollout_engine, step_episodes, step_sampling
 
     r, tr = recipe.rollout, recipe.trainer
     bridge = connect(placement)
@@ -274,9 +273,7 @@ def run_engine_rank(recipe, placement: Placement) -> None:
     seed_everything(tr.seed + placement.rank)
     processor = load_processor(recipe.model.path)
     records = load_records(recipe.data.train)
-    engine = make_engine(r.engine, recipe.model.path, processor, dtype=recipe.model.dtype,
-                         gpu_memory_utilization=r.gpu_memory_utilization, seed=tr.seed + trainers[0],
-                         attention=recipe.model.attention, limits=engine_limits(recipe, records))
+    engine = rollout_engine(recipe, processor, trainers[0], records)
     # where the trainers start (a resumed run: after its checkpoint's updates, with those weights)
     start = json.loads(_recv_blob(bridge.weights, bridge.device))["start"]
     version = receive_weights(bridge, engine) if start else 0
@@ -287,11 +284,9 @@ def run_engine_rank(recipe, placement: Placement) -> None:
             version = receive_weights(bridge, engine)
         for t in trainers:
             clock = time.perf_counter()
-            idx = prompts_for_step(len(records), step, r.prompts_per_step, tr.seed, t, placement.trainers)
-            groups = start_episodes([records[i] for i in idx], processor, r.n, r.max_context_tokens, recipe.envs,
-                                    recipe.data.max_prompt_tokens, r.history.max_images)
+            groups = step_episodes(recipe, records, processor, step, t, placement.trainers)
             times: dict = {}
-            trajs = run_episodes(engine, groups, r.sampling(tr.seed * 1_000_003 + step * 7919 + t), r.max_turns, times)
+            trajs = run_episodes(engine, groups, step_sampling(recipe, step, t), r.max_turns, times)
             meta = {"step": step, "version": version, "engine_s": times.get("engine_s", 0.0),
                     "generate_s": time.perf_counter() - clock}
             pending += send_rollouts(bridge, t, step, pack_trajectories(trajs, meta))
