@@ -278,10 +278,16 @@ def run_engine_rank(recipe, placement: Placement) -> None:
     start = json.loads(_recv_blob(bridge.weights, bridge.device))["start"]
     version = receive_weights(bridge, engine) if start else 0
     engine.wake()
-    pending = []
+    pending = []  # (step, work, buffer) of sends not yet known to be received
     for step in range(start, tr.steps):
         while version < step - r.max_staleness:
             version = receive_weights(bridge, engine)
+        # weights after update k mean the trainers have taken step k - 1's rollouts: those sends are done, and
+        # their buffers (a step's images) are freed instead of living for the whole run
+        for sent_step, work, _ in pending:
+            if sent_step < version:
+                work.wait()
+        pending = [x for x in pending if x[0] >= version]
         for t in trainers:
             clock = time.perf_counter()
             groups = step_episodes(recipe, records, processor, step, t, placement.trainers)
@@ -289,8 +295,9 @@ def run_engine_rank(recipe, placement: Placement) -> None:
             trajs = run_episodes(engine, groups, step_sampling(recipe, step, t), r.max_turns, times)
             meta = {"step": step, "version": version, "engine_s": times.get("engine_s", 0.0),
                     "generate_s": time.perf_counter() - clock}
-            pending += send_rollouts(bridge, t, step, pack_trajectories(trajs, meta))
-    for work, _ in pending:
+            sends = send_rollouts(bridge, t, step, pack_trajectories(trajs, meta))
+            pending += [(step, work, buf) for work, buf in sends]
+    for _, work, _ in pending:
         work.wait()
 
 
