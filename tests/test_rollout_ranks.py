@@ -1,8 +1,13 @@
-"""Rollouts on ranks of their own: the placement, the staleness bound, the weight schedule and the trajectories'
-wire format (no pickle). The two-process runs are in the closing evidence; these are the pure parts."""
+"""Rollouts on ranks of their own: the placement, the staleness bound, the weight schedule, the trajectories'
+wire format (no pickle), and two-process runs (gloo, hf engine) against one colocated process."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
 from vlrl_cli.train.rollout_ranks import (Placement, check_staleness, pack_trajectories, unpack_trajectories,
                                           weights_needed)
@@ -60,3 +65,53 @@ def test_recipes_refuse_staleness_without_engine_ranks(tmp_path, tiny_model, col
     path.write_text(yaml.safe_dump(base))
     with pytest.raises(UserError, match="eval_every"):
         load_recipe(path)
+
+
+# rewards that vary on a random tiny model's text, so every step has advantages and a gradient
+LENGTH_ENV = """
+from vlrl_cli.rollout.envs.base import Env
+
+class LengthEnv(Env):
+    def score(self, text):
+        return (len(text) % 3) / 2, {"correct": len(text) % 3 == 2, "format_ok": True}
+"""
+
+
+def _train(tmp_path, tiny_model, colors_data, name, nprocs, **rollout):
+    body = {"model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
+            "rollout": {"n": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": 1.0, **rollout},
+            "algorithm": {"name": "grpo"},
+            "trainer": {"steps": 3, "lr": 1.0e-2, "micro_batch": 8, "zero_stage": 0, "save_every": 0},
+            "run": {"name": name, "dir": str(tmp_path / "runs")}, "envs": {"colors": "lengthenv:LengthEnv"}}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(body))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path)}
+    env.pop("VLRL_RUN_CLAIMED", None)
+    r = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", str(tmp_path / f"{name}.yaml"), "--nprocs",
+                        str(nprocs)], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    from vlrl_cli.train.runs import read_metrics
+
+    return read_metrics(tmp_path / "runs" / name)
+
+
+def test_split_ranks_train_like_one_colocated_process_and_keep_the_staleness_bound(tmp_path, tiny_model, colors_data):
+    """s=0 on 2 processes (rank 1 generates, rank 0 trains) is the colocated run step for step: the same
+    samples from the same weights, so the same rewards and losses. s=1 lets the engine run one update ahead:
+    step 1 is still on the initial weights (the same rewards), later steps log staleness 1, never more."""
+    (tmp_path / "lengthenv.py").write_text(LENGTH_ENV)
+    colocated = _train(tmp_path, tiny_model, colors_data, "colocated", 1)
+    s0 = _train(tmp_path, tiny_model, colors_data, "s0", 2, engine_ranks=1, max_staleness=0)
+    s1 = _train(tmp_path, tiny_model, colors_data, "s1", 2, engine_ranks=1, max_staleness=1)
+    assert [m["step"] for m in colocated] == [m["step"] for m in s0] == [m["step"] for m in s1] == [1, 2, 3]
+    assert all(m["grad_norm"] > 0 for m in colocated), colocated  # a real update every step
+    for a, b in zip(colocated, s0):
+        assert b["reward_mean"] == a["reward_mean"] and b["trained_sequences"] == a["trained_sequences"], (colocated, s0)
+        assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-5), (colocated, s0)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (colocated, s0)
+        assert b["drift_abs_max"] < 1e-4  # the engine rank holds exactly the weights the trainer scores with
+    assert [m.get("rollout_staleness", 0) for m in colocated] == [m["rollout_staleness"] for m in s0] == [0, 0, 0]
+    assert [m["rollout_staleness"] for m in s1] == [0, 1, 1]
+    assert s1[0]["reward_mean"] == colocated[0]["reward_mean"]
+    assert s1[0]["grad_norm"] == pytest.approx(colocated[0]["grad_norm"], rel=1e-4)
+    # one update behind, the behaviour policy is not the one being trained: the importance weights see it
+    assert all(m["drift_abs_max"] > 1e-3 for m in s1[1:]), s1
