@@ -161,6 +161,20 @@ def test_every_shipped_recipe_gets_engine_limits_that_hold_its_longest_episode(t
     assert engine_limits(last_four, data["maze2d"]).max_images == 4 and episode_tokens(last_four) == 16384
 
 
+
+def test_vllm_gets_a_linear_attention_prefill_it_can_run(monkeypatch):
+    """Qwen3.5's gated DeltaNet: vLLM's automatic choice on Hopper is FlashInfer's kernel, which fails at the
+    first prefill where flashinfer is not installed; without it the engine asks for vLLM's own Triton kernel."""
+    import importlib.util
+
+    from vlrl_cli.rollout.engines import vllm
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(vllm.importlib.util, "find_spec", lambda name, *a: None if name == "flashinfer" else real(name, *a))
+    assert vllm.engine_args("m", "bfloat16", 0.3, 0, None, False)["gdn_prefill_backend"] == "triton"
+    monkeypatch.setattr(vllm.importlib.util, "find_spec", lambda name, *a: object() if name == "flashinfer" else real(name, *a))
+    assert "gdn_prefill_backend" not in vllm.engine_args("m", "bfloat16", 0.3, 0, None, False)
+
 # --- 1. packed rows with a KL reference; statistics of every epoch -------------------------------------------
 
 

@@ -12,6 +12,7 @@ Log-probs: `processed_logprobs` (after temperature and the placeholder ban, as t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -33,6 +34,10 @@ def engine_args(model_path: str, dtype: str, gpu_memory_utilization: float, seed
                   gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=limits.max_model_len,
                   enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                   limit_mm_per_prompt={"image": max(limits.max_images, 1), "video": 0})
+    if importlib.util.find_spec("flashinfer") is None:
+        # hybrid models (Qwen3.5's gated DeltaNet): on Hopper vLLM's "auto" picks FlashInfer's prefill kernel and
+        # fails at the first prefill where it is not installed; its Triton kernel needs nothing more
+        kwargs["gdn_prefill_backend"] = "triton"
     if in_trainer:  # inside a (DeepSpeed) trainer: one engine per rank, reusing the process group it made
         kwargs.update(tensor_parallel_size=1, distributed_executor_backend="external_launcher")
     return kwargs
