@@ -59,6 +59,18 @@ def test_twenty_turn_episodes_with_three_frames_agree_turn_by_turn(family_models
     for sent, _ in engine.prompts:
         assert any(seq[:len(sent)] == sent for seq in sequences)
     assert engine_limits(records, max_context, None, None, 3).max_images == 3
+    # check-drift's placeholder check covers every turn, and names a late turn that lost a placeholder
+    from vlrl_cli.tools.drift import check_image_token_counts
+
+    check = check_image_token_counts(trajs, engine.prompts, processor)
+    segments = sum(len(t.sequences()) for t in trajs)
+    assert check.passed and check.detail.startswith(f"{segments}/{segments} scored sequences") and segments > 2, check
+    assert f"and {len(engine.prompts)} engine requests" in check.detail and len(engine.prompts) == 78, check  # 2 first prompts (n=2 each), then 4 x 19 turns
+    late = trajs[1].sequences()[-1]
+    late.token_ids.remove(pad)
+    check = check_image_token_counts(trajs, engine.prompts, processor)
+    assert check.passed is False and f"sequence {len(trajs[1].sequences())}: grids imply" in check.detail, check
+    late.token_ids.insert(late.token_ids.index(pad), pad)
     # the trainer's scores of every segment against what the engine reported: turn by turn, rounding only
     from vlrl_cli.tools.drift import load_trainer
 

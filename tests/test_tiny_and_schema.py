@@ -102,3 +102,11 @@ def test_writer_refuses_fields_its_first_rows_lacked(tmp_path):
     w.write({**base, "extra_info": {"a": 1}})
     with pytest.raises(UserError, match="fields"):
         w.write({**base, "extra_info": {"a": 1, "b": 2}})
+
+
+def test_tiny_model_family_names_are_forgiving_about_case_and_dashes_but_not_typos(tmp_path, cli):
+    r = cli("tiny-model", tmp_path / "g", "--family", "Gemma4")
+    assert r.exit_code == 0 and "tiny gemma4 model" in r.output, r.output
+    r = cli("tiny-model", tmp_path / "q", "--family", "Qwen9")
+    assert r.exit_code == 2 and "not 'Qwen9'" in r.output and "qwen2_5_vl" in r.output, r.output
+    assert not (tmp_path / "q").exists()

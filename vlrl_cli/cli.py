@@ -181,7 +181,9 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed for splits and synthetic data.")] = 0,
     min_pixels: Annotated[int, typer.Option(help="Smallest image area after resizing.", rich_help_panel="Images")] = 56 * 56,
     max_pixels: Annotated[int, typer.Option(help="Largest image area after resizing.", rich_help_panel="Images")] = 28 * 28 * 1280,
-    factor: Annotated[int, typer.Option(help="Sides become multiples of this (patch x merge: 28 Qwen2/2.5-VL, 32 Qwen3-VL).",
+    factor: Annotated[int, typer.Option(help="Sides become multiples of this: the model's patch x merge (28 Qwen2/2.5-VL, 32 Qwen3-VL and "
+                                        "Qwen3.5; Gemma 4 rescales every image itself, so any). `vlrl validate --processor` "
+                                        "warns about images the model would resize.",
                                         rich_help_panel="Images")] = 28,
     image_format: Annotated[str, typer.Option(help="png (lossless) or jpeg.", rich_help_panel="Images")] = "png",
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, rich_help_panel="Images")] = 95,
@@ -348,8 +350,9 @@ def tiny_model(
     """Build a random few-MB VLM of a real architecture (any supported family), offline (tests, demos, smoke tests)."""
     from .model.tiny import FAMILIES, build_tiny_model
 
+    given, family = family, family.lower().replace("-", "_")  # also Gemma4, Qwen2_5_VL, qwen2-5-vl
     if family not in FAMILIES:
-        fail(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}")
+        fail(f"--family must be one of {', '.join(FAMILIES)}, not {given!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite or not out.is_dir():
             fail(f"{out} already exists{' and is not a folder' if not out.is_dir() else ' and is not empty'}"

@@ -328,36 +328,30 @@ def check_prompt_ids(prompts: list[tuple[list[int], list[int]]]) -> Check:
 
 
 def check_image_token_counts(trajs, prompts, processor) -> Check:
+    """Every sequence the trainer scores (each segment of a cut history) against the placeholder counts its
+    image grids imply, and every engine request (one a turn) against the trainer's: a multi-turn episode adds
+    images every turn and a bounded history drops old ones, so the first prompt alone proves little."""
     pad = processor.image_token_id
-    problems, n = [], 0
-    first_engine = {}  # the engine ids of each trajectory's first request (requests follow trajectories' order)
-    for (a, b) in prompts:
-        first_engine.setdefault(tuple(a), b)
+    problems, scored = [], 0
     for t in trajs:
-        first = t.sequences()[0]  # the prompt as the first request sent it
-        counts = image_token_counts(processor, first.tensors)
-        if not counts:
-            continue
-        n += 1
-        # only the prompt's images count here; observation images come later in the sequence
-        prompt = first.token_ids[:t.prompt_len]
-        prompt_images = _count_runs(prompt, pad)
-        expected_prompt = sum(counts[:prompt_images])
-        got = prompt.count(pad)
-        engine_ids = first_engine.get(tuple(prompt))
-        eng = engine_ids.count(pad) if engine_ids is not None else got
-        if got != expected_prompt or eng != expected_prompt:
-            problems.append(f"record {t.record_id!r}: grid implies {expected_prompt}, trainer has {got}, engine {eng}")
-    if not n:
+        for segment, seq in enumerate(t.sequences(), 1):
+            counts = image_token_counts(processor, seq.tensors)
+            if not counts:
+                continue
+            scored += 1
+            if (got := seq.token_ids.count(pad)) != sum(counts):
+                problems.append(f"record {t.record_id!r} sequence {segment}: grids imply {sum(counts)}, trainer has {got}")
+    for i, (mine, engine) in enumerate(prompts):
+        if mine.count(pad) != engine.count(pad):
+            problems.append(f"request {i}: trainer has {mine.count(pad)} placeholders, engine {engine.count(pad)}")
+    if not scored:
         return Check("image_token_counts", None, "no images in these prompts")
     if not problems:
-        return Check("image_token_counts", True, f"{n}/{n} prompts: placeholder counts match the image grids on both sides")
-    return Check("image_token_counts", False, f"{len(problems)}/{n} prompts: " + "; ".join(problems[:3]),
+        return Check("image_token_counts", True, f"{scored}/{scored} scored sequences with images and {len(prompts)} engine requests: "
+                                                 "placeholder counts match the image grids on both sides")
+    return Check("image_token_counts", False, f"{len(problems)} mismatches over {scored} sequences and {len(prompts)} "
+                                              "requests: " + "; ".join(problems[:3]),
                  fix="the processor's merge size / patch size must match the model's")
-
-
-def _count_runs(ids: list[int], tok: int) -> int:
-    return sum(1 for k, t in enumerate(ids) if t == tok and (k == 0 or ids[k - 1] != tok))
 
 
 def sampling_checks(s: Sampling) -> list[Check]:
