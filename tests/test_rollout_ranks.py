@@ -77,8 +77,8 @@ class LengthEnv(Env):
 """
 
 
-def _train(tmp_path, tiny_model, colors_data, name, nprocs, **rollout):
-    body = {"model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
+def _train(tmp_path, tiny_model, colors_data, name, nprocs, lora=None, **rollout):
+    body = {"model": {"path": str(tiny_model), **({"lora": lora} if lora else {})}, "data": {"train": str(colors_data / "train.parquet")},
             "rollout": {"n": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": 1.0, **rollout},
             "algorithm": {"name": "grpo"},
             "trainer": {"steps": 3, "lr": 1.0e-2, "micro_batch": 8, "zero_stage": 0, "save_every": 0},
@@ -111,6 +111,14 @@ def test_split_ranks_train_like_one_colocated_process_and_keep_the_staleness_bou
         assert b["drift_abs_max"] < 1e-4  # the engine rank holds exactly the weights the trainer scores with
     assert [m.get("rollout_staleness", 0) for m in colocated] == [m["rollout_staleness"] for m in s0] == [0, 0, 0]
     assert [m["rollout_staleness"] for m in s1] == [0, 1, 1]
+    # the engine rank keeps what training cannot change: a full fine-tune sends every weight, LoRA only the
+    # adapted layers (merged), and the engine still holds exactly the policy being trained
+    lora = _train(tmp_path, tiny_model, colors_data, "lora", 2, lora={"rank": 4, "alpha": 8}, engine_ranks=1)
+    full_mb = sum(p.stat().st_size for p in tiny_model.glob("*.safetensors")) / 2**20
+    assert [m["weights_sent_mb"] for m in s0] == [pytest.approx(full_mb, rel=0.01)] * 2 + [0.0], (full_mb, s0)
+    sent = [m["weights_sent_mb"] for m in lora]
+    assert 0 < sent[0] == sent[1] < 0.7 * full_mb and sent[2] == 0.0, (full_mb, sent)
+    assert any(m["grad_norm"] > 0 for m in lora) and max(m["drift_abs_max"] for m in lora) < 1e-4, lora
     assert s1[0]["reward_mean"] == colocated[0]["reward_mean"]
     assert s1[0]["grad_norm"] == pytest.approx(colocated[0]["grad_norm"], rel=1e-4)
     # one update behind, the behaviour policy is not the one being trained: the importance weights see it

@@ -215,15 +215,18 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
 
         # 5. push the new weights into the engine (every step: the next rollout must be on-policy, and the
         # engine dropped its copy when it went to sleep); engine ranks get them while a later generation needs them
+        sent_bytes = 0
         if bridge is None:
             sync_weights(policy, engine)
         elif rollout_ranks.weights_needed(step, tr.steps, r.max_staleness):
-            rollout_ranks.send_weights(bridge, policy, step + 1)
+            sent_bytes = rollout_ranks.send_weights(bridge, policy, step + 1)
         stats.phase("sync", clock)
 
         metrics = stats.metrics(step + 1, trajs, keep, mbs, n_trained, r.n, with_ref, world, grad_norm,
                                 policy.get_lr()[0], gen_times)
         metrics["rollout_staleness"] = staleness
+        if bridge:
+            metrics["weights_sent_mb"] = round(sent_bytes / 2**20, 3)
         if val_records and tr.eval_every and (step + 1) % tr.eval_every == 0:
             wait([upcoming])  # the validation episodes' environments never run beside the next step's resets
             metrics.update(validation_metrics(engine, val_records, processor, recipe, tr.seed))

@@ -66,9 +66,11 @@ def is_lora(module) -> bool:
     return hasattr(module, "peft_config")
 
 
-def merged_named_parameters(module) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_named_parameters(module, changed_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the full model with every adapter merged in (W + scale * B A), under the names
     of the plain transformers model: what an engine, a checkpoint's hf/ folder or vLLM loads.
+    changed_only: only the weights training can change (adapted or trainable), for an engine that already
+    holds the frozen rest.
 
     Under ZeRO-3 each weight and its adapters are gathered (every rank must iterate) and copied out."""
     import deepspeed
@@ -82,6 +84,8 @@ def merged_named_parameters(module) -> Iterator[tuple[str, torch.Tensor]]:
             if ".lora_" in name:
                 continue
             factors = _factors(name, params, scales)
+            if changed_only and not factors and not p.requires_grad:
+                continue
             if not zero3:
                 yield _merge(name, p, factors)
                 continue

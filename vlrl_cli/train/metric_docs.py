@@ -1,7 +1,8 @@
 """What every key of metrics.jsonl means: docs/metrics.md is generated from this table (scripts/make_docs.py),
 and a test checks that a run emits exactly the documented keys."""
 
-# key -> (which runs emit it, meaning). "gpu": only where a GPU is present.
+# key -> (which runs emit it, meaning). "gpu": only where a GPU is present; "engine ranks": only with
+# rollout.engine_ranks (tests/test_rollout_ranks.py checks those).
 METRICS: dict[str, tuple[str, str]] = {
     "step": ("grpo, sft", "optimizer step, 1-based (GRPO's ppo_epochs count as one)"),
     "reward_mean": ("grpo", "mean reward of this step's samples, over all ranks"),
@@ -23,6 +24,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "micro_batches": ("grpo, sft", "forwards per pass over the step's batch (this rank)"),
     "time_generate_s": ("grpo", "seconds of the generate phase: the engine, environments, rewards, observations "
                         "(with `rollout.engine_ranks`: the time this trainer waited for its rollouts)"),
+    "weights_sent_mb": ("grpo, engine ranks", "MiB of weights trainer 0 sent to the engine ranks after this step's update ("
+                        "only what training changes: with LoRA the adapted layers, merged)"),
     "rollout_staleness": ("grpo", "how many updates behind the weights that generated this step's rollouts were "
                           "(0 on-policy; at most `rollout.max_staleness`)"),
     "time_generate_engine_s": ("grpo", "of which inside the engine's generate calls"),

@@ -148,21 +148,24 @@ def _recv_blob(group, device) -> bytes:
     return buf.cpu().numpy().tobytes()
 
 
-def send_weights(bridge: Bridge, policy, version: int) -> float:
-    """Every trainer calls this (ZeRO-3 gathers on all of them); trainer 0 broadcasts the buckets. Seconds."""
+def send_weights(bridge: Bridge, policy, version: int, changed_only: bool = True) -> int:
+    """Every trainer calls this (ZeRO-3 gathers on all of them); trainer 0 broadcasts the buckets. The engine
+    ranks never sleep, so they keep every weight training cannot change: after the start only the rest goes
+    (with LoRA, the adapted layers merged). Returns the bytes sent (0 on other trainers)."""
     from .weight_sync import export_weights
 
-    t0 = time.perf_counter()
-    for bucket in export_weights(policy):
+    sent = 0
+    for bucket in export_weights(policy, changed_only=changed_only):
         if bridge.weights is None:
             continue
         header = [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in bucket]
         _send_blob(bridge.weights, json.dumps({"version": version, "tensors": header}).encode(), bridge.device)
         flat = torch.cat([t.detach().contiguous().view(-1).view(torch.uint8) for _, t in bucket])
         _broadcast(bridge.weights, flat.to(bridge.device))
+        sent += flat.numel()
     if bridge.weights is not None:
         _send_blob(bridge.weights, json.dumps({"version": version, "done": True}).encode(), bridge.device)
-    return time.perf_counter() - t0
+    return sent
 
 
 def receive_weights(bridge: Bridge, engine) -> int:
@@ -305,5 +308,5 @@ def start_engine_ranks(bridge: Bridge, policy, start: int) -> None:
     """Trainers' side of the start: tell the engine ranks where the run starts and, resumed, send its weights."""
     if bridge.weights is not None:
         _send_blob(bridge.weights, json.dumps({"start": start}).encode(), bridge.device)
-    if start:
+    if start:  # the engine loaded the model's own weights; a resumed run's frozen ones are those too
         send_weights(bridge, policy, start)

@@ -8,9 +8,12 @@ from typing import Iterator
 import torch
 
 
-def export_weights(policy, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def export_weights(policy, bucket_bytes: int = 256 << 20, changed_only: bool = False
+                   ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The trainer's full weights as buckets of (HF name, tensor), never the whole model at once.
 
+    changed_only: only the weights training can change (LoRA: the adapted layers, merged; frozen weights are
+    left out), for an engine that keeps what it holds between updates (an engine rank's, which never sleeps).
     Under ZeRO-3 each bucket's shards are gathered (all ranks take part), copied out, and released.
     `policy`: a DeepSpeed engine, or a plain module (check-drift without DeepSpeed).
     """
@@ -20,9 +23,9 @@ def export_weights(policy, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple
 
     module = getattr(policy, "module", policy)
     if is_lora(module):  # the engine gets W + scale * B A under the plain model's names
-        yield from _buckets(merged_named_parameters(module), bucket_bytes)
+        yield from _buckets(merged_named_parameters(module, changed_only), bucket_bytes)
         return
-    params = list(module.named_parameters())
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not changed_only]
     zero3 = any(hasattr(p, "ds_id") for _, p in params)
     bucket, size = [], 0
     for name, p in params:
