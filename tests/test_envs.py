@@ -388,3 +388,23 @@ def test_the_example_environment_package_registers_itself_and_runs_everywhere(tm
         assert results[-1].done and results[-1].reward == 1.0 and results[-1].info["correct"]
     finally:
         sys.path.remove(str(root))
+
+
+def test_an_environment_that_raises_stops_the_run_with_one_line_naming_it_and_the_record(tmp_path, tiny_model, colors_data):
+    import yaml
+
+    (tmp_path / "badenvs.py").write_text(
+        "from vlrl_cli.rollout.envs.base import Env\n\n"
+        "class Bad(Env):\n"
+        "    def score(self, text):\n"
+        "        raise ValueError('my reward blew up')\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
+        "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
+        "trainer": {"steps": 1, "save_final": False}, "run": {"dir": str(tmp_path / "runs")},
+        "envs": {"colors": "badenvs:Bad"}}))
+    r = _cli("train", recipe)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "badenvs:Bad.step raised ValueError: my reward blew up (record" in r.stderr, r.stderr[-2000:]
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr

@@ -123,3 +123,48 @@ def test_split_ranks_train_like_one_colocated_process_and_keep_the_staleness_bou
     assert s1[0]["grad_norm"] == pytest.approx(colocated[0]["grad_norm"], rel=1e-4)
     # one update behind, the behaviour policy is not the one being trained: the importance weights see it
     assert all(m["drift_abs_max"] > 1e-3 for m in s1[1:]), s1
+
+
+def test_a_split_that_cannot_serve_its_trainers_is_refused_before_any_rank_starts(tmp_path, tiny_model, colors_data):
+    body = {"model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
+            "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
+            "trainer": {"steps": 1}, "run": {"name": "x", "dir": str(tmp_path / "runs")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("VLRL_RUN_CLAIMED", None)
+    for nprocs, k, why in ((3, 2, "each engine rank serves at least one trainer"), (2, 2, "no rank is left to train")):
+        r = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", str(tmp_path / "r.yaml"), "--nprocs", str(nprocs),
+                            "--set", f"rollout.engine_ranks={k}"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 2 and why in r.stderr and "internal error" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.count("rollout.engine_ranks is") == 1  # from the command, not from every rank
+        assert not (tmp_path / "runs" / "x").exists()  # nothing claimed, no lock left behind
+
+
+def test_interrupting_a_multi_process_run_stops_every_rank_before_it_returns(tmp_path, tiny_model, colors_data):
+    """Ctrl-C (or SIGTERM) to `vlrl train --nprocs 2` must not leave ranks training on: the parent holds the run
+    directory's lock, and a rank that outlives it writes into a run that another process may claim."""
+    import signal
+    import time
+
+    body = {"model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
+            "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 4}, "algorithm": {"name": "grpo"},
+            "trainer": {"steps": 100000, "save_every": 0, "save_final": False},
+            "run": {"name": "long", "dir": str(tmp_path / "runs")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("VLRL_RUN_CLAIMED", None)
+    proc = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "train", str(tmp_path / "r.yaml"), "--nprocs", "2",
+                             "--set", "rollout.engine_ranks=1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "long" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    assert metrics.exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "no step in 240 s"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    lines = metrics.read_text().count("\n")
+    time.sleep(3)
+    assert metrics.read_text().count("\n") == lines  # no rank trains on
+    ranks = subprocess.run(["pgrep", "-f", str(tmp_path / "r.yaml")], capture_output=True, text=True).stdout.split()
+    assert ranks == [], ranks

@@ -481,6 +481,10 @@ def train(
     rec = load_recipe(recipe, overrides)
     if not os.environ.get("VLRL_RUN_CLAIMED") and not ignore_plan:
         check_fits(rec, gpus)
+    if rec.rollout.engine_ranks and not hostfile and not os.environ.get("VLRL_RUN_CLAIMED"):
+        from .train.rollout_ranks import check_placement
+
+        check_placement(rec.rollout.engine_ranks, max(gpus, nprocs))  # before any rank starts or the run is claimed
     if not os.environ.get("VLRL_RUN_CLAIMED"):  # a rank relaunched below: the parent already decided
         done = claim_run_dir(rec, resume, overwrite, allow_changes)
         if done:

@@ -106,6 +106,19 @@ def keep_last_images(messages: list[dict], max_images: int | None) -> list[dict]
     return out
 
 
+def env_call(env, method: str, record: dict, *args):
+    """env.reset / env.step, where an exception (an environment's own bug, often a user's) stops the run with
+    one line naming the class, the method and the record, not as an internal error of vlrl."""
+    try:
+        return getattr(env, method)(*args)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - named and re-raised
+        cls = type(env)
+        raise UserError(f"environment {cls.__module__}:{cls.__qualname__}.{method} raised {type(e).__name__}: {e} "
+                        f"(record {record.get('id', '?')!r}, env_class {record.get('env_class')!r})") from e
+
+
 class Episode:
     """One environment episode and its growing token sequence.
 
@@ -120,7 +133,8 @@ class Episode:
         is rendered once for its n samples) when this reset returned the same messages."""
         self.env = resolve_env(record["env_class"], env_registry)()
         self.record, self.processor, self.max_context, self.max_images = record, processor, max_context, max_images
-        messages = keep_last_images(self.env.reset(record), max_images)  # the reset sets the env's episode state
+        # the reset sets the env's episode state
+        messages = keep_last_images(env_call(self.env, "reset", record, record), max_images)
         rendered = first[1] if first is not None and first[0] == messages else render_prompt(processor, messages)
         self.messages = [dict(m) for m in messages]  # the conversation as the engine sees it now
         self.traj = Trajectory(token_ids=list(rendered.input_ids), loss_mask=[0] * rendered.length,
@@ -141,7 +155,7 @@ class Episode:
         t.loss_mask += [1] * len(gen.token_ids)
         t.engine_logp += gen.logprobs
         text = self.processor.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-        result = self.env.step(text)
+        result = env_call(self.env, "step", self.record, text)
         t.turns += 1
         t.reward = result.reward
         t.info = result.info

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .recipe import Recipe
@@ -39,7 +41,50 @@ def free_port() -> int:
 
 
 def relaunch(recipe: Path, overrides: list[str], resume: bool, **kw) -> int:
-    return subprocess.call(launcher_command(recipe, overrides, resume, **kw))
+    """Runs the launcher and its ranks in a process group of their own and waits for them. Ctrl-C or a
+    termination of this process stops the whole group before it returns: this process holds the run
+    directory's lock, so no rank may outlive it and write into a run another process has since claimed."""
+    proc = subprocess.Popen(launcher_command(recipe, overrides, resume, **kw), start_new_session=True)
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop_group(proc)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM to every process of proc's group (the launcher and each rank), SIGKILL to what is left after
+    grace_s; returns once none is left."""
+    def alive() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a zombie leader whose group is otherwise gone
+            return False
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        if not alive():
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the launcher, so its group can empty
+            if not alive():
+                return
+            time.sleep(0.1)
+    proc.poll()
 
 
 KEY_METRICS = ("reward_mean", "accuracy", "val_accuracy", "loss", "drift_abs_mean", "grad_norm")

@@ -66,13 +66,22 @@ class Placement:
         return [t for t in range(self.trainers) if self.engine_for(t) == engine_rank]
 
 
-def placement_for(engine_ranks: int) -> Placement:
-    """This process's placement from the launcher's environment; refuses a run with no rank left to train."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def check_placement(engine_ranks: int, world: int) -> None:
+    """Refuses a split that leaves no rank to train, or an engine rank with no trainer to serve."""
     if engine_ranks >= world:
         raise UserError(f"rollout.engine_ranks is {engine_ranks} but the run has {world} rank(s): no rank is left to "
                         f"train; run with --gpus {engine_ranks + 1} or more (--nprocs on the CPU), or set "
                         "rollout.engine_ranks 0 (the engine on every training rank)")
+    if engine_ranks > world - engine_ranks:
+        raise UserError(f"rollout.engine_ranks is {engine_ranks} but only {world - engine_ranks} of the {world} ranks "
+                        f"train: each engine rank serves at least one trainer; set rollout.engine_ranks "
+                        f"{world // 2} or less")
+
+
+def placement_for(engine_ranks: int) -> Placement:
+    """This process's placement from the launcher's environment; refuses a placement check_placement refuses."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    check_placement(engine_ranks, world)
     return Placement(rank, world, engine_ranks)
 
 
