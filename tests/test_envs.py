@@ -406,5 +406,6 @@ def test_an_environment_that_raises_stops_the_run_with_one_line_naming_it_and_th
         "envs": {"colors": "badenvs:Bad"}}))
     r = _cli("train", recipe)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "badenvs:Bad.step raised ValueError: my reward blew up (record" in r.stderr, r.stderr[-2000:]
+    # the line also says where in the user's file it failed (line 5: the raise)
+    assert "badenvs:Bad.step raised ValueError: my reward blew up at badenvs.py:5 (record" in r.stderr, r.stderr[-2000:]
     assert "internal error" not in r.stderr and "Traceback" not in r.stderr

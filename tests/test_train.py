@@ -412,28 +412,29 @@ def test_the_next_steps_episodes_are_rendered_on_another_thread_while_this_step_
     assert [m["step"] for m in read_metrics(tmp_path / "runs" / "render")] == [1, 2, 3]
 
 
-BROKEN_ENV = """
-from vlrl_cli.rollout.envs.base import Env
+# A fault inside vlrl itself (not the user's recipe, data or environment), injected at interpreter start: the
+# GRPO advantage computation raises.
+INTERNAL_FAULT = """
+import vlrl_cli.train.losses as losses
 
-class BrokenEnv(Env):
-    def score(self, text):
-        raise RuntimeError("reward server exploded")
+def group_advantages(*args, **kwargs):
+    raise RuntimeError("advantage bookkeeping exploded")
+
+losses.group_advantages = group_advantages
 """
 
 
 def test_an_internal_error_exits_1_with_the_traceback_in_the_run_dir(tmp_path, tiny_model, colors_data):
-    (tmp_path / "userenvs.py").write_text(BROKEN_ENV)
+    (tmp_path / "sitecustomize.py").write_text(INTERNAL_FAULT)
     rec = write_recipe(tmp_path, tiny_model, colors_data, "broken", trainer={"steps": 1})
-    with open(rec, "a") as f:
-        f.write("envs: {colors: 'userenvs:BrokenEnv'}\n")
     r = run_cli(["train", rec], env_extra={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "internal error: RuntimeError: reward server exploded" in r.stderr
+    assert "internal error: RuntimeError: advantage bookkeeping exploded" in r.stderr
     assert "bad usage" not in r.stderr and "error: " not in r.stderr.replace("internal error: ", "")
     [log] = (tmp_path / "runs" / "broken").glob("vlrl-error-*.log")
     assert str(log) in r.stderr.replace("\n", "")
     text = log.read_text()
-    assert "Traceback" in text and "reward server exploded" in text and "train" in text.splitlines()[0]
+    assert "Traceback" in text and "advantage bookkeeping exploded" in text and "train" in text.splitlines()[0]
     # a usage error stays exit 2, one line naming the key
     r = run_cli(["train", rec, "--set", "trainer.stepz=3"])
     assert r.returncode == 2 and "trainer" in r.stderr and "stepz" in r.stderr and "Traceback" not in r.stderr

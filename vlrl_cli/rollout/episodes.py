@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .engines import EngineLimits, GenRequest, Generation, RolloutEngine, Sampling
@@ -115,7 +117,10 @@ def env_call(env, method: str, record: dict, *args):
         raise
     except Exception as e:  # noqa: BLE001 - named and re-raised
         cls = type(env)
-        raise UserError(f"environment {cls.__module__}:{cls.__qualname__}.{method} raised {type(e).__name__}: {e} "
+        # where in the environment's own code it failed: the one line a user needs to start debugging
+        frames = traceback.extract_tb(e.__traceback__)
+        at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        raise UserError(f"environment {cls.__module__}:{cls.__qualname__}.{method} raised {type(e).__name__}: {e}{at} "
                         f"(record {record.get('id', '?')!r}, env_class {record.get('env_class')!r})") from e
 
 
