@@ -18,11 +18,14 @@ def test_overrides_types_and_defaults(recipe_file):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("trainer.lrr=1", "trainer: unknown key ('lrr' was unexpected)"),
+    ("trainer.lrr=1", "trainer: unknown key ('lrr' was unexpected) (did you mean 'lrr' -> 'lr'?)"),
+    ("rollout.engine_rank=1", "(did you mean 'engine_rank' -> 'engine_ranks'?)"),
+    ("rolout.n=2", "(top level): unknown key ('rolout' was unexpected) (did you mean 'rolout' -> 'rollout'?)"),
     ("rollout.n=many", "rollout.n: 'many' is not of type 'integer'"),
     ("algorithm.loss_agg=mean", "algorithm.loss_agg: 'mean' is not one of"),
     ("trainer.zero_stage=4", "trainer.zero_stage"),
-    ("bogus.key=1", "unknown key ('bogus' was unexpected)"),
+    ("bogus.key=1", "unknown key ('bogus' was unexpected)"),  # nothing close: no guess
+
     ("trainer.lr", "expected key=value"),
     ("data.train=/no/such.parquet", "data.train /no/such.parquet does not exist"),
 ])
@@ -30,6 +33,8 @@ def test_bad_recipes_name_the_key(recipe_file, override, needle):
     with pytest.raises(RecipeError) as e:
         load_recipe(recipe_file, [override])
     assert needle in str(e.value), str(e.value)
+    if override.startswith("bogus"):
+        assert "did you mean" not in str(e.value)
 
 
 def test_shipped_recipes_are_valid():

@@ -8,6 +8,7 @@ the key named; the dataclass defaults are the values a key takes when the recipe
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,14 @@ def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     return _build(Recipe, apply_overrides(recipe.to_dict(), overrides))
 
 
+def did_you_mean(error) -> str:
+    """For an unknown-key error: the known keys of that section closest to each unknown one (a typo's fix)."""
+    known = list((error.schema.get("properties") or {}).keys())
+    unknown = [k for k in error.instance if k not in known] if isinstance(error.instance, dict) else []
+    hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(str(k), known, n=1, cutoff=0.6))]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None,
                 check_paths: bool = True) -> Recipe:
     """Read, override, validate and type a recipe. Raises RecipeError naming the bad key.
@@ -276,7 +285,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
             where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
             msg = e.message
             if e.validator == "additionalProperties":
-                msg = msg.replace("Additional properties are not allowed", "unknown key")
+                msg = msg.replace("Additional properties are not allowed", "unknown key") + did_you_mean(e)
             elif where in typed:  # say what was typed, not how YAML read it
                 msg = msg.replace(repr(e.instance), repr(typed[where].partition("=")[2]), 1) + f" (--set {typed[where]})"
             lines.append(f"{where}: {msg}")
