@@ -337,6 +337,10 @@ def check_rollout_settings(recipe: Recipe, where) -> None:
         raise RecipeError(f"{where}: rollout.max_staleness {r.max_staleness} needs rollout.engine_ranks >= 1: an engine "
                           "beside its trainer waits for every update (it sleeps while the trainer trains), so its "
                           "rollouts are never stale")
+    if r.max_staleness and recipe.trainer.steps > 1 and r.max_staleness >= recipe.trainer.steps:
+        raise RecipeError(f"{where}: rollout.max_staleness {r.max_staleness} is not below trainer.steps "
+                          f"{recipe.trainer.steps}: the engine would generate every step with the starting weights and "
+                          "never receive a trained one (1 or 2 is usual)")
     if r.engine_ranks and a.name != "grpo":
         raise RecipeError(f"{where}: rollout.engine_ranks is for GRPO; {a.name} generates nothing to put on ranks of "
                           "its own (set it to 0)")
