@@ -440,6 +440,38 @@ def test_an_internal_error_exits_1_with_the_traceback_in_the_run_dir(tmp_path, t
     assert r.returncode == 2 and "trainer" in r.stderr and "stepz" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_rank_that_loses_its_peer_says_so_and_other_os_errors_still_leave_a_traceback(tmp_path, monkeypatch, capsys):
+    """When one rank of a run dies, the others fail in a collective: that echo is named as such, not reported
+    as vlrl's own bug. An OSError that is not the user's machine's (a refused connection) is an internal error
+    with its traceback log, like any other exception."""
+    import errno
+
+    import typer
+
+    from vlrl_cli import cli
+
+    monkeypatch.setattr(cli.tempfile, "gettempdir", lambda: str(tmp_path))
+
+    def run(exc):
+        with pytest.raises(typer.Exit) as e:
+            cli.guarded(lambda: (_ for _ in ()).throw(exc))()
+        return e.value.exit_code, capsys.readouterr().err
+
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41235")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, text = run(peer)
+    assert code == 1 and "rank 0 lost contact with another rank" in text and "please include" not in text
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no peer to lose, a real internal error
+    code, text = run(peer)
+    assert code == 1 and "internal error: RuntimeError" in text and "please include" in text
+    code, text = run(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
+    assert code == 1 and "internal error: ConnectionRefusedError" in text
+    code, text = run(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")))
+    assert code == 2 and "no space left" in text
+    assert len(list(tmp_path.glob("vlrl-error-*.log"))) == 3
+
+
 def test_each_rank_on_a_machine_gets_its_share_of_the_cpu_threads(monkeypatch):
     """Two ranks on one machine must not each run as many CPU threads as it has cores (measured: the CPU
     phases of a GRPO step twice as slow on 2 x H200); OMP_NUM_THREADS, when given, wins."""

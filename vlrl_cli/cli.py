@@ -86,20 +86,25 @@ def guarded(command):
             raise
         except UserError as e:
             fail(str(e))
-        except OSError as e:
-            why = environment_problem(e)
-            if why is None:
-                raise
-            fail(why)  # the user's machine (a full disk, no permission), not a bug: no error log to write
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
         except Exception as e:
+            why = environment_problem(e) if isinstance(e, OSError) else None
+            if why is not None:
+                fail(why)  # the user's machine (a full disk, no permission), not a bug: no error log to write
             where = crash_dir if crash_dir is not None and crash_dir.is_dir() else Path(tempfile.gettempdir())
             fd, path = tempfile.mkstemp(prefix="vlrl-error-", suffix=".log", dir=where)
             with open(fd, "w") as f:
                 f.write(f"vlrl {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
             first = (str(e).strip().splitlines() or [""])[0][:300]
+            if lost_a_peer(e):
+                # another rank stopped first (killed, out of memory, its own error): this rank's failure is only
+                # the echo; that rank's message is the one that says why
+                err.print(f"[bold red]error:[/] rank {os.environ.get('RANK', '?')} lost contact with another rank of "
+                          f"this run, which stopped first; its own message says why ({type(e).__name__}; traceback "
+                          f"in {path})", highlight=False, soft_wrap=True)
+                raise typer.Exit(1)
             err.print("[bold red]internal error:[/] " + _escape(f"{type(e).__name__}: {first}"), highlight=False, soft_wrap=True)
             err.print(f"the traceback is in {path}; please include it when you report this", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
@@ -111,6 +116,16 @@ def guarded(command):
                 _json_stdout = None
 
     return run
+
+
+def lost_a_peer(e: BaseException) -> bool:
+    """Whether a multi-process run's exception is a collective failing because another rank went away (gloo's
+    "Connection closed by peer", NCCL's "remote process exited", a reset TCP store)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    text = f"{type(e).__name__}: {e}"
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "remote process exited", "DistNetworkError"))
 
 
 def environment_problem(e: OSError) -> str | None:
