@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlrl_cli.errors import UserError
 from vlrl_cli.train.recipe import LoraCfg, load_recipe, with_overrides
 from vlrl_cli.train.plan import GPUS, model_config, model_shape, parse_sized_for, plan_for, plan_memory, render_plan
 
@@ -80,6 +81,25 @@ def test_3b_full_fine_tune_on_one_h100_fits_only_with_a_small_vllm_pool_and_7b_n
     z3 = plan_memory(with_overrides(seven, ["trainer.zero_stage=3"]), "H100-80GB", 79.6, gpus=8)
     assert z3.resident["weights"] == pytest.approx(full.resident["weights"] / 8)
     assert z3.training["gradients"] == pytest.approx(full.shape.params * 2 / 8 / 1e9)  # bf16, one partitioned copy
+
+
+def test_engine_ranks_take_the_vllm_pool_off_the_trainer_gpus_and_shard_over_trainers_only():
+    """With rollout.engine_ranks the pool lives on GPUs of its own: a trainer GPU holds no engine, ZeRO shards
+    over the trainer GPUs alone, and a placement with no trainer is refused like the launch refuses it."""
+    split = ["rollout.engine_ranks=1", "trainer.eval_every=0", "trainer.zero_stage=3"]
+    colocated = plan_memory(bench_recipe(**{"trainer.zero_stage": 3}), "H100-80GB", 79.6, gpus=4)
+    rec = with_overrides(bench_recipe(), split)
+    p = plan_memory(rec, "H100-80GB", 79.6, gpus=4)
+    assert colocated.engine_gb == pytest.approx(0.2 * 79.6) and p.engine_gb == 0
+    assert p.engine_card_gb == pytest.approx(0.2 * 79.6) and p.engine_ranks == 1
+    assert p.generate_peak_gb == pytest.approx(sum(p.resident.values()))  # no pool beside the trainer
+    assert p.resident["weights"] == pytest.approx(colocated.resident["weights"] * 4 / 3)  # 3 shards, not 4
+    text = render_plan(p)
+    assert "3 train, 1 only generate" in text and "engine GPUs hold" in text and "0.9" in text
+    hf = plan_memory(with_overrides(rec, ["rollout.engine=hf"]), "H100-80GB", 79.6, gpus=4)
+    assert "hf engine (model copy)" not in hf.resident and hf.engine_card_gb == pytest.approx(hf.shape.params * 2 / 1e9)
+    with pytest.raises(UserError, match="no rank is left to train"):
+        plan_memory(rec, "H100-80GB", 79.6, gpus=1)
 
 
 def test_plan_cli_prints_the_table_and_json_and_names_bad_input(tmp_path, monkeypatch):

@@ -57,7 +57,9 @@ class MemoryPlan:
     tokens_per_micro_batch: int
     resident: dict[str, float] = field(default_factory=dict)  # GB per GPU, held in both phases
     training: dict[str, float] = field(default_factory=dict)  # GB per GPU, the training phase only
-    engine_gb: float = 0.0  # the rollout engine while it generates
+    engine_gb: float = 0.0  # the rollout engine while it generates (on the trainer's card: colocated)
+    engine_ranks: int = 0  # GPUs that only generate (rollout.engine_ranks); the others only train
+    engine_card_gb: float = 0.0  # what an engine rank's card holds
     generate_peak_gb: float = 0.0
     train_peak_gb: float = 0.0
     usable_gb: float = 0.0
@@ -132,7 +134,12 @@ def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpu
         gpu_gb = GPUS[gpu]
     shape = shape or model_shape(model_config(m.path), m.lora)
     w = 2 if m.dtype == "bfloat16" else 4
-    stage, world, P, T = tr.zero_stage, gpus, shape.params, shape.trainable
+    split = r.engine_ranks > 0
+    if split:  # the last engine_ranks GPUs only generate: ZeRO shards over the trainer GPUs alone
+        from .rollout_ranks import check_placement
+
+        check_placement(r.engine_ranks, gpus)
+    stage, world, P, T = tr.zero_stage, gpus - r.engine_ranks, shape.params, shape.trainable
     mixed = m.dtype == "bfloat16"  # DeepSpeed keeps fp32 master weights for bf16 training
     shard = lambda n, from_stage: n / world if stage >= from_stage else n  # noqa: E731
     on_gpu_optimizer = not (tr.offload and stage > 0)
@@ -165,18 +172,20 @@ def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpu
         training["optimizer step (fp32 grad copy)"] = min(shard(T, 1), STEP_GROUP) * 4 / GB
     if stage == 2:  # its contiguous-gradient reduce buckets (measured: ZeRO-2 peaks 3.2 GB above ZeRO-1)
         training["ZeRO-2 reduce buckets"] = 3.2
-    if r.engine == "hf":  # the hf engine's model copy stays on the GPU
+    engine_alone_gb = r.gpu_memory_utilization * gpu_gb if r.engine == "vllm" else P * w / GB
+    if r.engine == "hf" and not split:  # the hf engine's model copy stays on the GPU
         resident["hf engine (model copy)"] = P * w / GB
-    engine_gb = r.gpu_memory_utilization * gpu_gb if r.engine == "vllm" else 0.0
+    engine_gb = r.gpu_memory_utilization * gpu_gb if r.engine == "vllm" and not split else 0.0
     if recipe.algorithm.kl_coef > 0 and m.lora.rank == 0:  # LoRA's reference is its base: adapters switched off
         resident["KL reference model"] = P * w / GB
 
-    plan = MemoryPlan(m.path, gpu or "this GPU", gpu_gb, gpus, shape, N, resident, training, engine_gb)
+    plan = MemoryPlan(m.path, gpu or "this GPU", gpu_gb, gpus, shape, N, resident, training, engine_gb,
+                      r.engine_ranks, engine_alone_gb if split else 0.0)
     base = sum(resident.values())
     plan.generate_peak_gb = base + engine_gb
     plan.train_peak_gb = base + sum(training.values())
     plan.usable_gb = gpu_gb - CONTEXT_GB
-    plan.fits = max(plan.generate_peak_gb, plan.train_peak_gb) <= plan.usable_gb
+    plan.fits = max(plan.generate_peak_gb, plan.train_peak_gb, plan.engine_card_gb) <= plan.usable_gb
     if not plan.fits and advise:
         plan.advice = _advice(recipe, gpu, gpu_gb, gpus, shape)
     return plan
@@ -224,6 +233,13 @@ def render_plan(plan: MemoryPlan) -> str:
     lines += [f"    {k:<34}{v:>8.1f}" for k, v in plan.training.items()]
     if plan.engine_gb:
         lines.append(f"  {'generate phase adds: vLLM pool':<36}{plan.engine_gb:>8.1f}")
+    if plan.engine_ranks:
+        trainers = plan.gpus - plan.engine_ranks
+        lines[0] += f"; {trainers} train, {plan.engine_ranks} only generate"
+        lines.append(f"  {'engine GPUs hold (the rest: free)':<36}{plan.engine_card_gb:>8.1f}")
+        if plan.engine_card_gb < 0.5 * plan.usable_gb:
+            lines.append("  (an engine GPU is its own: rollout.gpu_memory_utilization up to 0.9 gives vLLM's KV cache "
+                         "the rest of it)")
     lines.append(f"  peak: generate {plan.generate_peak_gb:.1f} GB, train {plan.train_peak_gb:.1f} GB -> "
                  + ("fits" if plan.fits else f"DOES NOT FIT in {plan.usable_gb:.1f} GB"))
     if not plan.fits:
