@@ -153,16 +153,30 @@ def test_interrupting_a_multi_process_run_stops_every_rank_before_it_returns(tmp
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("VLRL_RUN_CLAIMED", None)
+    # stderr to a file, not a pipe nobody reads while the run goes on: a full pipe would block every writer
+    err = open(tmp_path / "stderr.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "train", str(tmp_path / "r.yaml"), "--nprocs", "2",
                              "--set", "rollout.engine_ranks=1"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=err, text=True)
     metrics = tmp_path / "runs" / "long" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.5)
-    assert metrics.exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "no step in 240 s"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.5)
+        assert metrics.exists(), (tmp_path / "stderr.log").read_text()[-2000:] if proc.poll() is not None else "no step in 240 s"
+        proc.send_signal(signal.SIGINT)
+        try:  # stop_group gives the ranks 15 s after SIGTERM, then SIGKILLs what is left
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            tree = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,etime,args"], capture_output=True, text=True).stdout
+            raise AssertionError("still running 120 s after Ctrl-C:\n" + "\n".join(
+                line for line in tree.splitlines() if "vlrl" in line or "deepspeed" in line)
+                + "\n" + (tmp_path / "stderr.log").read_text()[-2000:]) from None
+        assert code == 130, (tmp_path / "stderr.log").read_text()[-2000:]
+    finally:  # a failure here must not leave ranks training on in the test machine
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-9", "-f", str(tmp_path / "r.yaml")])
     lines = metrics.read_text().count("\n")
     time.sleep(3)
     assert metrics.read_text().count("\n") == lines  # no rank trains on
