@@ -71,3 +71,11 @@ def prepared_mazes(tmp_path_factory, size: int, max_steps: int) -> Path:
     prepare(PrepareOptions(source="maze2d", out=out, workers=1,
                            source_opts={"rows": 8, "val_rows": 4, "maze_size": size, "max_steps": max_steps}))
     return out
+
+
+def terminal_sigint():
+    """In the child, before exec: SIGINT as a terminal delivers it. A shell or CI runner may start us with
+    SIGINT ignored (background jobs of non-interactive shells), and Python then keeps it ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

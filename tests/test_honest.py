@@ -8,6 +8,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import terminal_sigint
 
 
 def run_cli(*args, timeout=600):
@@ -142,12 +143,6 @@ def assert_curves(run_dir):
     assert not list(run_dir.glob(".curves.*"))
 
 
-def terminal_sigint():
-    """In the child, before exec: SIGINT as a terminal delivers it. A shell or CI runner may start us with
-    SIGINT ignored (background jobs of non-interactive shells), and Python then keeps it ignored."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_curves_plot_every_panel_that_has_data_and_skip_a_torn_line(tmp_path):

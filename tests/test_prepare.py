@@ -12,6 +12,7 @@ from vlrl_cli.data.images import sniff_mime
 from vlrl_cli.data.prepare import PrepareOptions, prepare
 from vlrl_cli.data.records import iter_rows, schema_errors
 from vlrl_cli.tools.validate import ValidateOptions, validate_paths
+from conftest import terminal_sigint
 
 
 def rows_of(path):
@@ -357,11 +358,3 @@ def test_write_clean_writes_the_format_its_extension_names_and_json_stdout_is_on
     r = subprocess.run([sys.executable, "-m", "vlrl_cli", "validate", str(src), "--write-clean", str(tmp_path / "clean.csv")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and ".parquet, .jsonl, .json" in r.stderr
-
-
-def terminal_sigint():
-    """In the child, before exec: SIGINT as a terminal delivers it. A shell or CI runner may start us with
-    SIGINT ignored (background jobs of non-interactive shells), and Python then keeps it ignored."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import terminal_sigint
 from vlrl_cli.train.rollout_ranks import (Placement, check_staleness, pack_trajectories, unpack_trajectories,
                                           weights_needed)
 
@@ -157,7 +158,7 @@ def test_interrupting_a_multi_process_run_stops_every_rank_before_it_returns(tmp
     err = open(tmp_path / "stderr.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "train", str(tmp_path / "r.yaml"), "--nprocs", "2",
                              "--set", "rollout.engine_ranks=1"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=err, text=True)
+                            stderr=err, text=True, preexec_fn=terminal_sigint)
     metrics = tmp_path / "runs" / "long" / "metrics.jsonl"
     try:
         deadline = time.time() + 240
