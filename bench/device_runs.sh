@@ -16,6 +16,8 @@
 #   bash bench/device_runs.sh zero3      # vlrl's GRPO step under ZeRO-3 alone on one GPU (TRL's setting)
 #   bash bench/device_runs.sh mfu a|b    # the training micro-batch (ZeRO-1, 8 x 541 tokens): eager vs compiled
 #        blocks, with and without recompute, micro-batch 16, LoRA rank 64 (train-profile, side by side)
+#        SIZE=qwen3_vl_2b ... mfu a: the same on another released size; SIZE=qwen2_5_vl_7b ... mfu long: LoRA
+#        rank 64 on long answers (4 x ~2,300 tokens, recompute), with its profiler table
 #   bash bench/device_runs.sh fit full3b|lora3b|lora7b   # one H100: 3B full fine-tune without offload,
 #        3B LoRA rank 64 on the same batch, 7B LoRA rank 64 (then: gpu_perf.py fit --dir $OUT); env ZERO, MB,
 #        COMPILE=1, NOCKPT=1 (no recompute), FP32ACC=1 (trainer.grad_accum_fp32, with ZERO=1)
@@ -158,9 +160,19 @@ packprof)
   tail -n 2 $OUT/pack.log; cat $OUT/pack_*.json
   ;;
 mfu)
-  tp() { n=$1; shift; $P train-profile --model $M --data $D --stage 1 --micro-batches 6 --json $OUT/mfu_$n.json "$@" \
+  # SIZE=qwen3_vl_2b (any tiny.REAL_SIZES name): the same micro-batches on that size, built first; files get _$SIZE
+  model=$M tag=""
+  if [ -n "${SIZE:-}" ]; then
+    model=/tmp/$SIZE tag=_$SIZE
+    [ -d $model ] || $P build --out $model --size $SIZE
+  fi
+  tp() { n=$1$tag; shift; $P train-profile --model $model --data $D --stage 1 --micro-batches 6 --json $OUT/mfu_$n.json "$@" \
            >> $OUT/mfu.log 2>&1; tail -n 1 $OUT/mfu.log | cut -c1-300; }
-  if [ "$2" = a ]; then
+  if [ "$2" = long ]; then
+    # the Geometry3K LoRA regime: long answers (TOKENS, default 2,000), micro-batch 4, recompute on, rank 64
+    tp long_lora64 --lora-rank 64 --micro-batch 4 --tokens ${TOKENS:-2000} --profile $OUT/mfu_long_lora64$tag.txt
+    tp long_lora64_compile --lora-rank 64 --micro-batch 4 --tokens ${TOKENS:-2000} --compile
+  elif [ "$2" = a ]; then
     tp base --profile $OUT/mfu_base.txt
     tp compile --compile --profile $OUT/mfu_compile.txt
     tp compile_m16 --compile --micro-batch 16
