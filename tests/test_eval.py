@@ -131,3 +131,65 @@ def test_report_escapes_hostile_model_text(tmp_path):
     assert 'src="http' not in html  # only inline data: images are ever embedded
     attrs = body_attrs(chromium_dom(page))
     assert "pwned" not in attrs and attrs["images-ok"] == "1" and attrs["images-broken"] == "0"
+
+
+def test_eval_and_check_drift_refuse_bad_rows_and_unsafe_outputs_before_any_model_loads(tmp_path, tiny_model, colors_data, cli):
+    """What a careless run would lose or get wrong is refused first, exit 2 with one line: a bad row (named by
+    file and row), an output that would overwrite the data or write into the model, a previous eval's folder
+    without --overwrite, a folder another eval is writing, non-finite numbers, flags that would be ignored."""
+    import fcntl
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    val = colors_data / "val.parquet"
+    table = pq.read_table(val)
+    rows = table.slice(0, 3).to_pylist()
+    rows[1]["prompt"][0]["role"] = "wizard"
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), bad)
+    for command in (["eval", tiny_model, bad, "--out", tmp_path / "e0"], ["check-drift", tiny_model, bad]):
+        r = cli(*command)
+        assert r.exit_code == 2 and "1 of 3 rows would not run" in r.output and "bad.parquet:1" in r.output, r.output
+    assert not (tmp_path / "e0").exists()
+
+    before = val.read_bytes()
+    r = cli("eval", tiny_model, val, "--out", tmp_path / "e1", "--json", val)
+    assert r.exit_code == 2 and "would write into DATA" in r.output and val.read_bytes() == before
+    r = cli("eval", tiny_model, val, "--out", tiny_model)
+    assert r.exit_code == 2 and "would write into MODEL" in r.output
+    (tmp_path / "afile").write_text("x")
+    r = cli("eval", tiny_model, val, "--out", tmp_path / "afile")
+    assert r.exit_code == 2 and "a file, not a folder" in r.output
+    r = cli("eval", tiny_model, val, "--out", tmp_path / "e1", "--temperature", "inf")
+    assert r.exit_code == 2 and "--temperature inf: needs a finite number" in r.output
+
+    run = ("eval", tiny_model, val, "--out", tmp_path / "e1", "--limit", "1", "--max-new-tokens", "2")
+    assert cli(*run).exit_code == 0
+    first = (tmp_path / "e1" / "metrics.json").read_text()
+    r = cli(*run)
+    assert r.exit_code == 2 and "holds a previous eval; pass --overwrite" in r.output
+    assert (tmp_path / "e1" / "metrics.json").read_text() == first
+    assert cli(*run, "--overwrite").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "e1").iterdir()) == [".lock", "metrics.json", "report.html", "rollouts.jsonl"]
+
+    # another eval holds the folder's lock (a separate open of the lock file conflicts even in this process)
+    busy = tmp_path / "e2"
+    busy.mkdir()
+    holder = open(busy / ".lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder.write("4242")
+    holder.flush()
+    try:
+        r = cli("eval", tiny_model, val, "--out", busy, "--limit", "1", "--max-new-tokens", "2")
+        assert r.exit_code == 2 and "being written by another vlrl eval (pid 4242)" in r.output, r.output
+        assert not (busy / "metrics.json").exists()
+    finally:
+        holder.close()
+
+    r = cli("check-drift", tiny_model, val, "--plot", tmp_path / "p.txt")
+    assert r.exit_code == 2 and "--plot" in r.output and ".png" in r.output
+    r = cli("check-drift", tiny_model, val, "--perturb", "0.2")
+    assert r.exit_code == 2 and "pass --after-update too" in r.output
+    r = cli("check-drift", tiny_model, val, "--json", val)
+    assert r.exit_code == 2 and "would write into DATA" in r.output and val.read_bytes() == before

@@ -136,7 +136,8 @@ def environment_problem(e: OSError) -> str | None:
     kinds = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
              errno.EROFS: "read-only file system", errno.ENOENT: "no such file or folder",
-             errno.ENOTDIR: "not a folder (a file is in the way)", errno.EISDIR: "a folder, not a file"}
+             errno.ENOTDIR: "not a folder (a file is in the way)", errno.EISDIR: "a folder, not a file",
+             errno.EEXIST: "already exists (a file where a folder should be?)"}
     if e.errno not in kinds:
         return None
     where = e.filename or "(a file this command writes)"
@@ -567,12 +568,13 @@ def eval_(
     max_turns: Annotated[Optional[int], typer.Option(help="Turns per episode [default: what the environment allows, "
                                                      "e.g. a maze's move limit].", min=1)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N records.", min=1)] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable), "
                                                      "as a recipe's envs: say; installed ones are found by themselves.")] = None,
     history_images: Annotated[Optional[int], typer.Option(help="Keep the last K images of a multi-turn episode in the "
                                                           "context (rollout.history.max_images) [default: all].", min=1)] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous eval's files in --out.")] = False,
 ) -> None:
     """Evaluation rollouts in the training environments: metrics.json (accuracy, pass@k), rollouts.jsonl, report.html."""
     from .rollout.engines import Sampling
@@ -581,6 +583,7 @@ def eval_(
 
     global crash_dir
     check_engine_name(engine)
+    check_finite({"--temperature": temperature})
     if n > 1 and temperature == 0:
         fail(f"--n {n} with greedy decoding (--temperature 0) would give {n} identical answers per record: pass "
              "--temperature 1.0 to sample them (pass@k), or --n 1")
@@ -590,7 +593,14 @@ def eval_(
     total = count_rows(data)
     total = min(total, limit) if total and limit else total
     check_model_argument(model)  # a typo or an unreachable hub: said now, before anything is created
-    out.mkdir(parents=True, exist_ok=True)
+    check_outputs({"--json": json_out, "--out": out}, {"DATA": data, "MODEL": model})
+    check_eval_out(out, overwrite)
+    from .tools.validate import check_run_data
+
+    check_run_data([str(data)], tuple(envs), verb="run")  # every row through validate's checks, before any model loads
+    from .train.runs import lock_run_dir
+
+    lock_run_dir(out, "vlrl eval", "give this eval another --out")  # two evals into one folder: the second stops
     crash_dir = out
     metrics = _run_with_progress("eval", total, lambda cb: run_eval(model, str(data), out, opts, env_registry=envs,
                                                                     progress=cb))
@@ -603,6 +613,45 @@ def eval_(
     err.print(f"wrote {out / 'metrics.json'}, {out / 'rollouts.jsonl'} and {out / 'report.html'}")
     if json_out:
         write_json(json_out, metrics)
+
+
+EVAL_FILES = ("metrics.json", "rollouts.jsonl", "report.html")
+
+
+def check_eval_out(out: Path, overwrite: bool) -> None:
+    """--out of eval: absent, empty, or a previous eval's folder (replaced only with --overwrite)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: a file, not a folder")
+    if not out.is_dir():
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name not in EVAL_FILES and p.name != ".lock")
+    if others:
+        fail(f"--out {out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
+             "give eval a folder of its own")
+    if any((out / name).exists() for name in EVAL_FILES) and not overwrite:
+        fail(f"--out {out} holds a previous eval; pass --overwrite to replace it, or another --out")
+
+
+def check_outputs(outputs: dict[str, object], inputs: dict[str, object]) -> None:
+    """No output flag may name one of the command's inputs (or a folder inside it): that would overwrite the data
+    or write into the model."""
+    resolved = {name: Path(str(p)).resolve() for name, p in inputs.items() if p and Path(str(p)).exists()}
+    for flag, value in outputs.items():
+        if not value or str(value) == "-":
+            continue
+        target = Path(str(value)).resolve()
+        for name, source in resolved.items():
+            if target == source or (source.is_dir() and source in target.parents):
+                fail(f"{flag} {value} would write into {name} {source}: choose another path")
+
+
+def check_finite(values: dict[str, float | None]) -> None:
+    """inf and nan pass a flag's min/max bounds; they are refused here, naming the flag."""
+    import math
+
+    for flag, v in values.items():
+        if v is not None and not math.isfinite(v):
+            fail(f"{flag} {v}: needs a finite number")
 
 
 def user_envs(flags: list[str] | None) -> dict[str, str]:
@@ -664,10 +713,11 @@ def check_drift_cmd(
     max_turns: Annotated[Optional[int], typer.Option(help="Turns per episode [default: what the environment allows].", min=1)] = None,
     after_update: Annotated[bool, typer.Option(help="Apply a known weight change through the sync path; re-check seen and unseen images.")] = False,
     update_from: Annotated[Optional[str], typer.Option(help="With --after-update: load this checkpoint instead of perturbing.")] = None,
-    perturb: Annotated[float, typer.Option(help="With --after-update: relative noise per tensor.", min=0)] = 0.1,
-    max_mean: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when mean |delta logprob| exceeds this.")] = None,
-    max_abs: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when max |delta logprob| exceeds this.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    perturb: Annotated[Optional[float], typer.Option(help="With --after-update: relative noise per tensor [default: 0.1].",
+                                                     min=0, max=10)] = None,
+    max_mean: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when mean |delta logprob| exceeds this.", min=0)] = None,
+    max_abs: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when max |delta logprob| exceeds this.", min=0)] = None,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable).")] = None,
     history_images: Annotated[Optional[int], typer.Option(help="Keep the last K images of a multi-turn episode in the "
                                                           "context, as rollout.history.max_images [default: all].", min=1)] = None,
@@ -680,6 +730,13 @@ def check_drift_cmd(
 
     check_engine_name(engine)
     check_model_argument(model)
+    check_outputs({"--json": json_out, "--plot": plot}, {"DATA": data, "MODEL": model})
+    if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+        fail(f"--plot {plot}: name a .png (or .pdf, .svg) file")
+    if (update_from is not None or perturb is not None) and not after_update:
+        fail("--update-from and --perturb change the weights of --after-update; pass --after-update too")
+    check_finite({"--temperature": temperature, "--perturb": perturb, "--max-mean": max_mean, "--max-abs": max_abs})
+    perturb = 0.1 if perturb is None else perturb
     dtypes = [DTYPES.get(x) for x in (train_dtype, engine_dtype or train_dtype)]
     if None in dtypes:
         fail(f"--train-dtype / --engine-dtype: use one of {', '.join(DTYPES)}")
@@ -688,6 +745,9 @@ def check_drift_cmd(
                         max_turns=max_turns, after_update=after_update, update_from=update_from, perturb=perturb,
                         max_mean=max_mean, max_abs=max_abs, pack_tokens=pack_tokens, envs=user_envs(env),
                         max_images=history_images)
+    from .tools.validate import check_run_data
+
+    check_run_data([str(data)], tuple(opts.envs), verb="run")  # validate's checks on every row, before any model loads
     with err.status("check-drift") as status:
         report = check_drift(model, str(data), opts, progress=lambda msg: status.update(f"check-drift: {msg}"))
     print_drift(report)

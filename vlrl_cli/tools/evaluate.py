@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..rollout.engines import Sampling
 from .report import write_report
+from ..train.runs import writing
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -96,12 +97,26 @@ def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions()
                            **asdict(opts.sampling)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(out / "rollouts.jsonl", "w") as f:
-        for t in trajs:
-            f.write(json.dumps({"record_id": t.record_id, "sample": t.group, "env_class": t.env_class,
-                                "data_source": t.data_source, "reward": t.reward, "correct": bool(t.info.get("correct")),
-                                "turns": t.turns, "done_reason": t.done_reason, "prompt_tokens": t.prompt_len,
-                                "response_tokens": t.response_len, "steps": t.texts}) + "\n")
-    write_report(out / "report.html", metrics, trajs, {r.get("id", ""): r for r in records})
+    with writing(out, "eval's output"):  # a full disk names the folder
+        write_eval_files(out, metrics, trajs, records)
     return metrics
+
+
+def write_eval_files(out: Path, metrics: dict, trajs, records) -> None:
+    """metrics.json, rollouts.jsonl and report.html, each written whole under a temporary name and then
+    renamed: a full disk or Ctrl-C leaves the previous files or none, never a truncated one."""
+    names = ("metrics.json", "rollouts.jsonl", "report.html")
+    try:
+        (out / "metrics.json.partial").write_text(json.dumps(metrics, indent=2) + "\n")
+        with open(out / "rollouts.jsonl.partial", "w") as f:
+            for t in trajs:
+                f.write(json.dumps({"record_id": t.record_id, "sample": t.group, "env_class": t.env_class,
+                                    "data_source": t.data_source, "reward": t.reward, "correct": bool(t.info.get("correct")),
+                                    "turns": t.turns, "done_reason": t.done_reason, "prompt_tokens": t.prompt_len,
+                                    "response_tokens": t.response_len, "steps": t.texts}) + "\n")
+        write_report(out / "report.html.partial", metrics, trajs, {r.get("id", ""): r for r in records})
+        for name in names:
+            (out / f"{name}.partial").replace(out / name)
+    finally:
+        for name in names:
+            (out / f"{name}.partial").unlink(missing_ok=True)

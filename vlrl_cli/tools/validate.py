@@ -214,7 +214,7 @@ def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOpti
     return ValidationReport([str(p) for p in paths], rows, problems, bad_rows)
 
 
-def check_run_data(paths: list[str], env_classes: tuple[str, ...] = (), show: int = 20) -> int:
+def check_run_data(paths: list[str], env_classes: tuple[str, ...] = (), show: int = 20, verb: str = "train") -> int:
     """The rows a run will use, through validate's checks (schema, env_class, ground truth, every image).
     Raises UserError naming every bad row by file and row (the first `show`, and how many in all) before
     any model is loaded; returns the number of rows checked."""
@@ -225,7 +225,7 @@ def check_run_data(paths: list[str], env_classes: tuple[str, ...] = (), show: in
     rows = sum(len(v) for v in report.bad_rows.values())
     lines = [f"  {p.file}:{p.row}: [{p.code}] {p.message}" for p in bad[:show]]
     more = f"\n  ... {len(bad) - show} more (vlrl validate lists them all)" if len(bad) > show else ""
-    raise UserError(f"{rows} of {report.rows} rows would not train ({len(bad)} errors); fix them, or keep the good rows "
+    raise UserError(f"{rows} of {report.rows} rows would not {verb} ({len(bad)} errors); fix them, or keep the good rows "
                     f"with `vlrl validate FILE --write-clean CLEAN`:\n" + "\n".join(lines) + more)
 
 

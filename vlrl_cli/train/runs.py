@@ -327,7 +327,7 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
 _LOCKS: dict[str, object] = {}  # run directory -> its open lock file, held until this process exits
 
 
-def lock_run_dir(run_dir: Path) -> None:
+def lock_run_dir(run_dir: Path, command: str = "vlrl train", other_name: str = "give this run another run.name") -> None:
     """Hold an exclusive lock on the run directory for this process's life: a second `vlrl train` writing
     the same run (the same run.name twice, or a run started twice) stops at once, naming the first's pid.
     The kernel drops the lock when the process ends, however it ends, so a crash never leaves it stale."""
@@ -348,8 +348,8 @@ def lock_run_dir(run_dir: Path) -> None:
         f.seek(0)
         pid = f.read().strip() or "unknown"
         f.close()
-        raise UserError(f"{run_dir} is being written by another vlrl train (pid {pid}); wait for it, or give this "
-                        "run another run.name") from None
+        raise UserError(f"{run_dir} is being written by another {command} (pid {pid}); wait for it, or "
+                        f"{other_name}") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
