@@ -193,3 +193,22 @@ def test_eval_and_check_drift_refuse_bad_rows_and_unsafe_outputs_before_any_mode
     assert r.exit_code == 2 and "pass --after-update too" in r.output
     r = cli("check-drift", tiny_model, val, "--json", val)
     assert r.exit_code == 2 and "would write into DATA" in r.output and val.read_bytes() == before
+
+
+def test_a_model_whose_weights_file_stopped_early_is_named_before_loading(tmp_path, tiny_model, colors_data, cli):
+    """A half-finished download or copy: one line naming the file, from eval, check-drift and a recipe."""
+    from vlrl_cli.errors import UserError
+    from vlrl_cli.train.recipe import load_recipe
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    [weights] = model.glob("*.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    for command in (["eval", model, colors_data / "val.parquet", "--out", tmp_path / "e"],
+                    ["check-drift", model, colors_data / "val.parquet"]):
+        r = cli(*command)
+        assert r.exit_code == 2 and f"{weights}: not a complete safetensors file" in r.output.replace("\n", ""), r.output
+    (tmp_path / "r.yaml").write_text(f"model: {{path: {model}}}\ndata: {{train: {colors_data / 'train.parquet'}}}\n")
+    with pytest.raises(UserError, match="not a complete safetensors file"):
+        load_recipe(tmp_path / "r.yaml")

@@ -28,6 +28,8 @@ def check_model_name(name: str) -> str:
             hint = (f"; pass the checkpoint {p.parent} (vlrl merges its adapter)" if (p / "adapter_config.json").exists()
                     else "")
             raise UserError(f"{name}: a folder without config.json (not a model directory){hint}")
+        if p.is_dir():
+            check_weight_files(p)
         return str(p.resolve())  # what a saved adapter records as its base: usable from any folder
     first = Path(name).parts[0] if Path(name).parts else ""
     if name.startswith((".", "/", "~")) or (first and Path(first).is_dir()) or name.count("/") != 1:
@@ -37,6 +39,22 @@ def check_model_name(name: str) -> str:
         raise UserError(f"{name}: not in the local Hugging Face cache and {why}; download it on a machine with a "
                         "network (huggingface-cli download), or pass a local model folder")
     return name
+
+
+def check_weight_files(folder) -> None:
+    """Every safetensors file's header read (not its tensors): a download or copy that stopped early is one
+    line naming the file, not a crash in the middle of loading."""
+    from safetensors import safe_open
+
+    from ..errors import UserError
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type, reported with the file
+            raise UserError(f"{f}: not a complete safetensors file ({e}); a download or copy that stopped "
+                            "early? fetch it again") from None
 
 
 def hub_offline() -> bool:
