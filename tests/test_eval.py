@@ -187,6 +187,15 @@ def test_eval_and_check_drift_refuse_bad_rows_and_unsafe_outputs_before_any_mode
     finally:
         holder.close()
 
+    # a run directory as MODEL: its checkpoint is protected, an eval folder beside the checkpoints is fine
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model, run_dir / "checkpoints" / "step_1" / "hf")
+    (run_dir / "checkpoints" / "latest").write_text("step_1")
+    r = cli("eval", run_dir, val, "--out", run_dir / "checkpoints" / "step_1" / "hf" / "ev")
+    assert r.exit_code == 2 and "would write into MODEL" in r.output
+    r = cli("eval", run_dir, val, "--out", run_dir / "eval", "--limit", "1", "--max-new-tokens", "2")
+    assert r.exit_code == 0, r.output
+
     r = cli("check-drift", tiny_model, val, "--plot", tmp_path / "p.txt")
     assert r.exit_code == 2 and "--plot" in r.output and ".png" in r.output
     r = cli("check-drift", tiny_model, val, "--perturb", "0.2")

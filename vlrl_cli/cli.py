@@ -592,8 +592,8 @@ def eval_(
                        max_turns=max_turns, limit=limit, max_images=history_images)
     total = count_rows(data)
     total = min(total, limit) if total and limit else total
-    check_model_argument(model)  # a typo or an unreachable hub: said now, before anything is created
-    check_outputs({"--json": json_out, "--out": out}, {"DATA": data, "MODEL": model})
+    model_dir = check_model_argument(model)  # a typo or an unreachable hub: said now, before anything is created
+    check_outputs({"--json": json_out, "--out": out}, {"DATA": data, "MODEL": model_dir})
     check_eval_out(out, overwrite)
     from .tools.validate import check_run_data
 
@@ -615,11 +615,10 @@ def eval_(
         write_json(json_out, metrics)
 
 
-EVAL_FILES = ("metrics.json", "rollouts.jsonl", "report.html")
-
-
 def check_eval_out(out: Path, overwrite: bool) -> None:
     """--out of eval: absent, empty, or a previous eval's folder (replaced only with --overwrite)."""
+    from .tools.evaluate import EVAL_FILES
+
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: a file, not a folder")
     if not out.is_dir():
@@ -664,13 +663,16 @@ def user_envs(flags: list[str] | None) -> dict[str, str]:
     return envs
 
 
-def check_model_argument(model: str) -> None:
-    """MODEL of eval / check-drift: a run or checkpoint folder, a model folder, or a hub id that can be had."""
+def check_model_argument(model: str) -> str:
+    """MODEL of eval / check-drift: a run or checkpoint folder, a model folder, or a hub id that can be had.
+    Returns the folder that holds the model (a run directory's latest checkpoint), which outputs must not touch."""
     from .model.loading import check_model_name
     from .train.runs import resolve_checkpoint
 
-    if resolve_checkpoint(model) is None:
+    ckpt = resolve_checkpoint(model)
+    if ckpt is None:
         check_model_name(model)
+    return str(ckpt or model)
 
 
 # --- check-drift ----------------------------------------------------------------------------------
@@ -729,8 +731,8 @@ def check_drift_cmd(
     from .rollout.engines import Sampling
 
     check_engine_name(engine)
-    check_model_argument(model)
-    check_outputs({"--json": json_out, "--plot": plot}, {"DATA": data, "MODEL": model})
+    model_dir = check_model_argument(model)
+    check_outputs({"--json": json_out, "--plot": plot}, {"DATA": data, "MODEL": model_dir})
     if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg"):
         fail(f"--plot {plot}: name a .png (or .pdf, .svg) file")
     if (update_from is not None or perturb is not None) and not after_update:

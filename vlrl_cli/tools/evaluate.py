@@ -102,10 +102,13 @@ def run_eval(model: str, data: str, out: Path, opts: EvalOptions = EvalOptions()
     return metrics
 
 
+EVAL_FILES = ("metrics.json", "rollouts.jsonl", "report.html")  # what an eval's --out folder holds
+
+
 def write_eval_files(out: Path, metrics: dict, trajs, records) -> None:
     """metrics.json, rollouts.jsonl and report.html, each written whole under a temporary name and then
     renamed: a full disk or Ctrl-C leaves the previous files or none, never a truncated one."""
-    names = ("metrics.json", "rollouts.jsonl", "report.html")
+    names = EVAL_FILES
     try:
         (out / "metrics.json.partial").write_text(json.dumps(metrics, indent=2) + "\n")
         with open(out / "rollouts.jsonl.partial", "w") as f:
