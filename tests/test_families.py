@@ -190,3 +190,51 @@ def test_engine_prompts_hold_one_placeholder_per_image_and_expand_back_exactly(f
         assert wrap is None
     counts = image_token_counts(processor, r.tensors)
     assert expand_placeholders(short, pad, counts, wrap) == r.input_ids
+
+
+def test_a_qwen3_5_config_class_registered_by_another_library_does_not_reach_the_trainers_model(family_models):
+    """vLLM registers its own Qwen3_5Config with transformers' AutoConfig once it has parsed a Qwen3.5 config,
+    and a trainer in the same process (colocated runs, check-drift) then got that class: its vision config
+    names the heads num_heads only, and transformers' vision rotary embedding failed on it. A class like that
+    is registered here; load_vlm still builds transformers' model, equal to the one built without it. The
+    control: a plain AutoModel load in the same state fails or gets the foreign class."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from vlrl_cli.model.loading import load_vlm
+
+    path = family_models["qwen3_5"]
+    before = load_vlm(str(path), torch.float32)
+
+    class Qwen3_5VisionConfig(transformers.PretrainedConfig):  # heads under another name; class names as transformers
+        model_type = "qwen3_5"
+
+        def __init__(self, num_attention_heads=None, **kw):
+            super().__init__(**kw)
+            self.num_heads = num_attention_heads
+
+    class Qwen3_5Config(transformers.PretrainedConfig):  # the same class name as transformers' own
+        model_type = "qwen3_5"
+        sub_configs = {"vision_config": Qwen3_5VisionConfig, "text_config": transformers.Qwen3_5TextConfig}
+
+        def __init__(self, vision_config=None, text_config=None, **kw):
+            self.vision_config = Qwen3_5VisionConfig(**(vision_config or {}))
+            self.text_config = transformers.Qwen3_5TextConfig(**(text_config or {}))
+            super().__init__(**kw)
+
+    AutoConfig.register("qwen3_5", Qwen3_5Config, exist_ok=True)
+    try:
+        assert type(AutoConfig.from_pretrained(path)) is Qwen3_5Config  # the registration took
+        try:
+            control = AutoModelForImageTextToText.from_pretrained(path)
+            assert type(control.config) is Qwen3_5Config
+        except (AttributeError, TypeError, ValueError, KeyError):
+            pass  # the failure seen on the GPU machine
+        after = load_vlm(str(path), torch.float32)
+    finally:
+        CONFIG_MAPPING._extra_content.pop("qwen3_5", None)
+    assert type(after.config) is transformers.Qwen3_5Config
+    assert type(after.config.vision_config) is transformers.Qwen3_5VisionConfig
+    a, b = before.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

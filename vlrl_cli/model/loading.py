@@ -114,6 +114,27 @@ def from_pretrained(loader, name: str, **kwargs):
         raise UserError(f"cannot load {name}: {str(e).strip().splitlines()[0]}") from None
 
 
+def transformers_config(name: str):
+    """The model's config built with transformers' own class for its model type, or None where transformers has
+    none (the loader then picks as usual). Why not AutoConfig: another library in the process may register its
+    own class for a model type with AutoConfig. vLLM does, for Qwen3.5, once it has parsed such a config; its
+    class names the vision tower's heads differently, and transformers' model built from it failed in its vision
+    rotary embedding. The trainer and a vLLM engine share one process (colocated runs, check-drift)."""
+    import transformers
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from pathlib import Path
+
+    local = {} if Path(name).exists() or hub_usable() else {"local_files_only": True}
+    try:
+        kind = PretrainedConfig.get_config_dict(name, **local)[0].get("model_type")
+    except Exception:  # noqa: BLE001 - the model's own load names the problem
+        return None
+    own = getattr(transformers, CONFIG_MAPPING_NAMES.get(kind, ""), None)
+    return own.from_pretrained(name, **local) if own is not None else None
+
+
 def read_config(path: str):
     """The model's config from its config file alone (a local folder, or a released size vlrl knows offline);
     None where it cannot be read without the network."""
@@ -170,10 +191,12 @@ def load_vlm(path: str, dtype: torch.dtype, attention: str = "auto"):
     from transformers import AutoModelForImageTextToText
 
     check_supported(path)
+    config = transformers_config(check_model_name(path))
+    kwargs = {"config": config} if config is not None else {}
     if attention != "auto":
-        model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype, attn_implementation=attention)
+        model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype, attn_implementation=attention, **kwargs)
     else:
-        model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype)
+        model = from_pretrained(AutoModelForImageTextToText, path, dtype=dtype, **kwargs)
         if family_of(model.config).grouped_vision_attention:
             use_grouped_vision_attention(model)
     # on a GPU only, for now: sharing changes the rounding, and the CPU demo's GRPO run (tests/test_demo.py)

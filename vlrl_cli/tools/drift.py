@@ -195,11 +195,9 @@ def apply_update(trainer, perturb: float, update_from: str | None, seed: int) ->
 
     source = None
     if update_from:
-        from transformers import AutoModelForImageTextToText
+        from ..model.loading import load_vlm
 
-        from ..model.loading import from_pretrained
-
-        source = dict(from_pretrained(AutoModelForImageTextToText, update_from, dtype=torch.float32).named_parameters())
+        source = dict(load_vlm(update_from, torch.float32).named_parameters())
     gen = torch.Generator().manual_seed(seed + 1)
     for name, p in _params(trainer):
         if lora and ".lora_" not in name:
