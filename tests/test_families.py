@@ -238,3 +238,28 @@ def test_a_qwen3_5_config_class_registered_by_another_library_does_not_reach_the
     assert type(after.config.vision_config) is transformers.Qwen3_5VisionConfig
     a, b = before.state_dict(), after.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compiled_qwen3_5_keeps_its_linear_attention_eager_and_reuses_its_graphs_across_lengths(family_models):
+    """model.compile on a hybrid model: the vision blocks and full-attention layers compile, the gated-DeltaNet
+    layers stay eager (compiled, every new sequence length compiled them afresh: a GRPO step on the GPU never
+    got past its compiles). New lengths after the second reuse the graphs; the logits equal the eager model's."""
+    from vlrl_cli.model import loading
+
+    path = str(family_models["qwen3_5"])
+    eager, model = loading.load_vlm(path, torch.float32), loading.load_vlm(path, torch.float32)
+    layers = model.model.language_model.layers
+    full = [l for l in layers if getattr(l, "linear_attn", None) is None]
+    assert 0 < len(full) < len(layers)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert loading.compile_layers(model) == len(model.model.visual.blocks) + len(full)
+    gen = torch.Generator().manual_seed(0)
+    graphs = []
+    for length in (40, 57, 80, 123):
+        ids = torch.randint(10, 100, (2, length), generator=gen)
+        logits = model(input_ids=ids).logits
+        logits.float().sum().backward()
+        torch.testing.assert_close(logits, eager(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[3], graphs
