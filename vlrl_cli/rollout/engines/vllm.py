@@ -49,6 +49,9 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # FlashInfer's sampler returns no processed log-probs (and is not always installed)
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        # hybrid models' Triton kernels (Qwen3.5's gated DeltaNet) autotune at every engine start, about two
+        # minutes on an H100; kept in Triton's on-disk cache, the next run on the machine skips it
+        os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         import torch.distributed as dist
         from vllm import LLM
 
