@@ -196,3 +196,24 @@ def test_compiled_trainer_agrees_before_and_after_an_update(tiny_model, colors_d
 def test_compile_with_zero3_is_refused_before_loading(tiny_model, colors_data):
     with pytest.raises(UserError, match="--compile needs --zero-stage 0-2"):
         check_drift(str(tiny_model), str(colors_data / "train.parquet"), DriftOptions(zero_stage=3, compile=True))
+
+
+def test_packed_mode_agrees_and_a_budget_that_packs_nothing_fails(cli, tiny_model, colors_data, tmp_path):
+    """--pack-tokens scores the rollouts in packed rows, as trainer.pack_tokens trains: they agree with the engine
+    as the padded path does. A budget shorter than the sequences puts each in a row of its own; the gate must not
+    pass then, since the packed path it was asked about never ran."""
+    base = ["check-drift", tiny_model, colors_data / "train.parquet", "--samples", 6, "--max-new-tokens", 12,
+            "--max-mean", 1e-4, "--max-abs", 1e-3]
+    out = tmp_path / "packed.json"
+    assert cli(*base, "--pack-tokens", 4096, "--json", out).exit_code == 0
+    report = json.loads(out.read_text())
+    packed = checks(report)["packed_rows"]
+    assert packed["passed"] is True and "1 packed rows" in packed["detail"], packed
+    assert report["token_abs_diff"]["max"] < 1e-4
+
+    out = tmp_path / "alone.json"
+    r = cli(*base, "--pack-tokens", 8, "--json", out)
+    assert r.exit_code == 1, r.output
+    alone = checks(json.loads(out.read_text()))["packed_rows"]
+    assert alone["passed"] is False and "packing was not tested" in alone["detail"], alone
+    assert "packed_rows" in r.output

@@ -352,6 +352,22 @@ def check_image_token_counts(trajs, prompts, processor) -> Check:
                  fix="the processor's merge size / patch size must match the model's")
 
 
+def check_packed_rows(trajs, pack_tokens: int) -> Check:
+    """A packed drift check proves something only where a row held two sequences or more: a budget shorter than
+    the sequences sends each alone, and the gate would pass on the padded path it was asked to replace."""
+    from ..train.batches import micro_batches
+
+    lengths = [len(seq.token_ids) for t in trajs for seq in t.sequences()]
+    rows = micro_batches(lengths, 0, pack_tokens)
+    shared = sum(len(r) > 1 for r in rows)
+    if shared:
+        return Check("packed_rows", True, f"{len(lengths)} sequences scored in {len(rows)} packed rows of at most "
+                                          f"{pack_tokens} tokens, {shared} of them holding two or more")
+    return Check("packed_rows", False, f"--pack-tokens {pack_tokens} put every sequence in a row of its own "
+                                       f"(sequences of {min(lengths)}-{max(lengths)} tokens): packing was not tested",
+                 fix=f"--pack-tokens of at least {2 * max(lengths)} (or more --samples)")
+
+
 def sampling_checks(s: Sampling) -> list[Check]:
     checks = []
     if s.temperature == 0:
@@ -454,6 +470,8 @@ def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_
     phases = {"before_update": stats}
     checks = [check_prompt_ids(prompts), check_image_tensors(trajs, probe.images),
               check_image_token_counts(trajs, prompts, processor), *sampling_checks(o.sampling)]
+    if o.pack_tokens > 0:
+        checks.append(check_packed_rows(trajs, o.pack_tokens))
     report = {
         "settings": {"model": model, "data": data, **asdict(o), "engine_dtype": engine_dtype},
         "token_abs_diff": stats["overall"].get("abs_diff", {}),
