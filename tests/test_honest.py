@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -102,6 +103,14 @@ def test_a_mistyped_local_model_path_is_named_at_once(tmp_path, colors_data):
                            cwd=tmp_path, timeout=120)
         assert r.returncode == 2, r.stderr[-1500:]
         assert "models/typo" in r.stderr and "no such model folder" in r.stderr and "huggingface" not in r.stderr.lower()
+
+
+def test_a_model_file_in_place_of_its_folder_is_named_with_the_folder(tmp_path, tiny_model, colors_data):
+    """A user who points MODEL at the model's config.json (or a weights file) is told to pass its folder."""
+    r = run_cli("eval", Path(tiny_model) / "config.json", colors_data / "val.parquet", "--out", tmp_path / "e")
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert "config.json: a file, not a model folder" in r.stderr and f"({tiny_model})" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "e").exists()
 
 
 def test_train_json_to_stdout_is_only_json_and_ctrl_c_ends_a_run_with_130(tmp_path, tiny_model, colors_data):

@@ -24,6 +24,9 @@ def check_model_name(name: str) -> str:
 
     p = Path(name).expanduser()
     if p.exists():
+        if not p.is_dir():
+            raise UserError(f"{name}: a file, not a model folder; pass the folder that holds the model's config.json"
+                            + (f" ({p.parent})" if (p.parent / "config.json").exists() else ""))
         if p.is_dir() and not (p / "config.json").exists():
             hint = (f"; pass the checkpoint {p.parent} (vlrl merges its adapter)" if (p / "adapter_config.json").exists()
                     else "")
