@@ -204,6 +204,24 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path,
         one_line_error(cli(*args), str(blocker))
 
 
+def test_a_json_or_plot_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_model, colors_data, cli):
+    """Found at the end, an unwritable report path would throw away a whole check-drift, eval or training run."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
+                                      "run": {"dir": str(tmp_path / "runs")}}))
+    data = colors_data / "val.parquet"
+    commands = (("check-drift", tiny_model, data, "--samples", "2"), ("eval", tiny_model, data, "--out", tmp_path / "ev"),
+                ("train", recipe), ("prepare", "colors", "--out", tmp_path / "d", "--rows", "4"), ("validate", data))
+    for command in commands:
+        for flag, target, needle in (("--json", blocker / "report.json", f"{blocker} is a file"),
+                                     ("--json", tmp_path, "is a folder: name a file")):
+            one_line_error(cli(*command, flag, target), flag, needle)
+    one_line_error(cli(*commands[0], "--plot", blocker / "d.png"), "--plot", f"{blocker} is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "r.yaml"]  # nothing was started
+
+
 def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path, tiny_model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

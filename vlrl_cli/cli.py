@@ -235,6 +235,7 @@ def prepare(
     """
     import os
 
+    check_outputs({"--json": json_out, "--out": out}, {})
     from .data.images import CanonicalSpec
     from .data.prepare import PrepareOptions
     from .data.prepare import prepare as run_prepare
@@ -318,6 +319,7 @@ def validate(
 
     if max_prompt_tokens is not None and not processor:
         fail("--max-prompt-tokens needs --processor (token counts depend on the model's chat template and image grid)")
+    check_outputs({"--json": json_out, "--write-clean": write_clean}, {}, folders=("--write-clean",))
     opts = ValidateOptions(processor=processor, max_prompt_tokens=max_prompt_tokens, max_images=max_images,
                            allow_remote=allow_remote, env_classes=tuple(env_class or ()),
                            workers=workers or min(4, os.cpu_count() or 1))
@@ -482,6 +484,7 @@ def train(
     from .train.runs import claim_run_dir
 
     global crash_dir
+    check_outputs({"--json": json_out}, {"RECIPE": recipe})
     overrides = list(set_ or [])
     from .rollout.envs import importable_from
 
@@ -631,14 +634,22 @@ def check_eval_out(out: Path, overwrite: bool) -> None:
         fail(f"--out {out} holds a previous eval; pass --overwrite to replace it, or another --out")
 
 
-def check_outputs(outputs: dict[str, object], inputs: dict[str, object]) -> None:
-    """No output flag may name one of the command's inputs (or a folder inside it): that would overwrite the data
-    or write into the model."""
+def check_outputs(outputs: dict[str, object], inputs: dict[str, object], folders: tuple[str, ...] = ("--out",)) -> None:
+    """Every output path can be written, before any work: not a path under a file, not a read-only folder, not a
+    folder where a file goes (`folders` names the flags that take a folder). No output flag may name one of the
+    command's inputs (or a folder inside it): that would overwrite the data or write into the model."""
     resolved = {name: Path(str(p)).resolve() for name, p in inputs.items() if p and Path(str(p)).exists()}
     for flag, value in outputs.items():
         if not value or str(value) == "-":
             continue
         target = Path(str(value)).resolve()
+        if target.is_dir() and flag not in folders:
+            fail(f"{flag} {value} is a folder: name a file")
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        if existing != target and not existing.is_dir():
+            fail(f"{flag} {value}: {existing} is a file, so nothing can be written under it")
+        if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+            fail(f"{flag} {value}: {existing if existing.is_dir() else existing.parent} is not writable")
         for name, source in resolved.items():
             if target == source or (source.is_dir() and source in target.parents):
                 fail(f"{flag} {value} would write into {name} {source}: choose another path")
@@ -821,6 +832,7 @@ def export(
     """Write a checkpoint's model in transformers' format (a LoRA adapter merged into its base model)."""
     from .train.runs import export_checkpoint, resolve_checkpoint
 
+    check_outputs({"--json": json_out, "--out": out}, {})
     ckpt = resolve_checkpoint(checkpoint)
     if ckpt is None:
         fail(f"{checkpoint}: not a run directory or a checkpoint (runs/NAME or runs/NAME/checkpoints/step_N)")
