@@ -222,6 +222,22 @@ def test_a_json_or_plot_path_that_cannot_be_written_is_refused_before_any_work(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "r.yaml"]  # nothing was started
 
 
+def test_eval_and_check_drift_check_the_rows_they_read_not_the_whole_file(tmp_path, tiny_model, colors_data, cli):
+    """A large file with a bad row far down must not stop `eval --limit 2` or a 2-sample check-drift, which never
+    read it (on a real dataset, checking every image first would also take minutes); a run that reads it stops."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(colors_data / "val.parquet").to_pylist()[:4] + [{"id": "broken", "prompt": 7}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("eval", tiny_model, data, "--out", tmp_path / "ev", "--limit", 2, "--max-new-tokens", 4)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["records"] == 2
+    r = cli("check-drift", tiny_model, data, "--samples", 2, "--max-new-tokens", 4)
+    assert r.exit_code == 0, r.output
+    one_line_error(cli("eval", tiny_model, data, "--out", tmp_path / "all"), f"{data}:4")
+
+
 def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path, tiny_model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

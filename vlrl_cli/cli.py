@@ -600,7 +600,8 @@ def eval_(
     check_eval_out(out, overwrite)
     from .tools.validate import check_run_data
 
-    check_run_data([str(data)], tuple(envs), verb="run")  # every row through validate's checks, before any model loads
+    # every row eval reads through validate's checks, before any model loads
+    check_run_data([str(data)], tuple(envs), verb="run", limit=limit)
     from .train.runs import lock_run_dir
 
     lock_run_dir(out, "vlrl eval", "give this eval another --out")  # two evals into one folder: the second stops
@@ -760,7 +761,8 @@ def check_drift_cmd(
                         max_images=history_images)
     from .tools.validate import check_run_data
 
-    check_run_data([str(data)], tuple(opts.envs), verb="run")  # validate's checks on every row, before any model loads
+    # validate's checks on every row check-drift reads, before any model loads
+    check_run_data([str(data)], tuple(opts.envs), verb="run", limit=samples * (2 if after_update else 1))
     with err.status("check-drift") as status:
         report = check_drift(model, str(data), opts, progress=lambda msg: status.update(f"check-drift: {msg}"))
     print_drift(report)

@@ -8,6 +8,7 @@ expanded, and placeholder counts that agree with the image grids.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -190,8 +191,9 @@ def total_rows(paths: list[str | Path]) -> int | None:
 
 
 def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOptions(),
-                   progress: Callable[[int], None] | None = None) -> ValidationReport:
-    """Validate every row of every file. Raises RecordFileError when a file cannot be read at all."""
+                   progress: Callable[[int], None] | None = None, limit: int | None = None) -> ValidationReport:
+    """Validate every row of every file (the first `limit` of each). Raises RecordFileError when a file cannot
+    be read at all."""
     # open every file first: an unreadable file fails fast, before minutes of work on the others
     for p in paths:
         next(iter_rows(p), None)
@@ -201,7 +203,7 @@ def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOpti
     with row_workers(opts.workers, _init_worker, (opts,)) as pool:
         for p in paths:
             index = 0
-            for chunk, results in ordered_map(pool, _check, iter_rows(p), CHUNK):
+            for chunk, results in ordered_map(pool, _check, itertools.islice(iter_rows(p), limit), CHUNK):
                 for found in results:
                     for severity, code, message in found:
                         problems.append(Problem(str(p), index, severity, code, message))
@@ -214,11 +216,13 @@ def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOpti
     return ValidationReport([str(p) for p in paths], rows, problems, bad_rows)
 
 
-def check_run_data(paths: list[str], env_classes: tuple[str, ...] = (), show: int = 20, verb: str = "train") -> int:
-    """The rows a run will use, through validate's checks (schema, env_class, ground truth, every image).
+def check_run_data(paths: list[str], env_classes: tuple[str, ...] = (), show: int = 20, verb: str = "train",
+                   limit: int | None = None) -> int:
+    """The rows a run will use (the first `limit` of each file, where it reads no more), through validate's
+    checks (schema, env_class, ground truth, every image).
     Raises UserError naming every bad row by file and row (the first `show`, and how many in all) before
     any model is loaded; returns the number of rows checked."""
-    report = validate_paths([p for p in paths if p], ValidateOptions(env_classes=env_classes))
+    report = validate_paths([p for p in paths if p], ValidateOptions(env_classes=env_classes), limit=limit)
     if not report.errors:
         return report.rows
     bad = [p for p in report.problems if p.severity == "error"]
