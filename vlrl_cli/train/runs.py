@@ -339,6 +339,10 @@ def lock_run_dir(run_dir: Path, command: str = "vlrl train", other_name: str = "
     key = str(Path(run_dir).resolve())
     if key in _LOCKS:
         return
+    if not Path(run_dir).exists():
+        import atexit
+
+        atexit.register(_drop_if_unused, Path(run_dir))
     with writing(Path(run_dir), "the run directory"):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         f = open(Path(run_dir) / ".lock", "a+")
@@ -355,6 +359,17 @@ def lock_run_dir(run_dir: Path, command: str = "vlrl train", other_name: str = "
     f.write(str(os.getpid()))
     f.flush()
     _LOCKS[key] = f
+
+
+def _drop_if_unused(run_dir: Path) -> None:
+    """At exit: a folder this process created and left holding only its lock (stopped, by Ctrl-C or an error,
+    before it wrote anything) is removed, so no empty run or eval folder is left for the user to clean up."""
+    try:
+        if [p.name for p in run_dir.iterdir()] == [".lock"]:
+            (run_dir / ".lock").unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass  # gone already, or not ours to clean: leave it
 
 
 def claim_run_dir(recipe, resume: bool, overwrite: bool = False, allow_changes: bool = False) -> str | None:
