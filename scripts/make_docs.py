@@ -101,7 +101,8 @@ def performance_page() -> str:
     if recipes.exists():
         out.append("\n## Shipped recipes at their real shape\n\n"
                    "Two steps of each recipe as shipped (model size, tokens, turns, images, packing, KL, LoRA, ZeRO stage, "
-                   "engine); only the prompts per step are cut. Times are the last step's; memory the trainer's own "
+                   "engine); only the prompts per step are cut, and a recipe sized for 8 GPUs runs on one with the "
+                   "change named in its row. Times are the last step's; memory the trainer's own "
                    "peak, apart from the engine's pool; the checkpoint is the first one written (a LoRA run's: its "
                    "adapters and their optimizer state). Drift and KL come from random weights, whose logits are far "
                    "less stable in bf16 than a trained model's: they show the runs are alive, not their accuracy.\n\n"
@@ -114,7 +115,9 @@ def performance_page() -> str:
             first = parts[min(parts, key=lambda n: int(n.split("_")[1]))] if parts else None
             ckpt = sum(first.values()) if first else r.get("checkpoint_bytes_estimated") or 0
             est = "" if first else " (estimated)"
-            out.append(f"| `{name}` | {r.get('size')} | {'yes' if r.get('passed') else 'NO'} | {_fmt(last.get('time_step_s', ''))} | "
+            # a row run with a change to the recipe (--set) says which, beside whether it ran
+            ran = ("yes" if r.get("passed") else "NO") + "".join(f", {s}" for s in r.get("sets") or [])
+            out.append(f"| `{name}` | {r.get('size')} | {ran} | {_fmt(last.get('time_step_s', ''))} | "
                        f"{_fmt(last.get('time_generate_s', ''))} | {_fmt(last.get('time_train_s', ''))} | "
                        f"{_fmt(last.get('trainer_mem_peak_gb', ''))} | {_fmt(last.get('engine_mem_gb', ''))} | "
                        f"{_fmt(last.get('drift_abs_mean', ''))} | {_fmt(r['steps'][0].get('kl')) if r.get('steps') else ''} | "
