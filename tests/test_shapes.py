@@ -175,6 +175,28 @@ def test_vllm_gets_a_linear_attention_prefill_it_can_run(monkeypatch):
     monkeypatch.setattr(vllm.importlib.util, "find_spec", lambda name, *a: object() if name == "flashinfer" else real(name, *a))
     assert "gdn_prefill_backend" not in vllm.engine_args("m", "bfloat16", 0.3, 0, None, False)
 
+@pytest.mark.model
+def test_vllm_reads_gemma4_head_sizes_that_transformers_keeps_per_layer():
+    """Gemma 4 E2B's released config has head_dim 256 on sliding layers and global_head_dim 512 on full ones.
+    transformers (>= 5.17) keeps head_dim per layer and refuses a global read, the read vLLM 0.26's config
+    converter makes: the engine did not start at the real size. The engine's hf_overrides give vLLM the flat
+    form its Gemma 4 code reads; a config whose layers agree passes through unchanged."""
+    from vlrl_cli.model.families import real_size_config
+    from vlrl_cli.rollout.engines import vllm
+
+    view = vllm.engine_args("m", "bfloat16", 0.3, 0, None, False)["hf_overrides"]
+    text = real_size_config("gemma4_e2b").get_text_config()
+    assert text.is_heterogeneous
+    with pytest.raises(Exception, match="per-layer attribute"):
+        getattr(text, "head_dim", 0)  # what vLLM met
+    text = view(real_size_config("gemma4_e2b")).get_text_config()
+    assert getattr(text, "head_dim", 0) == 256  # vLLM's converter
+    assert getattr(text, "global_head_dim", text.head_dim) == 512  # vLLM's Gemma 4 layers: full attention
+    assert [layer.head_dim for layer in text.per_layer_config][:5] == [256, 256, 256, 256, 512]  # the trainer's
+    qwen = real_size_config("qwen2_5_vl_3b")
+    assert view(qwen).to_dict() == real_size_config("qwen2_5_vl_3b").to_dict()
+
+
 # --- 1. packed rows with a KL reference; statistics of every epoch -------------------------------------------
 
 

@@ -69,6 +69,10 @@ class Family:
     linear_attention: str | None = None
     linear_projections: tuple[str, ...] = ()
     config_extra: dict = field(default_factory=dict)  # more keyword arguments of config_class (Gemma 4: no audio)
+    # text config attributes that transformers (>= 5.17) keeps per layer where layers differ, and the flat key
+    # under which the family's own config.json names the odd layers' value (Gemma 4: head_dim 256 on sliding
+    # layers, global_head_dim 512 on full ones). vLLM reads the flat form (engines.vllm.flat_text_config)
+    flat_config: dict = field(default_factory=dict)
     tiny_text: dict = field(default_factory=dict)  # the tiny model's text and vision config (tiny.py adds the rest)
     tiny_vision: dict = field(default_factory=dict)
 
@@ -126,7 +130,7 @@ FAMILY = {f.name: f for f in (
                                                                "up_proj", "down_proj")),
            projector=r"embed_vision\.embedding_projection", patch_embed=r"patch_embedder\.input_proj",
            positions="1d", bidirectional_images=True, grouped_vision_attention=False,
-           config_extra=dict(audio_config=None),
+           config_extra=dict(audio_config=None), flat_config={"head_dim": "global_head_dim"},
            tiny_text=dict(head_dim=64, global_head_dim=64, sliding_window=128,
                           layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
                           final_logit_softcapping=30.0, use_bidirectional_attention="vision", tie_word_embeddings=True),

@@ -34,6 +34,7 @@ def engine_args(model_path: str, dtype: str, gpu_memory_utilization: float, seed
                   gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=limits.max_model_len,
                   enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                   limit_mm_per_prompt={"image": max(limits.max_images, 1), "video": 0})
+    kwargs["hf_overrides"] = flat_text_config  # a no-op where every layer has the same shape
     if importlib.util.find_spec("flashinfer") is None:
         # hybrid models (Qwen3.5's gated DeltaNet): on Hopper vLLM's "auto" picks FlashInfer's prefill kernel and
         # fails at the first prefill where it is not installed; its Triton kernel needs nothing more
@@ -41,6 +42,24 @@ def engine_args(model_path: str, dtype: str, gpu_memory_utilization: float, seed
     if in_trainer:  # inside a (DeepSpeed) trainer: one engine per rank, reusing the process group it made
         kwargs.update(tensor_parallel_size=1, distributed_executor_backend="external_launcher")
     return kwargs
+
+
+def flat_text_config(config):
+    """The model's config as vLLM 0.26 reads it (passed as its hf_overrides). transformers >= 5.17 keeps an
+    attribute that differs between layers per layer and refuses a global read of it (Gemma 4's head_dim: 256 on
+    sliding layers, 512 on full ones), while vLLM reads one head_dim and the family's flat key for the odd
+    layers (global_head_dim). Give vLLM that form: the global value readable, the other under the flat key."""
+    text = config.get_text_config()
+    if not getattr(text, "is_heterogeneous", False):
+        return config
+    text.allow_global_per_layer_attribute_access = True
+    for attr, flat_key in family_of(config).flat_config.items():
+        others = {getattr(layer, attr) for layer in text.per_layer_config} - {getattr(text, attr)}
+        if len(others) > 1:
+            raise ValueError(f"{attr} takes {len(others) + 1} values across layers; vLLM's {flat_key} holds one")
+        if others:
+            setattr(text, flat_key, others.pop())
+    return config
 
 
 class VLLMEngine:
