@@ -180,11 +180,12 @@ def test_vllm_reads_gemma4_head_sizes_that_transformers_keeps_per_layer():
     """Gemma 4 E2B's released config has head_dim 256 on sliding layers and global_head_dim 512 on full ones.
     transformers (>= 5.17) keeps head_dim per layer and refuses a global read, the read vLLM 0.26's config
     converter makes: the engine did not start at the real size. The engine's hf_overrides give vLLM the flat
-    form its Gemma 4 code reads; a config whose layers agree passes through unchanged."""
-    from vlrl_cli.model.families import real_size_config
+    form its Gemma 4 code reads (families whose layers agree get no override, and would pass unchanged)."""
+    from vlrl_cli.model.families import FAMILY, real_size_config
     from vlrl_cli.rollout.engines import vllm
 
-    view = vllm.engine_args("m", "bfloat16", 0.3, 0, None, False)["hf_overrides"]
+    view = vllm.engine_args("m", "bfloat16", 0.3, 0, None, False, FAMILY["gemma4"])["hf_overrides"]
+    assert "hf_overrides" not in vllm.engine_args("m", "bfloat16", 0.3, 0, None, False, FAMILY["qwen2_5_vl"])
     text = real_size_config("gemma4_e2b").get_text_config()
     assert text.is_heterogeneous
     with pytest.raises(Exception, match="per-layer attribute"):

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from ...model.families import family_of, image_wrap_ids, vision_input_module
+from ...model.families import Family, family_of, family_of_processor, image_wrap_ids, vision_input_module
 from . import EngineLimits, GenRequest, Generation, Sampling, collapse_placeholders, placeholder_token_ids
 
 
@@ -26,15 +26,17 @@ class PromptMismatch(RuntimeError):
 
 
 def engine_args(model_path: str, dtype: str, gpu_memory_utilization: float, seed: int, limits: EngineLimits | None,
-                in_trainer: bool) -> dict:
+                in_trainer: bool, family: Family | None = None) -> dict:
     """vllm.LLM's arguments: the limits it fixes at start-up come from the recipe (EngineLimits), so a recipe's
-    longest episode and its images always fit; in_trainer: one engine per rank, in the trainer's process group."""
+    longest episode and its images always fit; in_trainer: one engine per rank, in the trainer's process group;
+    family: the model's declaration, for what vLLM must be told about its config."""
     limits = limits or EngineLimits()
     kwargs = dict(model=model_path, dtype="bfloat16" if dtype == "bfloat16" else dtype,
                   gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=limits.max_model_len,
                   enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                   limit_mm_per_prompt={"image": max(limits.max_images, 1), "video": 0})
-    kwargs["hf_overrides"] = flat_text_config  # a no-op where every layer has the same shape
+    if family is not None and family.flat_config:
+        kwargs["hf_overrides"] = flat_text_config
     if importlib.util.find_spec("flashinfer") is None:
         # hybrid models (Qwen3.5's gated DeltaNet): on Hopper vLLM's "auto" picks FlashInfer's prefill kernel and
         # fails at the first prefill where it is not installed; its Triton kernel needs nothing more
@@ -75,7 +77,7 @@ class VLLMEngine:
         from vllm import LLM
 
         kwargs = engine_args(model_path, dtype, gpu_memory_utilization, seed, limits,
-                             dist.is_initialized() or external_launcher)
+                             dist.is_initialized() or external_launcher, family_of_processor(processor))
         if dist.is_initialized():
             # the external launcher reads the rank from the environment, which a process group made without a
             # launcher (an earlier engine's, in one process: check-drift, serve, tests) does not set
