@@ -279,12 +279,77 @@ def test_gradients_of_several_calls_add_up_until_the_step(services):
                if p.requires_grad), "a forward-only call left gradients behind"
 
 
+def test_a_nan_in_a_datum_or_its_loss_never_reaches_the_weights(services):
+    """NaN (or inf) loss inputs are refused before any forward; a loss that comes out non-finite anyway is
+    refused before its backward. Either way the next step sees finite gradients and the model keeps working."""
+    svc = services["qwen2_5_vl"]
+    mid = svc.create_model("s", svc.model_path, lora_rank=4, seed=3, model_id="s:train:nan")
+    good = sft_datum(svc.processor, jpeg(), "red")
+    bad = sft_datum(svc.processor, jpeg(), "red")
+    bad.inputs["weights"] = np.full_like(bad.inputs["weights"], np.nan)
+    with pytest.raises(Exception, match=r"datum 0: loss_fn_inputs\['weights'\] holds NaN or inf"):
+        svc.forward_backward(mid, "cross_entropy", {}, [bad], False)
+    ok = dict(good.inputs, logprobs=np.zeros(len(good.inputs["weights"]), np.float32),
+              advantages=good.inputs["weights"].astype(np.float32))
+    ok["logprobs"][ok["advantages"] == 0] = -np.inf  # where it counts for nothing: allowed
+    pg = lambda: [wire.Datum(good.chunks, {k: v for k, v in ok.items() if k != "weights"}, [])]  # noqa: E731
+    svc.forward_backward(mid, "importance_sampling", {}, pg(), True)
+    ok["logprobs"][-1] = -np.inf  # where it counts: refused
+    with pytest.raises(Exception, match=r"loss_fn_inputs\['logprobs'\] holds NaN or inf"):
+        svc.forward_backward(mid, "importance_sampling", {}, pg(), False)
+    huge = sft_datum(svc.processor, jpeg(), "red")
+    huge.inputs["weights"] = np.full_like(huge.inputs["weights"], 3e38)  # finite, but the loss overflows
+    with pytest.raises(Exception, match="their gradients were not applied"):
+        svc.forward_backward(mid, "cross_entropy", {}, [huge], False)
+    svc.forward_backward(mid, "cross_entropy", {}, [good], False)
+    svc.optim_step(mid, {"learning_rate": 1e-2})
+    params = [p for p in svc.model(mid).policy.module.parameters() if p.requires_grad]
+    assert all(torch.isfinite(p).all() for p in params)
+    with pytest.raises(Exception, match=r"adam_params.learning_rate must be in"):
+        svc.optim_step(mid, {"learning_rate": float("inf")})
+
+
 # ---- the real SDK against a live server ----------------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_hostile_numbers_from_a_client_are_user_errors_naming_the_field(family_models, tmp_path):
+    """Every number a client sends is checked for kind and range before any work: a huge num_samples once hung
+    the server building its sequence ids, a string was a 500, top_p 5 was accepted, a LoRA rank of 1e9 tried
+    to allocate 500 GB. The SDK's telemetry is accepted (a 404 printed a traceback in every client)."""
+    import httpx
+
+    live = LiveServer(family_models["qwen2_5_vl"], tmp_path / "state")
+    hdr = {"X-API-Key": KEY}
+    try:
+        prompt = {"chunks": [{"type": "encoded_text", "tokens": [10, 11]}]}
+        base = {"base_model": str(family_models["qwen2_5_vl"]), "prompt": prompt}
+        cases = [({"num_samples": 1e30}, "num_samples must be an integer"),
+                 ({"num_samples": 10 ** 12}, "num_samples must be in 1..256"),
+                 ({"num_samples": "abc"}, "num_samples must be an integer"),
+                 ({"num_samples": 0}, "num_samples must be in 1..256"),
+                 ({"sampling_params": {"max_tokens": -5}}, "sampling_params.max_tokens must be in"),
+                 ({"sampling_params": {"temperature": "abc"}}, "sampling_params.temperature must be a number"),
+                 ({"sampling_params": {"temperature": -1}}, "sampling_params.temperature must be in"),
+                 ({"sampling_params": {"seed": 2 ** 70}}, "sampling_params.seed must be in"),
+                 ({"sampling_params": {"top_p": 5}}, "sampling_params.top_p must be in"),
+                 ({"sampling_params": {"stop": {"a": 1}}}, "sampling_params.stop must be")]
+        for extra, message in cases:
+            r = httpx.post(f"{live.url}/api/v1/asample", json={**base, **extra}, headers=hdr, timeout=30)
+            assert r.status_code == 400 and message in r.json()["error"], (extra, r.status_code, r.text)
+        session = httpx.post(f"{live.url}/api/v1/create_session", json={}, headers=hdr).json()["session_id"]
+        r = httpx.post(f"{live.url}/api/v1/create_model", headers=hdr, json={
+            "session_id": session, "model_seq_id": 0, "base_model": base["base_model"], "lora_config": {"rank": 10 ** 9}})
+        assert r.status_code == 400 and "lora_config.rank must be in 0..1024" in r.json()["error"], r.text
+        r = httpx.post(f"{live.url}/api/v1/telemetry", json={"events": []}, headers=hdr)
+        assert r.status_code == 200 and r.json() == {"status": "accepted"}
+        assert httpx.get(f"{live.url}/api/v1/healthz", headers=hdr, timeout=5).status_code == 200  # still serving
+    finally:
+        live.stop()
 
 
 def serve_subprocess(model, state, log_path, key: str, *extra: str):

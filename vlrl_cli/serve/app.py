@@ -26,6 +26,8 @@ from .service import Service, UserError
 PROTO = "application/x-protobuf"
 POLL_HOLD_S = 20.0  # the SDK's poll times out at 45 s client-side
 MAX_BODY = 256 * 1024 * 1024
+MAX_SAMPLES = 256  # samples of one prompt per request
+MAX_LORA_RANK = 1024  # beyond any adapter in use; a typo's rank would allocate the whole machine
 SESSION_RE = re.compile(r"^s-[0-9a-f]{16}$")  # what create_session issues  # one forward_backward chunk is at most ~5 MB by the SDK's own limit
 
 
@@ -44,7 +46,7 @@ def future(jobs: Jobs, fn, scope=None, seq=None, ordered=True, **extra) -> JSONR
 
 
 def as_json(fn):
-    return lambda: ("application/json", json.dumps(fn()).encode())
+    return lambda: ("application/json", json.dumps(wire.finite_json(fn())).encode())
 
 
 async def body_json(request: Request) -> dict:
@@ -129,6 +131,13 @@ async def healthz(request):
     return JSONResponse({"status": "ok"})
 
 
+async def telemetry(request):
+    """The SDK reports its own telemetry here unless TINKER_TELEMETRY=0; a server of one's own keeps none,
+    and a 404 would print a traceback in every client."""
+    await read_body(request)  # bounded like any other body
+    return JSONResponse({"status": "accepted"})
+
+
 async def capabilities(request):
     service = parts(request)[0]
     return JSONResponse({"supported_models": [{"model_name": n, "trainable": True, "sampleable": True}
@@ -168,7 +177,7 @@ async def create_model(request):
     lora = data.get("lora_config") or {}
     if not isinstance(lora, dict):
         raise UserError("lora_config must be an object")
-    rank = int(lora.get("rank", 0))
+    rank = wire.number(lora, "rank", 0, 0, MAX_LORA_RANK, integer=True, where="lora_config")
     mid = f"{session_id}:train:{seq}"  # the SDK derives this id itself (load_weights path)
 
     def run():
@@ -352,8 +361,9 @@ async def asample(request):
         service.check_base_model(data.get("base_model"))
     chunks = wire.chunks_from_json(data.get("prompt"))
     params = data.get("sampling_params") or {}
-    n = int(data.get("num_samples", 1))
-    ids = [f"seq-{secrets.token_hex(8)}" for _ in range(max(n, 0))]
+    n = wire.number(data, "num_samples", 1, 1, MAX_SAMPLES, integer=True)
+    wire.sampling_params(params)  # checked here too: a bad field is answered now, not as a failed future
+    ids = [f"seq-{secrets.token_hex(8)}" for _ in range(n)]
     record = bool(data.get("record_stability_info"))
 
     def run():
@@ -389,6 +399,7 @@ async def retrieve_future(request):
 ROUTES = [
     Route("/api/v1/client/config", client_config, methods=["POST", "GET"]),
     Route("/api/v1/healthz", healthz, methods=["POST", "GET"]),
+    Route("/api/v1/telemetry", telemetry, methods=["POST"]),
     Route("/api/v1/get_server_capabilities", capabilities, methods=["POST", "GET"]),
     Route("/api/v1/create_session", create_session, methods=["POST"]),
     Route("/api/v1/session_heartbeat", heartbeat, methods=["POST"]),

@@ -20,6 +20,7 @@ carries, and it requires every datum to name sequences this server sampled (prov
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .wire import WireError
@@ -50,6 +51,16 @@ def check_request(loss_fn: str, config: dict, inputs: list[dict], length_of) -> 
             if d[key].shape != (n,):
                 raise WireError(f"datum {i}: loss_fn_inputs[{key!r}] has shape {list(d[key].shape)}, "
                                 f"the model input has {n} positions")
+        # a NaN or inf input makes a NaN loss, and its gradients would wreck every weight: refused here.
+        # Sampling log-probs may be -inf where they count for nothing (advantage 0: prompt positions)
+        counted = d["advantages"] != 0 if "advantages" in d else None
+        for key in REQUIRED[loss_fn][1:]:
+            values = d[key] if key != "logprobs" or counted is None else d[key][counted]
+            if not np.isfinite(values).all():
+                raise WireError(f"datum {i}: loss_fn_inputs[{key!r}] holds NaN or inf")
+    for key, value in config.items():
+        if isinstance(value, float) and not np.isfinite(value):
+            raise WireError(f"loss_fn_config[{key!r}] is {value}")
 
 
 def datum_loss(loss_fn: str, logp: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict) -> torch.Tensor:

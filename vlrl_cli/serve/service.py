@@ -212,6 +212,11 @@ class Service:
                               for k, v in data[i].inputs.items() if k != "target_tokens"}
                     loss = loss + losses.datum_loss(loss_fn, lp[j, :n], inputs, config)
                     outputs.append({"logprobs": lp[j, :n].detach().float().cpu().numpy()})
+            if not forward_only and not torch.isfinite(loss):
+                # gradients of a NaN loss would be NaN in every weight at the next optim_step: the
+                # accumulated gradients are left as they were and the model keeps its weights
+                raise UserError(f"the loss of datums {idx} is {float(loss.detach())}: their gradients were not applied "
+                                "(check their loss_fn_inputs against the model's log-probs)")
             if not forward_only:
                 pol.backward_step(policy, loss, last=True)
             total += float(loss.detach())
@@ -225,12 +230,16 @@ class Service:
         """One AdamW step with the request's hyper-parameters on the gradients accumulated so far."""
         m = self.model(model_id)
         policy = m.policy
-        lr = float(adam.get("learning_rate", 1e-4))
-        b1, b2 = float(adam.get("beta1", 0.9)), float(adam.get("beta2", 0.95))
-        eps, wd = float(adam.get("eps", 1e-12)), float(adam.get("weight_decay", 0.0))
-        clip = float(adam.get("grad_clip_norm", 0.0))
-        if not (lr >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1 and eps > 0 and wd >= 0 and clip >= 0):
-            raise UserError(f"adam_params out of range: {adam}")
+        def num(key, default, lo, hi):
+            try:
+                return float(wire.number(adam, key, default, lo, hi, where="adam_params"))
+            except wire.WireError as e:
+                raise UserError(str(e)) from None
+
+        big = 1e30  # finite: inf is no learning rate
+        lr, eps = num("learning_rate", 1e-4, 0.0, big), num("eps", 1e-12, 1e-30, big)
+        b1, b2 = num("beta1", 0.9, 0.0, 1 - 1e-12), num("beta2", 0.95, 0.0, 1 - 1e-12)
+        wd, clip = num("weight_decay", 0.0, 0.0, big), num("grad_clip_norm", 0.0, 0.0, big)
         opt = policy.optimizer
         for g in opt.param_groups:
             g.update(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
@@ -377,15 +386,16 @@ class Service:
         ids, tensors, images = self._render(chunks)
         if not ids:
             raise UserError("empty prompt")
+        try:
+            params = wire.sampling_params(params)
+        except wire.WireError as e:
+            raise UserError(str(e)) from None
         self._load_engine(model_path)
-        max_tokens = params.get("max_tokens") or 16
-        temperature = float(params.get("temperature", 1.0))
-        top_k = int(params.get("top_k", -1))
-        seed = params.get("seed")
-        s = Sampling(temperature=temperature, top_p=float(params.get("top_p", 1.0)), max_new_tokens=int(max_tokens),
-                     seed=int(seed) if seed is not None else secrets.randbelow(2**31), top_k=max(top_k, 0))
+        seed = params["seed"]
+        s = Sampling(temperature=params["temperature"], top_p=params["top_p"], max_new_tokens=params["max_tokens"],
+                     seed=seed if seed is not None else secrets.randbelow(2**31), top_k=max(params["top_k"], 0))
         gens = self.engine.generate([GenRequest(ids, tensors, n=num_samples, images=images)], s)[0]
-        stop_tokens, stop_strings = self._stops(params.get("stop"))
+        stop_tokens, stop_strings = self._stops(params["stop"])
         seqs = [self._apply_stop(g.token_ids, g.logprobs, g.finish_reason, stop_tokens, stop_strings) for g in gens]
         if record and sequence_ids:
             for sid, (_, lps, _) in zip(sequence_ids, seqs):

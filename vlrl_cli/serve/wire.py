@@ -17,6 +17,50 @@ class WireError(ValueError):
     """The request is malformed (answered as a Tinker user error)."""
 
 
+def number(obj: dict, key: str, default, lo: float, hi: float, integer: bool = False, where: str = ""):
+    """A number a client sent: the right kind (bool is not a number; an integer where one is meant), finite,
+    within [lo, hi], or a WireError naming the field. `default` when the key is absent or null."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    name = f"{where}.{key}" if where else key
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise WireError(f"{name} must be {'an integer' if integer else 'a number'}, got {str(value)[:40]!r}")
+    if not (lo <= value <= hi):  # NaN fails this too
+        raise WireError(f"{name} must be in {lo}..{hi}, got {str(value)[:40]}")
+    return value
+
+
+def sampling_params(params) -> dict:
+    """SamplingParams as the client sent them, checked: each field the right kind and range, or a WireError
+    naming it (a negative temperature or a seed over 64 bits is the client's mistake, not the server's)."""
+    if not isinstance(params, dict):
+        raise WireError("sampling_params must be an object")
+    w = "sampling_params"
+    stop = params.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)) or isinstance(stop, list) and not all(
+            isinstance(t, str) or isinstance(t, int) and not isinstance(t, bool) for t in stop):
+        raise WireError(f"{w}.stop must be a string or a list of strings and token ids")
+    return {"max_tokens": number(params, "max_tokens", 16, 1, 1 << 20, integer=True, where=w),
+            "temperature": float(number(params, "temperature", 1.0, 0.0, 1e4, where=w)),
+            "top_p": float(number(params, "top_p", 1.0, 1e-9, 1.0, where=w)),
+            "top_k": number(params, "top_k", -1, -1, 1 << 31, integer=True, where=w),
+            "seed": number(params, "seed", None, 0, (1 << 63) - 1, integer=True, where=w),
+            "stop": stop}
+
+
+def finite_json(obj):
+    """A result for json.dumps as strict JSON: NaN and inf (a metric of a diverged step) become null."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 @dataclass
 class TextChunk:
     tokens: list[int]
