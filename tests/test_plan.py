@@ -73,8 +73,13 @@ def test_3b_full_fine_tune_on_one_h100_fits_only_with_a_small_vllm_pool_and_7b_n
     assert not big_pool.fits and any("gpu_memory_utilization=0.2" in a or "offload" in a for a in big_pool.advice)
     seven = bench_recipe(**{"model.path": "Qwen/Qwen2.5-VL-7B-Instruct"})
     full = plan_memory(seven, "H100-80GB", 79.6)
-    assert not full.fits and any("model.lora.rank=64" in a for a in full.advice), render_plan(full)
-    lora = plan_memory(with_overrides(seven, ["model.lora.rank=64"]), "H100-80GB", 79.6)
+    # the bench recipe's 0.2 pool (15.9 GB) cannot hold the 7B's 16.6 GB of weights: no change fits without a
+    # larger pool, and the advice pairs LoRA with the least pool that holds the weights and one episode
+    assert not full.fits and any("model.lora.rank=64 --set rollout.gpu_memory_utilization=0.25" in a
+                                 for a in full.advice), render_plan(full)
+    assert not plan_memory(with_overrides(seven, ["model.lora.rank=64"]), "H100-80GB", 79.6).fits
+    lora = plan_memory(with_overrides(seven, ["model.lora.rank=64", "rollout.gpu_memory_utilization=0.25"]),
+                       "H100-80GB", 79.6)
     assert lora.fits and lora.shape.trainable < 0.02 * lora.shape.params
     # ZeRO-3 on 8 GPUs divides weights, master weights, moments and gradients by 8 (its gradients are one
     # partitioned bf16 copy; ZeRO-1/2 on one GPU hold two at the peak, measured)
@@ -226,3 +231,38 @@ def test_advice_plans_each_single_change_once_and_looks_no_further(monkeypatch):
     plan = plan_module.plan_for(bench_recipe(**{"model.path": "Qwen/Qwen2.5-VL-7B-Instruct"}), "1xH100-80GB")
     assert not plan.fits and plan.advice
     assert calls[0] is True and calls[1:] and not any(calls[1:]) and len(calls) <= 12, calls
+
+
+def test_a_vllm_pool_that_cannot_hold_the_model_never_fits_and_is_never_advised():
+    """A pool smaller than the weights (plus one episode's KV cache) fails at the engine's start: the plan says so,
+    names the key, and never offers a pool that small as a fix."""
+    rec = load_recipe(ROOT / "recipes" / "geometry3k-7b-lora.yaml", check_paths=False)
+    tiny_pool = plan_memory(with_overrides(rec, ["rollout.gpu_memory_utilization=0.05"]), "H100-80GB", 79.6)
+    assert not tiny_pool.fits and tiny_pool.engine_needs_gb > 16.6, render_plan(tiny_pool)
+    assert "cannot hold the model's weights" in render_plan(tiny_pool)
+    assert all(float(a.split("gpu_memory_utilization=")[1].split()[0]) * 79.6 >= tiny_pool.engine_needs_gb
+               for a in tiny_pool.advice if "gpu_memory_utilization=" in a)
+    assert plan_memory(rec, "H100-80GB", 79.6).fits  # as shipped: 0.55 of the card
+    on_a100 = plan_memory(rec, "A100-40GB", GPUS["A100-40GB"])
+    assert all("gpu_memory_utilization=0.15" not in a and "gpu_memory_utilization=0.2 " not in a
+               for a in on_a100.advice), on_a100.advice
+
+
+def test_a_gpu_count_out_of_range_and_an_unsupported_local_model_are_one_line(tmp_path):
+    from vlrl_cli.errors import UserError
+    from vlrl_cli.train.plan import plan_for
+
+    rec = load_recipe(ROOT / "recipes" / "geometry3k-7b-lora.yaml", check_paths=False)
+    for gpu in ("0xH100-80GB", "99999999999999999999xH100-80GB"):
+        with pytest.raises(UserError, match="GPU count must be 1..1024"):
+            plan_for(rec, gpu)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UserError, match="model type 'llama' is not supported"):
+        plan_for(with_overrides(rec, [f"model.path={llama}"]), "H100-80GB")
+    (llama / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"cannot read the config of .*config.json \(\w+"):
+        plan_for(with_overrides(rec, [f"model.path={llama}"]), "H100-80GB")
+    with pytest.raises(UserError, match="no such model folder"):
+        plan_for(with_overrides(rec, [f"model.path={tmp_path}/missing/model"]), "H100-80GB")

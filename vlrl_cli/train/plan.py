@@ -22,6 +22,7 @@ against this plan: README, Performance.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -35,6 +36,8 @@ GPUS = {"H100-80GB": 79.6, "H200-141GB": 143.8, "A100-80GB": 79.3, "A100-40GB": 
         "RTX4090-24GB": 24.0, "B200-180GB": 182.0}
 CONTEXT_GB = 1.5  # CUDA context, NCCL and vLLM's CUDA graphs: outside PyTorch's allocator, never usable
 STEP_GROUP = 100_000_000  # policy.param_groups' group size: the optimizer step's fp32 gradient copy
+ENGINE_WORK_GB = 1.0  # vLLM's own activations (its start-up profile) beside its weights and KV cache
+MAX_GPUS = 1024
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ModelShape:
     hidden: int
     intermediate: int
     vocab: int
+    kv_bytes_per_token: int = 0  # the engine's KV cache for one token, all layers (bf16)
 
 
 @dataclass
@@ -60,6 +64,7 @@ class MemoryPlan:
     engine_gb: float = 0.0  # the rollout engine while it generates (on the trainer's card: colocated)
     engine_ranks: int = 0  # GPUs that only generate (rollout.engine_ranks); the others only train
     engine_card_gb: float = 0.0  # what an engine rank's card holds
+    engine_needs_gb: float = 0.0  # the least a vLLM pool must hold: weights, one longest episode's KV cache
     generate_peak_gb: float = 0.0
     train_peak_gb: float = 0.0
     usable_gb: float = 0.0
@@ -77,17 +82,40 @@ def model_config(path: str):
 
     from transformers import AutoConfig
 
-    if not Path(path).is_dir():
+    from ..model.families import family_of
+    from ..model.loading import check_model_name, hub_usable
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and (folder / "config.json").is_file():  # its config is all the plan reads
+        where, kwargs = str(folder / "config.json"), {}
+    else:
         known = known_config(path)
         if known is not None:
             return known
-    for local_only in (True, False):
-        try:
-            return AutoConfig.from_pretrained(path, local_files_only=local_only)
-        except Exception as e:  # noqa: BLE001 - offline, a typo, a private repo: one message for all
-            error = e
-    raise UserError(f"--plan: cannot read the config of model {path!r} ({type(error).__name__}); "
-                    "pass a local model folder or check the name")
+        # a missing folder, a file, an unreachable hub: one line in seconds, as a run's start says it
+        path = check_model_name(path)
+        where, kwargs = path, {} if Path(path).exists() or hub_usable() else {"local_files_only": True}
+    try:
+        config = AutoConfig.from_pretrained(str(folder) if not kwargs and folder.is_dir() else path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - not JSON, no model_type, a private repo: one message for all
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"--plan: cannot read the config of {where} ({type(e).__name__}: {first})") from None
+    try:
+        family_of(config)  # an architecture vlrl does not train: refused as a run's start refuses it
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return config
+
+
+def _kv_bytes_per_token(text, width: int = 2) -> int:
+    """K and V of one token in every layer (the widest head where layers differ: Gemma 4's full layers)."""
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if getattr(text, "is_heterogeneous", False) and "head_dim" in text.per_layer_attributes:
+        head_dim = max(layer.head_dim for layer in text.per_layer_config)
+    else:
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * width
 
 
 def model_shape(config, lora=None) -> ModelShape:
@@ -106,7 +134,7 @@ def model_shape(config, lora=None) -> ModelShape:
         trainable = sum(_lora_params(m, lora.rank) for name, m in model.named_modules() if pattern.fullmatch(name))
     text = config.get_text_config()
     return ModelShape(params, trainable, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
-                      text.vocab_size)
+                      text.vocab_size, _kv_bytes_per_token(text))
 
 
 def _lora_params(module, rank: int) -> int:
@@ -186,6 +214,9 @@ def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpu
     plan.train_peak_gb = base + sum(training.values())
     plan.usable_gb = gpu_gb - CONTEXT_GB
     plan.fits = max(plan.generate_peak_gb, plan.train_peak_gb, plan.engine_card_gb) <= plan.usable_gb
+    if r.engine == "vllm":  # a pool that cannot hold the weights and one episode fails at the engine's start
+        plan.engine_needs_gb = P * 2 / GB + shape.kv_bytes_per_token * episode_tokens(recipe) / GB + ENGINE_WORK_GB
+        plan.fits = plan.fits and engine_alone_gb >= plan.engine_needs_gb
     if not plan.fits and advise:
         plan.advice = _advice(recipe, gpu, gpu_gb, gpus, shape)
     return plan
@@ -209,6 +240,11 @@ def _advice(recipe, gpu, gpu_gb, gpus, shape) -> list[str]:
                   if u < recipe.rollout.gpu_memory_utilization]
     if not recipe.model.gradient_checkpointing:
         tries.append(["model.gradient_checkpointing=true"])
+    now = plan_memory(recipe, gpu, gpu_gb, gpus, shape, advise=False)
+    if now.engine_needs_gb > (now.engine_gb or now.engine_card_gb):
+        # the pool cannot hold the model: every change needs the least pool that can, alone or with it
+        pool = f"rollout.gpu_memory_utilization={math.ceil(now.engine_needs_gb / gpu_gb * 20) / 20:.2f}"
+        tries = [[pool]] + [t + [pool] for t in tries if "gpu_memory_utilization" not in t[0]]
     found = []
     for sets in tries:
         variant = with_overrides(recipe, sets)
@@ -233,6 +269,10 @@ def render_plan(plan: MemoryPlan) -> str:
     lines += [f"    {k:<34}{v:>8.1f}" for k, v in plan.training.items()]
     if plan.engine_gb:
         lines.append(f"  {'generate phase adds: vLLM pool':<36}{plan.engine_gb:>8.1f}")
+    pool = plan.engine_gb or plan.engine_card_gb
+    if plan.engine_needs_gb and pool < plan.engine_needs_gb:
+        lines.append(f"  the vLLM pool ({pool:.1f} GB) cannot hold the model's weights and one longest episode's "
+                     f"KV cache ({plan.engine_needs_gb:.1f} GB): raise rollout.gpu_memory_utilization")
     if plan.engine_ranks:
         trainers = plan.gpus - plan.engine_ranks
         lines[0] += f"; {trainers} train, {plan.engine_ranks} only generate"
@@ -252,6 +292,8 @@ def render_plan(plan: MemoryPlan) -> str:
 def parse_sized_for(text: str) -> tuple[int, str]:
     """'8xH100-80GB' -> (8, 'H100-80GB'); 'H100-80GB' -> (1, 'H100-80GB')."""
     count, sep, name = text.partition("x") if text[:1].isdigit() else ("1", "", text)
+    if not count.isdigit() or not 1 <= int(count) <= MAX_GPUS:
+        raise UserError(f"{text!r}: the GPU count must be 1..{MAX_GPUS} (e.g. 8xH100-80GB)")
     return int(count), name
 
 
