@@ -409,3 +409,83 @@ def test_an_environment_that_raises_stops_the_run_with_one_line_naming_it_and_th
     # the line also says where in the user's file it failed (line 5: the raise)
     assert "badenvs:Bad.step raised ValueError: my reward blew up at badenvs.py:5 (record" in r.stderr, r.stderr[-2000:]
     assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+
+
+BAD_ENVS = """
+from vlrl_cli.rollout.envs.base import Env, StepResult
+
+class Steps(Env):
+    max_turns = 3
+    result = None
+    def step(self, text):
+        return self.result
+
+def make(result):
+    return type("E", (Steps,), {"result": result})
+
+NanReward = make(StepResult([], float("nan"), True, {}))
+InfReward = make(StepResult([], float("inf"), True, {}))
+NoneReward = make(StepResult([], None, True, {}))
+TextReward = make(StepResult([], "1.0", True, {}))
+Tuple = make(([], 1.0, True, {}))
+StringObservation = make(StepResult("just a string", 0.0, False, {}))
+TextCorrect = make(StepResult([], 1.0, True, {"correct": "False"}))
+BadImage = make(StepResult([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}]}], 0.0, False, {}))
+
+class NeedsArgs(Env):
+    def __init__(self, size):
+        pass
+"""
+
+
+@pytest.mark.parametrize("cls,message", [
+    ("NanReward", "returned reward 'nan': a finite number is needed"),
+    ("InfReward", "returned reward 'inf': a finite number is needed"),
+    ("NoneReward", "returned reward 'None'"),
+    ("TextReward", "returned reward '1.0': a finite number is needed"),
+    ("Tuple", "returned tuple where a StepResult belongs"),
+    ("StringObservation", "returned str where a list of messages belongs"),
+    ("TextCorrect", "returned info['correct'] = 'False': true, false or absent"),
+    ("BadImage", "returned an image that cannot be used"),
+    ("NeedsArgs", "NeedsArgs.__init__ raised TypeError"),
+])
+def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_trained_on(tmp_path, tiny_model,
+                                                                                      colors_data, monkeypatch, cls, message):
+    """A NaN reward trained silently (NaN in every weight by the next step) and a wrong type was an internal error:
+    each is one line naming the environment, what it returned and the record."""
+    import pyarrow.parquet as pq
+
+    from vlrl_cli.errors import UserError
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.rollout.engines import Sampling
+    from vlrl_cli.rollout.engines.hf import HFEngine
+    from vlrl_cli.rollout.episodes import collect
+
+    (tmp_path / "nonsense_envs.py").write_text(BAD_ENVS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    record = dict(pq.read_table(colors_data / "val.parquet").to_pylist()[0], env_class=f"nonsense_envs:{cls}")
+    processor = load_processor(str(tiny_model))
+    with pytest.raises(UserError) as e:
+        collect(HFEngine(str(tiny_model), processor), [record], processor, 1, Sampling(1.0, 1.0, 2, 0), None, 4096)
+    assert message in str(e.value) and f"nonsense_envs:{cls}" in str(e.value) and repr(record["id"]) in str(e.value)
+
+
+def test_a_rows_bad_maze_settings_and_a_gymnasium_record_without_a_prompt(tmp_path):
+    """extra_info.max_steps "four" was an internal error and maze_size 10**6 an endless reset: each is one line
+    naming the record and the key. A gymnasium record's prompt may be empty (its reset draws the first frame),
+    as the environments page shows it."""
+    from vlrl_cli.errors import UserError
+    from vlrl_cli.rollout.envs.maze2d import Maze2dEnv
+    from vlrl_cli.tools.validate import ValidateOptions, check_row
+
+    row = {"id": "m0", "env_class": "maze2d", "prompt": [{"role": "user", "content": "x"}],
+           "reward_spec": {"method": "env"}, "extra_info": {"seed": 1, "maze_size": 3, "max_steps": "four"}}
+    with pytest.raises(UserError, match="record 'm0': extra_info.max_steps must be an integer in 1..1000, got 'four'"):
+        Maze2dEnv.turn_limit(row)
+    row["extra_info"].update(max_steps=4, maze_size=10 ** 6)
+    with pytest.raises(UserError, match="extra_info.maze_size must be an integer in 2..64"):
+        Maze2dEnv().reset(row)
+    gym = {"id": "g0", "env_class": "gymnasium:corridor_envs:Corridor-v0", "prompt": [],
+           "reward_spec": {"method": "env"}, "extra_info": {"actions": ["left", "right"]}}
+    assert not [p for p in check_row(gym, ValidateOptions()) if p[0] == "error"]
+    assert any(p[1] == "empty_prompt" for p in check_row(dict(gym, env_class="colors"), ValidateOptions()))

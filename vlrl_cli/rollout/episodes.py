@@ -10,7 +10,9 @@ would exceed `max_context_tokens` ends with done_reason "context_full".
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import itertools
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -108,20 +110,71 @@ def keep_last_images(messages: list[dict], max_images: int | None) -> list[dict]
     return out
 
 
+def _env_name(env_or_cls, method: str, record: dict) -> tuple[str, str]:
+    cls = env_or_cls if isinstance(env_or_cls, type) else type(env_or_cls)
+    return (f"environment {cls.__module__}:{cls.__qualname__}.{method}",
+            f"(record {record.get('id', '?')!r}, env_class {record.get('env_class')!r})")
+
+
 def env_call(env, method: str, record: dict, *args):
-    """env.reset / env.step, where an exception (an environment's own bug, often a user's) stops the run with
-    one line naming the class, the method and the record, not as an internal error of vlrl."""
+    """env.reset / env.step (or the class itself: "__init__"), where an exception or a malformed result (an
+    environment's own bug, often a user's) stops the run with one line naming the class, the method and the
+    record, not as an internal error of vlrl, and never as a NaN reward trained on."""
+    name, where = _env_name(env, method, record)
     try:
-        return getattr(env, method)(*args)
+        result = env(*args) if method == "__init__" else getattr(env, method)(*args)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - named and re-raised
-        cls = type(env)
         # where in the environment's own code it failed: the one line a user needs to start debugging
         frames = traceback.extract_tb(e.__traceback__)
         at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-        raise UserError(f"environment {cls.__module__}:{cls.__qualname__}.{method} raised {type(e).__name__}: {e}{at} "
-                        f"(record {record.get('id', '?')!r}, env_class {record.get('env_class')!r})") from e
+        raise UserError(f"{name} raised {type(e).__name__}: {e}{at} {where}") from e
+    problem = (_bad_messages(result) if method == "reset" else _bad_step(result) if method == "step" else None)
+    if problem:
+        raise UserError(f"{name} returned {problem} {where}")
+    return result
+
+
+def _bad_messages(messages) -> str | None:
+    """What is wrong with messages an environment returned (None: nothing): a list of chat messages, each a
+    role and a content of text or parts."""
+    if not isinstance(messages, list):
+        return f"{type(messages).__name__} where a list of messages belongs"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"message {i} without a role ({str(m)[:60]!r})"
+        content = m.get("content")
+        if not isinstance(content, str) and not (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
+            return f"message {i} whose content is neither text nor a list of parts ({str(content)[:60]!r})"
+    return None
+
+
+def _bad_step(result) -> str | None:
+    """What is wrong with a step's result (None: nothing): a StepResult with a finite number as its reward."""
+    if not all(hasattr(result, k) for k in ("observation", "reward", "done", "info")):
+        return f"{type(result).__name__} where a StepResult belongs"
+    reward = result.reward
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        return f"reward {str(reward)[:40]!r}: a finite number is needed (a NaN would reach every weight)"
+    if not isinstance(result.info, dict):
+        return f"info of type {type(result.info).__name__}: a dict is needed"
+    if result.info.get("correct") not in (None, True, False):
+        return f"info['correct'] = {str(result.info['correct'])[:40]!r}: true, false or absent"
+    return _bad_messages(result.observation)
+
+
+@contextlib.contextmanager
+def env_images(env, method: str, record: dict):
+    """Rendering what an environment returned: an image it made that cannot be used (not an image, a 1000:1
+    strip) is its bug, named with the environment and the record like any other."""
+    from ..data.images import ImageError
+
+    try:
+        yield
+    except ImageError as e:
+        name, where = _env_name(env, method, record)
+        raise UserError(f"{name} returned an image that cannot be used: {e} {where}") from None
 
 
 class Episode:
@@ -136,11 +189,12 @@ class Episode:
                  first: tuple[list[dict], RenderedPrompt] | None = None, max_images: int | None = None):
         """first: (messages, rendered prompt) of another sample's reset of this record: reused (the prompt
         is rendered once for its n samples) when this reset returned the same messages."""
-        self.env = resolve_env(record["env_class"], env_registry)()
+        self.env = env_call(resolve_env(record["env_class"], env_registry), "__init__", record)
         self.record, self.processor, self.max_context, self.max_images = record, processor, max_context, max_images
         # the reset sets the env's episode state
         messages = keep_last_images(env_call(self.env, "reset", record, record), max_images)
-        rendered = first[1] if first is not None and first[0] == messages else render_prompt(processor, messages)
+        with env_images(self.env, "reset", record):
+            rendered = first[1] if first is not None and first[0] == messages else render_prompt(processor, messages)
         self.messages = [dict(m) for m in messages]  # the conversation as the engine sees it now
         self.traj = Trajectory(token_ids=list(rendered.input_ids), loss_mask=[0] * rendered.length,
                                engine_logp=[0.0] * rendered.length, tensors=rendered.tensors,
@@ -175,9 +229,11 @@ class Episode:
             return
         new_images = len(_image_urls(result.observation))
         if self.max_images is not None and len(_image_urls(self.messages)) + new_images > self.max_images:
-            self._cut_history(result.observation)
+            with env_images(self.env, "step", self.record):
+                self._cut_history(result.observation)
             return
-        ids, tensors = self._render_delta(result.observation, ended_with_eos=gen.finish_reason == "stop")
+        with env_images(self.env, "step", self.record):
+            ids, tensors = self._render_delta(result.observation, ended_with_eos=gen.finish_reason == "stop")
         if len(t.token_ids) + len(ids) >= self.max_context:
             self._context_full()
             return

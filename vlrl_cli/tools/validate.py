@@ -101,6 +101,8 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
     found = [("error", _schema_code(f, m), f"{f}: {m}") for f, m in schema_errors(row)]
 
     env = row.get("env_class")
+    if isinstance(env, str) and env.startswith("gymnasium:") and row.get("prompt") == []:
+        found = [f for f in found if f[1] != "empty_prompt"]  # its reset renders the first frame
     # an import path (module:Class) names its own class: prepare writes them, train resolves them
     if isinstance(env, str) and env and ":" not in env and env not in known_env_classes(opts.env_classes):
         found.append(("error", "unknown_env_class", f"env_class: {env!r} is not a known environment "
@@ -129,7 +131,7 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
     processor = _get_processor(opts.processor)
     schema_ok = not any(code in ("missing_field", "wrong_type", "empty_prompt", "schema", "bad_value")
                         for _, code, _ in found)
-    if processor is not None and images_ok and schema_ok:
+    if processor is not None and images_ok and schema_ok and row.get("prompt"):
         found += _check_with_processor(row, processor, opts, decoded)
     return found
 

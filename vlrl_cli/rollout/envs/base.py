@@ -10,6 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def extra_int(record: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
+    """An integer setting of a record's extra_info (a maze's size, a turn limit), or a UserError naming the
+    record and the key: a row's "four" or 10**6 is its own mistake, not an internal error or an endless maze."""
+    from ...errors import UserError
+
+    value = (record.get("extra_info") or {}).get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise UserError(f"record {record.get('id', '?')!r}: extra_info.{key} must be an integer in {lo}..{hi}, "
+                        f"got {str(value)[:40]!r}")
+    return value
+
+
 @dataclass
 class StepResult:
     observation: list[dict]  # messages to append; when done, never appended (its images show in reports)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from ...errors import UserError
-from .base import Env, StepResult
+from .base import Env, StepResult, extra_int
 
 
 def _image_part(frame) -> dict:
@@ -37,7 +37,7 @@ class GymEnv(Env):
 
     @classmethod
     def turn_limit(cls, record: dict) -> int:
-        return int((record.get("extra_info") or {}).get("max_steps", 20))
+        return extra_int(record, "max_steps", 20, 1, 100_000)
 
     def reset(self, record: dict) -> list[dict]:
         try:
@@ -48,7 +48,7 @@ class GymEnv(Env):
         extra = record.get("extra_info") or {}
         self.max_turns = self.turn_limit(record)
         self.env = gymnasium.make(self.gym_id, render_mode="rgb_array", **(extra.get("env_kwargs") or {}))
-        self.env.reset(seed=extra.get("seed"))
+        self.env.reset(seed=extra_int(record, "seed", None, 0, 2**63 - 1))
         self.actions = list(extra.get("actions") or [])
         self.parser = _load_parser(extra.get("action_parser")) if extra.get("action_parser") else None
         if self.parser is None and not self.actions:

@@ -12,7 +12,7 @@ before any reaches the goal. Success (`correct`) is reaching the goal either way
 from __future__ import annotations
 
 from ...data.mazes import MOVE_RE, frame_part, first_prompt, goal_distances, make_maze, step
-from .base import Env, StepResult
+from .base import Env, StepResult, extra_int
 
 REWARDS = ("goal", "progress")
 
@@ -20,14 +20,14 @@ REWARDS = ("goal", "progress")
 class Maze2dEnv(Env):
     @classmethod
     def turn_limit(cls, record: dict) -> int:
-        return int((record.get("extra_info") or {}).get("max_steps", 20))
+        return extra_int(record, "max_steps", 20, 1, 1000)
 
     def reset(self, record: dict) -> list[dict]:
         self.record = record
         extra = record.get("extra_info") or {}
-        self.seed, self.size = int(extra.get("seed", 0)), int(extra.get("maze_size", 5))
-        self.max_turns = int(extra.get("max_steps", 20))
-        self.cell = int(extra.get("cell_px", 28))
+        self.seed, self.size = extra_int(record, "seed", 0, 0, 2**63 - 1), extra_int(record, "maze_size", 5, 2, 64)
+        self.max_turns = self.turn_limit(record)
+        self.cell = extra_int(record, "cell_px", 28, 4, 512)
         self.reward_mode = extra.get("reward", "goal")
         if self.reward_mode not in REWARDS:
             raise ValueError(f"extra_info.reward must be one of {', '.join(REWARDS)}, got {self.reward_mode!r}")
