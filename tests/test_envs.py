@@ -489,3 +489,6 @@ def test_a_rows_bad_maze_settings_and_a_gymnasium_record_without_a_prompt(tmp_pa
            "reward_spec": {"method": "env"}, "extra_info": {"actions": ["left", "right"]}}
     assert not [p for p in check_row(gym, ValidateOptions()) if p[0] == "error"]
     assert any(p[1] == "empty_prompt" for p in check_row(dict(gym, env_class="colors"), ValidateOptions()))
+    # an import path that cannot be imported is the row's error at validate, as it would be at train's start
+    typo = check_row(dict(row, env_class="no_such_envs_module:Maze"), ValidateOptions())
+    assert [p for p in typo if p[1] == "unknown_env_class" and "cannot import 'no_such_envs_module'" in p[2]], typo

@@ -81,6 +81,24 @@ def _schema_code(field_path: str, message: str) -> str:
     return "schema"
 
 
+_IMPORTS: dict[str, str | None] = {}  # env_class import path -> why it cannot be used (None: it can)
+
+
+def _import_problem(path: str) -> str | None:
+    """Why an env_class import path (module:Class) cannot be used here, as train would find at its start; a typo
+    in a module or class name is the row's error now, not a surprise after a model loads."""
+    if path not in _IMPORTS:
+        from ..errors import UserError
+        from ..rollout.envs import load_env_class
+
+        try:
+            load_env_class(path, path)
+            _IMPORTS[path] = None
+        except UserError as e:
+            _IMPORTS[path] = str(e)
+    return _IMPORTS[path]
+
+
 _PROCESSORS: dict = {}  # loaded once per process, by name
 
 
@@ -107,6 +125,8 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
     if isinstance(env, str) and env and ":" not in env and env not in known_env_classes(opts.env_classes):
         found.append(("error", "unknown_env_class", f"env_class: {env!r} is not a known environment "
                       f"({', '.join(sorted(known_env_classes(opts.env_classes)))})"))
+    elif isinstance(env, str) and ":" in env and (why := _import_problem(env)):
+        found.append(("error", "unknown_env_class", f"env_class: {why}"))
     spec = row.get("reward_spec")
     if isinstance(spec, dict) and spec.get("method") == "rule" and not any(a.strip() for a in ground_truths(row)):
         found.append(("error", "missing_ground_truth", "reward_spec.ground_truth: a rule reward needs a ground truth"))
