@@ -424,6 +424,7 @@ def make(result):
     return type("E", (Steps,), {"result": result})
 
 NanReward = make(StepResult([], float("nan"), True, {}))
+NumpyReward = make(StepResult([], __import__("numpy").float32(0.5), True, {}))
 InfReward = make(StepResult([], float("inf"), True, {}))
 NoneReward = make(StepResult([], None, True, {}))
 TextReward = make(StepResult([], "1.0", True, {}))
@@ -448,6 +449,7 @@ class NeedsArgs(Env):
     ("TextCorrect", "returned info['correct'] = 'False': true, false or absent"),
     ("BadImage", "returned an image that cannot be used"),
     ("NeedsArgs", "NeedsArgs.__init__ raised TypeError"),
+    ("NumpyReward", ""),
 ])
 def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_trained_on(tmp_path, tiny_model,
                                                                                       colors_data, monkeypatch, cls, message):
@@ -465,8 +467,13 @@ def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_tra
     monkeypatch.syspath_prepend(str(tmp_path))
     record = dict(pq.read_table(colors_data / "val.parquet").to_pylist()[0], env_class=f"nonsense_envs:{cls}")
     processor = load_processor(str(tiny_model))
+    engine = HFEngine(str(tiny_model), processor)
+    if cls == "NumpyReward":  # a number, if not a Python one: accepted, and a plain float from then on
+        [t] = collect(engine, [record], processor, 1, Sampling(1.0, 1.0, 2, 0), None, 4096)
+        assert type(t.reward) is float and t.reward == 0.5
+        return
     with pytest.raises(UserError) as e:
-        collect(HFEngine(str(tiny_model), processor), [record], processor, 1, Sampling(1.0, 1.0, 2, 0), None, 4096)
+        collect(engine, [record], processor, 1, Sampling(1.0, 1.0, 2, 0), None, 4096)
     assert message in str(e.value) and f"nonsense_envs:{cls}" in str(e.value) and repr(record["id"]) in str(e.value)
 
 

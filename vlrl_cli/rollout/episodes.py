@@ -155,8 +155,13 @@ def _bad_step(result) -> str | None:
     if not all(hasattr(result, k) for k in ("observation", "reward", "done", "info")):
         return f"{type(result).__name__} where a StepResult belongs"
     reward = result.reward
-    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+    try:  # numpy and torch scalars are numbers too (a gymnasium reward often is one); text and bools are not
+        value = None if isinstance(reward, (str, bytes, bool)) or type(reward).__name__ == "bool_" else float(reward)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value):
         return f"reward {str(reward)[:40]!r}: a finite number is needed (a NaN would reach every weight)"
+    result.reward = value  # a plain float from here on: metrics and reports write it as JSON
     if not isinstance(result.info, dict):
         return f"info of type {type(result.info).__name__}: a dict is needed"
     if result.info.get("correct") not in (None, True, False):
