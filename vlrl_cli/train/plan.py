@@ -87,16 +87,16 @@ def model_config(path: str):
 
     folder = Path(path).expanduser()
     if folder.is_dir() and (folder / "config.json").is_file():  # its config is all the plan reads
-        where, kwargs = str(folder / "config.json"), {}
+        source, where, kwargs = str(folder), str(folder / "config.json"), {}
     else:
         known = known_config(path)
         if known is not None:
             return known
         # a missing folder, a file, an unreachable hub: one line in seconds, as a run's start says it
-        path = check_model_name(path)
-        where, kwargs = path, {} if Path(path).exists() or hub_usable() else {"local_files_only": True}
+        source = where = check_model_name(path)
+        kwargs = {} if Path(source).exists() or hub_usable() else {"local_files_only": True}
     try:
-        config = AutoConfig.from_pretrained(str(folder) if not kwargs and folder.is_dir() else path, **kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as e:  # noqa: BLE001 - not JSON, no model_type, a private repo: one message for all
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"--plan: cannot read the config of {where} ({type(e).__name__}: {first})") from None
