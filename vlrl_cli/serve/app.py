@@ -21,12 +21,11 @@ from starlette.routing import Route
 
 from . import wire
 from .jobs import Jobs
-from .service import Service, UserError
+from .service import MAX_SAMPLES, Service, UserError
 
 PROTO = "application/x-protobuf"
 POLL_HOLD_S = 20.0  # the SDK's poll times out at 45 s client-side
 MAX_BODY = 256 * 1024 * 1024
-MAX_SAMPLES = 256  # samples of one prompt per request
 MAX_LORA_RANK = 1024  # beyond any adapter in use; a typo's rank would allocate the whole machine
 SESSION_RE = re.compile(r"^s-[0-9a-f]{16}$")  # what create_session issues  # one forward_backward chunk is at most ~5 MB by the SDK's own limit
 
@@ -442,7 +441,7 @@ async def on_user_error(request, exc):
 
 def make_app(service: Service, api_key: str, log=print, poll_hold_s: float = POLL_HOLD_S):
     """The ASGI app: the routes above over one service and its job queue, behind the API key."""
-    app = Starlette(routes=ROUTES, exception_handlers={UserError: on_user_error, wire.WireError: on_user_error})
+    app = Starlette(routes=ROUTES, exception_handlers={UserError: on_user_error})
     app.state.service, app.state.jobs, app.state.poll_hold_s = service, Jobs(service.store, log=log), poll_hold_s
     guarded = RequireKey(app, api_key)
     guarded.jobs = app.state.jobs

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .service import UserError
-from .wire import WireError
 
 KEEP_IN_MEMORY = 2_000  # finished results held in memory for polls (all of them are in the store)
 RESULTS_KEPT_S = 24 * 3600  # finished results kept in the store this long
@@ -123,7 +122,7 @@ class Jobs:
             try:
                 ctype, body = job.fn()
                 result = ("ok", ctype, body)
-            except (UserError, WireError) as e:
+            except UserError as e:
                 result = ("user_error", "text/plain", str(e).encode())
             except Exception as e:  # the server's fault: logged, answered, and the server keeps serving
                 self.log(f"request {job.request_id} failed:\n{traceback.format_exc()}")

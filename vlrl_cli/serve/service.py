@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ..train import batches, policy as pol
-from .. import errors
 from ..rollout.engines import GenRequest, Sampling, make_engine, placeholder_token_ids
 from ..rollout.episodes import Sequence
 from ..data.images import ImageLimits
@@ -31,10 +30,9 @@ from . import losses, wire
 from .store import Store
 
 
-class UserError(errors.UserError):
-    """The client's fault (a Tinker 'user' error): an unknown model, a bad input, an unknown loss."""
+UserError = wire.WireError  # the client's fault: one class, whichever module finds it
 
-
+MAX_SAMPLES = 256  # samples of one prompt per request
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RECORDED_MAX = 200_000  # sampled sequences remembered for stable_reinforce's provenance check
 
@@ -178,10 +176,7 @@ class Service:
                 rendered.append(self._render(d.chunks))
             except UserError as e:
                 raise UserError(f"datum {i}: {e}") from None
-        try:
-            losses.check_request(loss_fn, config, [d.inputs for d in data], lambda i: len(rendered[i][0]))
-        except wire.WireError as e:
-            raise UserError(str(e)) from None
+        losses.check_request(loss_fn, config, [d.inputs for d in data], lambda i: len(rendered[i][0]))
         if loss_fn == "stable_reinforce":
             for i, d in enumerate(data):
                 if not d.sampled_ids:
@@ -231,10 +226,7 @@ class Service:
         m = self.model(model_id)
         policy = m.policy
         def num(key, default, lo, hi):
-            try:
-                return float(wire.number(adam, key, default, lo, hi, where="adam_params"))
-            except wire.WireError as e:
-                raise UserError(str(e)) from None
+            return float(wire.number(adam, key, default, lo, hi, where="adam_params"))
 
         big = 1e30  # finite: inf is no learning rate
         lr, eps = num("learning_rate", 1e-4, 0.0, big), num("eps", 1e-12, 1e-30, big)
@@ -380,16 +372,13 @@ class Service:
 
     def sample(self, model_path: str | None, chunks: list, params: dict, num_samples: int,
                prompt_logprobs: bool, sequence_ids: list[str] | None = None, record: bool = False) -> bytes:
-        if not 1 <= num_samples <= 256:
-            raise UserError(f"num_samples must be 1..256, got {num_samples}")
+        if not 1 <= num_samples <= MAX_SAMPLES:
+            raise UserError(f"num_samples must be 1..{MAX_SAMPLES}, got {num_samples}")
         t0 = time.perf_counter()
         ids, tensors, images = self._render(chunks)
         if not ids:
             raise UserError("empty prompt")
-        try:
-            params = wire.sampling_params(params)
-        except wire.WireError as e:
-            raise UserError(str(e)) from None
+        params = wire.sampling_params(params)
         self._load_engine(model_path)
         seed = params["seed"]
         s = Sampling(temperature=params["temperature"], top_p=params["top_p"], max_new_tokens=params["max_tokens"],

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 
-class WireError(ValueError):
-    """The request is malformed (answered as a Tinker user error)."""
+
+class WireError(UserError):
+    """The client's fault (a Tinker 'user' error): a malformed message, an unknown model, a bad input or loss.
+    The server answers it and keeps going."""
 
 
 def number(obj: dict, key: str, default, lo: float, hi: float, integer: bool = False, where: str = ""):
