@@ -218,13 +218,15 @@ def plan_memory(recipe, gpu: str | None = None, gpu_gb: float | None = None, gpu
         plan.engine_needs_gb = P * 2 / GB + shape.kv_bytes_per_token * episode_tokens(recipe) / GB + ENGINE_WORK_GB
         plan.fits = plan.fits and engine_alone_gb >= plan.engine_needs_gb
     if not plan.fits and advise:
-        plan.advice = _advice(recipe, gpu, gpu_gb, gpus, shape)
+        plan.advice = _advice(recipe, plan, gpu, shape)
     return plan
 
 
-def _advice(recipe, gpu, gpu_gb, gpus, shape) -> list[str]:
-    """Single changes to the recipe that make the plan fit, tried one at a time."""
+def _advice(recipe, now: MemoryPlan, gpu: str | None, shape) -> list[str]:
+    """Single changes to the recipe that make `now` (its plan, which does not fit) fit, tried one at a time."""
     from .recipe import with_overrides
+
+    gpu_gb, gpus = now.gpu_gb, now.gpus
 
     tries = []
     if recipe.trainer.zero_stage > 0 and not recipe.trainer.offload:
@@ -240,7 +242,6 @@ def _advice(recipe, gpu, gpu_gb, gpus, shape) -> list[str]:
                   if u < recipe.rollout.gpu_memory_utilization]
     if not recipe.model.gradient_checkpointing:
         tries.append(["model.gradient_checkpointing=true"])
-    now = plan_memory(recipe, gpu, gpu_gb, gpus, shape, advise=False)
     if now.engine_needs_gb > (now.engine_gb or now.engine_card_gb):
         # the pool cannot hold the model: every change needs the least pool that can, alone or with it
         pool = f"rollout.gpu_memory_utilization={math.ceil(now.engine_needs_gb / gpu_gb * 20) / 20:.2f}"
