@@ -163,10 +163,13 @@ def test_numbers_are_read_as_the_key_needs_them(tmp_path, tiny_model, colors_dat
     assert rec.trainer.warmup_steps == 10 and isinstance(rec.trainer.warmup_steps, int)
     assert load_recipe(path, ["trainer.steps=1e3"]).trainer.steps == 1000
     assert load_recipe(path, ["run.name=001"]).run.name == "001"  # text keys keep what was typed
-    with pytest.raises(RecipeError, match=r"trainer.steps: '2.5' is not of type 'integer' \(--set trainer.steps=2.5\)"):
+    with pytest.raises(RecipeError, match=r"trainer.steps: must be an integer; --set trainer.steps=2.5 gives the number 2.5$"):
         load_recipe(path, ["trainer.steps=2.5"])
-    with pytest.raises(RecipeError, match=r"'abc' is not of type 'integer' \(--set trainer.steps=abc\)"):
+    with pytest.raises(RecipeError, match=r"must be an integer; --set trainer.steps=abc gives the string 'abc'$"):
         load_recipe(path, ["trainer.steps=abc"])
+    # a value YAML reads as a number where a string is wanted: the message says what it became
+    with pytest.raises(RecipeError, match=r"envs.mine: must be a string; --set envs.mine=5 gives the integer 5$"):
+        load_recipe(path, ["envs.mine=5"])
 
 
 def test_an_image_the_processor_would_refuse_is_refused_by_prepare_and_validate(tmp_path, cli):

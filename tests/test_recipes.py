@@ -21,7 +21,7 @@ def test_overrides_types_and_defaults(recipe_file):
     ("trainer.lrr=1", "trainer: unknown key ('lrr' was unexpected) (did you mean 'lrr' -> 'lr'?)"),
     ("rollout.engine_rank=1", "(did you mean 'engine_rank' -> 'engine_ranks'?)"),
     ("rolout.n=2", "(top level): unknown key ('rolout' was unexpected) (did you mean 'rolout' -> 'rollout'?)"),
-    ("rollout.n=many", "rollout.n: 'many' is not of type 'integer'"),
+    ("rollout.n=many", "rollout.n: must be an integer; --set rollout.n=many gives the string 'many'"),
     ("algorithm.loss_agg=mean", "algorithm.loss_agg: 'mean' is not one of"),
     ("trainer.zero_stage=4", "trainer.zero_stage"),
     ("bogus.key=1", "unknown key ('bogus' was unexpected)"),  # nothing close: no guess

@@ -253,6 +253,17 @@ def did_you_mean(error) -> str:
     return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
+_KINDS = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer",
+          "number": "a number", "boolean": "true or false"}
+
+
+def _kind_of(value) -> str:
+    """How a --set value was read (YAML rules), in words: `the integer 5`, `the string 'x'`."""
+    kind = {bool: "the boolean", int: "the integer", float: "the number", str: "the string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+    return kind if value is None or isinstance(value, (list, dict)) else f"{kind} {value!r}"
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None,
                 check_paths: bool = True) -> Recipe:
     """Read, override, validate and type a recipe. Raises RecipeError naming the bad key.
@@ -286,6 +297,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
             msg = e.message
             if e.validator == "additionalProperties":
                 msg = msg.replace("Additional properties are not allowed", "unknown key") + did_you_mean(e)
+            elif where in typed and e.validator == "type":  # what the typed value became, and what was wanted
+                wanted = e.validator_value if isinstance(e.validator_value, str) else " or ".join(e.validator_value)
+                msg = f"must be {_KINDS.get(wanted, wanted)}; --set {typed[where]} gives {_kind_of(e.instance)}"
             elif where in typed:  # say what was typed, not how YAML read it
                 msg = msg.replace(repr(e.instance), repr(typed[where].partition("=")[2]), 1) + f" (--set {typed[where]})"
             lines.append(f"{where}: {msg}")
