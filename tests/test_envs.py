@@ -477,7 +477,7 @@ def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_tra
     assert message in str(e.value) and f"nonsense_envs:{cls}" in str(e.value) and repr(record["id"]) in str(e.value)
 
 
-def test_a_rows_bad_maze_settings_and_a_gymnasium_record_without_a_prompt(tmp_path):
+def test_a_rows_bad_maze_settings_and_a_gymnasium_record_without_a_prompt(tmp_path, monkeypatch):
     """extra_info.max_steps "four" was an internal error and maze_size 10**6 an endless reset: each is one line
     naming the record and the key. A gymnasium record's prompt may be empty (its reset draws the first frame),
     as the environments page shows it."""
@@ -492,9 +492,16 @@ def test_a_rows_bad_maze_settings_and_a_gymnasium_record_without_a_prompt(tmp_pa
     row["extra_info"].update(max_steps=4, maze_size=10 ** 6)
     with pytest.raises(UserError, match="extra_info.maze_size must be an integer in 2..64"):
         Maze2dEnv().reset(row)
+    (tmp_path / "corridor_envs.py").write_text(CORRIDOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
     gym = {"id": "g0", "env_class": "gymnasium:corridor_envs:Corridor-v0", "prompt": [],
            "reward_spec": {"method": "env"}, "extra_info": {"actions": ["left", "right"]}}
     assert not [p for p in check_row(gym, ValidateOptions()) if p[0] == "error"]
+    # a typo in a gymnasium id's module or name is the row's error at validate, not a crash in the first rollout
+    for typo, why in [("gymnasium:corridor_env:Corridor-v0", "cannot import 'corridor_env'"),
+                      ("gymnasium:corridor_envs:Coridor-v0", "Did you mean: `Corridor`?")]:
+        found = check_row(dict(gym, env_class=typo), ValidateOptions())
+        assert [p for p in found if p[0] == "error" and why in p[2]], found
     assert any(p[1] == "empty_prompt" for p in check_row(dict(gym, env_class="colors"), ValidateOptions()))
     # an import path that cannot be imported is the row's error at validate, as it would be at train's start
     typo = check_row(dict(row, env_class="no_such_envs_module:Maze"), ValidateOptions())

@@ -15,6 +15,7 @@ Needs `pip install gymnasium`. Model text is parsed by a bounded regular express
 
 from __future__ import annotations
 
+import importlib
 import re
 
 from ...errors import UserError
@@ -87,8 +88,6 @@ class GymEnv(Env):
 
 
 def _load_parser(target: str):
-    import importlib
-
     module, _, attr = str(target).partition(":")
     fn = getattr(importlib.import_module(module), attr, None)
     if not callable(fn):
@@ -99,8 +98,31 @@ def _load_parser(target: str):
 _CLASSES: dict[str, type] = {}
 
 
+def _check_gym_id(gym_id: str) -> None:
+    """UserError unless gymnasium.make could find `gym_id` (`ID`, or `module:ID`, which imports module first)."""
+    try:
+        import gymnasium
+    except ImportError:
+        raise UserError(f"env_class gymnasium:{gym_id} needs gymnasium: pip install gymnasium") from None
+    module, _, name = gym_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise UserError(f"env_class gymnasium:{gym_id}: cannot import {module!r} ({e}); install its package, or "
+                            "run from the folder that holds it (or put that folder on PYTHONPATH)") from None
+        except Exception as e:  # noqa: BLE001 - the user's module failed while importing: name it
+            raise UserError(f"env_class gymnasium:{gym_id}: importing {module!r} failed: {type(e).__name__}: {e}") from None
+    try:
+        gymnasium.spec(name)
+    except gymnasium.error.Error as e:
+        raise UserError(f"env_class gymnasium:{gym_id}: {e}") from None
+
+
 def gym_env_class(gym_id: str) -> type:
-    """The environment class for one gymnasium id (made once per id)."""
+    """The environment class for one gymnasium id (made once per id), once the id is known to gymnasium: a typo in
+    its module or name is found where the id is first read (validate, train's start), not in the first rollout."""
     if gym_id not in _CLASSES:
+        _check_gym_id(gym_id)
         _CLASSES[gym_id] = type(f"Gym[{gym_id}]", (GymEnv,), {"gym_id": gym_id})
     return _CLASSES[gym_id]
