@@ -186,7 +186,7 @@ def test_every_released_size_has_its_published_parameter_count():
     from vlrl_cli.model.families import REAL_SIZES, real_size_config
 
     # the model cards' totals (the 30B-A3B card rounds 31.07 to 31.1)
-    published = {"qwen2_5_vl_3b": 3.75, "qwen2_5_vl_7b": 8.29, "qwen3_vl_2b": 2.13, "qwen3_vl_4b": 4.44,
+    published = {"qwen2_vl_2b": 2.21, "qwen2_vl_7b": 8.29, "qwen2_5_vl_3b": 3.75, "qwen2_5_vl_7b": 8.29, "qwen3_vl_2b": 2.13, "qwen3_vl_4b": 4.44,
                  "qwen3_vl_8b": 8.77, "qwen3_vl_30b_a3b": 31.07}
     for size, billions in published.items():
         assert model_shape(real_size_config(size)).params / 1e9 == pytest.approx(billions, abs=0.006), size

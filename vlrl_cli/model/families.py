@@ -224,8 +224,21 @@ _GEMMA4_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers
                       num_key_value_heads=12, head_dim=64, global_head_dim=64, patch_size=16, pooling_kernel_size=3,
                       position_embedding_size=10240, use_clipped_linears=True, standardize=False)
 
+_QWEN2_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
+                     temporal_patch_size=2, hidden_act="quick_gelu")
+_QWEN2_TEXT = dict(max_position_embeddings=32768, rms_norm_eps=1e-6,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+
 # size -> (family, text config, vision config): the values of the released checkpoints' config.json
 REAL_SIZES = {
+    "qwen2_vl_2b": ("qwen2_vl",
+                    dict(_QWEN2_TEXT, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+                    dict(_QWEN2_VISION, hidden_size=1536)),
+    "qwen2_vl_7b": ("qwen2_vl",
+                    dict(_QWEN2_TEXT, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+                    dict(_QWEN2_VISION, hidden_size=3584)),
     "qwen2_5_vl_3b": ("qwen2_5_vl",
                       dict(_QWEN25_TEXT, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                            num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
@@ -279,7 +292,8 @@ REAL_SIZES = {
 }
 
 # the hub ids of those checkpoints (lower case), for configs without the network
-HUB_IDS = {"qwen/qwen2.5-vl-3b-instruct": "qwen2_5_vl_3b", "qwen/qwen2.5-vl-7b-instruct": "qwen2_5_vl_7b",
+HUB_IDS = {"qwen/qwen2-vl-2b-instruct": "qwen2_vl_2b", "qwen/qwen2-vl-7b-instruct": "qwen2_vl_7b",
+           "qwen/qwen2.5-vl-3b-instruct": "qwen2_5_vl_3b", "qwen/qwen2.5-vl-7b-instruct": "qwen2_5_vl_7b",
            "qwen/qwen3-vl-2b-instruct": "qwen3_vl_2b", "qwen/qwen3-vl-4b-instruct": "qwen3_vl_4b",
            "qwen/qwen3-vl-8b-instruct": "qwen3_vl_8b", "qwen/qwen3-vl-30b-a3b-instruct": "qwen3_vl_30b_a3b",
            "qwen/qwen3.5-0.8b": "qwen3_5_0_8b", "qwen/qwen3.5-4b": "qwen3_5_4b", "qwen/qwen3.5-9b": "qwen3_5_9b",
