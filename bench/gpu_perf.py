@@ -158,6 +158,32 @@ def cmd_sync(a):
           "gb_per_s": n_bytes / 1e9 / secs[len(secs) // 2], "generated_after_sync": len(gens[0][0].token_ids)}, a.json)
 
 
+def mark_modules(model) -> list:
+    """Profiler ranges `module::NAME` around the forward of the vision tower, the language model and the head
+    (the first module of each name), so a profile says how the forward's time splits between them."""
+    import torch
+
+    found = {}
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("visual", "vision_tower", "language_model", "lm_head") and leaf not in found:
+            found[leaf] = mod
+    hooks = []
+    for leaf, mod in found.items():
+        open_ranges = []
+
+        def enter(m, args, leaf=leaf, open_ranges=open_ranges):
+            r = torch.profiler.record_function(f"module::{leaf}")
+            r.__enter__()
+            open_ranges.append(r)
+
+        def leave(m, args, out, open_ranges=open_ranges):
+            open_ranges.pop().__exit__(None, None, None)
+
+        hooks += [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
+    return hooks
+
+
 def cmd_train_profile(a):
     """Where a GRPO step's training time goes: forward + backward of real rollout-shaped micro-batches.
 
@@ -225,8 +251,11 @@ def cmd_train_profile(a):
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        hooks = mark_modules(policy.module)
         with profile(activities=acts) as prof:
             wall = one(True)
+        for h in hooks:
+            h.remove()
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         events = prof.key_averages()
         # GPU busy time: the sum of kernels' own time; against the wall time it says whether the GPU waits
@@ -234,7 +263,10 @@ def cmd_train_profile(a):
 
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
         busy = {"wall_s": wall, "gpu_kernel_s": gpu_us / 1e6, "gpu_busy_fraction": gpu_us / 1e6 / wall,
-                "kernel_launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC"))}
+                "kernel_launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC")),
+                # forward only (the backward runs outside the ranges), kernels' time inside each marked module
+                "forward_s": {e.key.removeprefix("module::"): (e.device_time_total or e.cpu_time_total) / 1e6
+                              for e in events if e.key.startswith("module::")}}
         Path(a.profile).write_text(json.dumps(busy) + "\n" + events.table(sort_by=sort, row_limit=40)
                                    + "\n\nBy the host's own time (what keeps the CPU from running ahead of the GPU):\n"
                                    + events.table(sort_by="self_cpu_time_total", row_limit=40))
