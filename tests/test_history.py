@@ -3,6 +3,8 @@ ones become a text stand-in, and the trainer scores every turn with exactly the 
 from: no orphan placeholder, no sequence over the context limit, drift by turn at rounding level on 20-turn
 episodes."""
 
+import dataclasses
+
 import pytest
 from conftest import prepared_mazes
 
@@ -100,3 +102,34 @@ def test_grpo_trains_on_every_segment_of_a_cut_history(tmp_path, tiny_model, lon
     # 4 episodes of 6 turns with 2 frames kept: a segment a turn once the window is full
     assert m["trained_sequences"] > 4, m
     assert m["kl"] == pytest.approx(0.0, abs=1e-7) and m["drift_abs_max"] < 1e-4, m
+
+
+def test_an_answer_never_takes_a_sequence_past_the_context_limit(tiny_model, long_mazes):
+    """Each request asks for at most the context the episode has left: a long answer near the limit is cut there
+    ("length"), so no trained sequence is longer than max_context_tokens, on the hf engine as on vLLM (whose model
+    length is the same limit). The control drops the cap and goes over."""
+    from vlrl_cli.data.records import load_records
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.rollout.engines import Sampling
+    from vlrl_cli.rollout.engines.hf import HFEngine
+    from vlrl_cli.rollout.episodes import Episode, collect, start_episodes
+
+    processor = load_processor(str(tiny_model))
+    records = load_records(str(long_mazes / "val.parquet"))[:2]
+    engine = HFEngine(str(tiny_model), processor)
+    prompt = max(eps[0].traj.prompt_len for eps in start_episodes(records, processor, 1, 10 ** 6))
+    sampling = Sampling(1.0, 1.0, 64, 0, ignore_eos=True)  # every answer as long as it may be
+    for room in (30, 90, 200):
+        trajs = collect(engine, records, processor, 2, sampling, 6, prompt + room)
+        lengths = [len(s.token_ids) for t in trajs for s in t.sequences()]
+        assert max(lengths) <= prompt + room, (room, lengths)
+        cut = [x for t in trajs for x in t.texts if x["tokens"] < 64]
+        assert all(x["finish"] == "length" for x in cut), (room, [t.texts for t in trajs])
+        assert cut or room > 64, room  # 30 tokens of room: every first answer is cut at 30
+    request = Episode.request
+    try:  # the control: the same run with the request's cap dropped
+        Episode.request = lambda self, n=1: dataclasses.replace(request(self, n), max_new_tokens=None)
+        trajs = collect(engine, records, processor, 2, sampling, 6, prompt + 30)
+    finally:
+        Episode.request = request
+    assert max(len(s.token_ids) for t in trajs for s in t.sequences()) > prompt + 30

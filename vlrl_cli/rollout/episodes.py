@@ -210,7 +210,10 @@ class Episode:
         self.eos_text = processor.tokenizer.eos_token
 
     def request(self, n: int = 1) -> GenRequest:
-        return GenRequest(self.traj.token_ids, self.traj.tensors, n, self.messages)
+        """The next turn's request: its answer may fill the context, never pass it (the trainer scores the
+        whole sequence, and vLLM would refuse one over its model length)."""
+        return GenRequest(self.traj.token_ids, self.traj.tensors, n, self.messages,
+                          max_new_tokens=self.max_context - len(self.traj.token_ids))
 
     def observe(self, gen: Generation) -> None:
         """Append the generated turn, step the environment, append its observation tokens."""

@@ -44,6 +44,14 @@ class GenRequest:
     n: int = 1
     messages: list[dict] | None = None  # the chat the ids were rendered from (vLLM needs the images)
     images: list | None = None  # or the prompt's decoded images themselves, in order (serve has no chat)
+    max_new_tokens: int | None = None  # this request's own cap under Sampling's: the context an episode has left
+
+
+def new_token_cap(request: GenRequest, sampling: Sampling) -> int:
+    """The most tokens this request may generate: Sampling's, or fewer where the request's context runs out
+    (at least one: an episode with no room left ends before it asks)."""
+    cap = sampling.max_new_tokens
+    return cap if request.max_new_tokens is None else max(1, min(cap, request.max_new_tokens))
 
 
 @dataclass

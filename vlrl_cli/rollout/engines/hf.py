@@ -8,12 +8,15 @@ masked), so with identical weights the two agree up to float rounding.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ...model.families import family_of, image_wrap_ids, vision_input_module, vision_tower
 from ...model.logprobs import token_logprobs
 from ...model.render import concat_image_inputs, image_inputs, image_token_counts, model_inputs, split_messages
-from . import GenRequest, Generation, Sampling, collapse_placeholders, expand_placeholders, placeholder_token_ids
+from . import (GenRequest, Generation, Sampling, collapse_placeholders, expand_placeholders, new_token_cap,
+               placeholder_token_ids)
 
 
 class HFEngine:
@@ -58,11 +61,11 @@ class HFEngine:
         prompts = [self._inputs(r) for r in requests]
         self.last_prompt_ids = [list(ids) for ids, _ in prompts]
         out: list[list[Generation] | None] = [None] * len(requests)
-        shapes: dict[tuple[int, int], list[int]] = {}
+        shapes: dict[tuple[int, int, int], list[int]] = {}  # one generate call per length, n and token cap
         for i, (ids, _) in enumerate(prompts):
-            shapes.setdefault((len(ids), requests[i].n), []).append(i)
-        for (_, n), idx in shapes.items():
-            for k, gens in zip(idx, self._batch([prompts[i] for i in idx], n, sampling)):
+            shapes.setdefault((len(ids), requests[i].n, new_token_cap(requests[i], sampling)), []).append(i)
+        for (_, n, cap), idx in shapes.items():
+            for k, gens in zip(idx, self._batch([prompts[i] for i in idx], n, replace(sampling, max_new_tokens=cap))):
                 out[k] = gens
         return out
 

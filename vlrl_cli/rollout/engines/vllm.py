@@ -18,7 +18,8 @@ import os
 import torch
 
 from ...model.families import Family, family_of, family_of_processor, image_wrap_ids, vision_input_module
-from . import EngineLimits, GenRequest, Generation, Sampling, collapse_placeholders, placeholder_token_ids
+from . import (EngineLimits, GenRequest, Generation, Sampling, collapse_placeholders, new_token_cap,
+               placeholder_token_ids)
 
 
 class PromptMismatch(RuntimeError):
@@ -112,7 +113,7 @@ class VLLMEngine:
             params.append(SamplingParams(
                 n=r.n, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
                 top_k=0 if greedy else sampling.top_k,
-                max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed + i,
+                max_tokens=new_token_cap(r, sampling), logprobs=0, seed=sampling.seed + i,
                 ignore_eos=sampling.ignore_eos, detokenize=False,  # the rollout decodes what it needs itself
                 logit_bias={t: -1e4 for t in self.banned}))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
