@@ -235,6 +235,16 @@ def test_a_typo_in_a_recipes_envs_is_named_before_any_model_loads_and_a_retry_is
     assert r.returncode == 2 and "myenvz" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert time.time() - t < 60 and not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
     body["envs"] = {"parity": "myenvs:Parity"}  # fixed: the module next to the recipe, from another folder
+    # a typo in one row's env_class: train's check of its data names the row, before any model loads
+    from vlrl_cli.data.records import load_records, write_rows
+
+    rows = load_records(str(data))
+    write_rows(tmp_path / "typo.jsonl", rows[:3] + [dict(rows[3], env_class="partiy")] + rows[4:])
+    recipe.write_text(yaml.safe_dump(dict(body, data={"train": str(tmp_path / "typo.jsonl")})))
+    t = time.time()
+    r = _cli("train", recipe, cwd=tmp_path.parent)
+    assert r.returncode == 2 and "typo.jsonl:3: [unknown_env_class] env_class: 'partiy'" in r.stderr, r.stderr[-2000:]
+    assert time.time() - t < 60 and not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
     recipe.write_text(yaml.safe_dump(body))
     r = _cli("train", recipe, cwd=tmp_path.parent)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -243,6 +253,8 @@ def test_a_typo_in_a_recipes_envs_is_named_before_any_model_loads_and_a_retry_is
 def test_installed_entry_points_and_env_flags_reach_validate_train_eval_and_check_drift(tmp_path, tiny_model, colors_data):
     """A package that registers `parity` under the entry-point group vlrl.envs: records naming it validate, train
     and evaluate with no envs: anywhere; an unregistered module works with --env NAME=module:Class."""
+    import shutil
+
     import yaml
 
     site = tmp_path / "site"
@@ -275,6 +287,13 @@ def test_installed_entry_points_and_env_flags_reach_validate_train_eval_and_chec
     assert r.returncode == 0, r.stderr[-3000:]
     r = _cli("eval", tiny_model, data, "--out", tmp_path / "ev3", "--env", "parity=nowhere:Parity", cwd=tmp_path / "work")
     assert r.returncode == 2 and "nowhere" in r.stderr and not (tmp_path / "ev3").exists(), r.stderr[-2000:]
+    # an installed package whose module went away: its rows are errors at validate and at train's start
+    shutil.rmtree(site / "parity_pkg")
+    r = _cli("validate", data, env_extra=env)
+    said = " ".join(r.stderr.split())  # the table wraps long lines
+    assert r.returncode == 1 and "'parity' is registered as parity_pkg:Parity" in said and "cannot import" in said, said[-2000:]
+    r = _cli("train", recipe, "--overwrite", env_extra=env)
+    assert r.returncode == 2 and "cannot import 'parity_pkg'" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 # ---- any gymnasium environment ----------------------------------------------------------------------------

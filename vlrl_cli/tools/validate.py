@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..rollout.envs import known_env_classes
+from ..rollout.envs import env_registry, known_env_classes
 from ..data.images import ImageError, ImageLimits, decode_data_uri, is_remote_url, open_image
 from ..data.pool import ordered_map, row_workers
 from ..data.records import BadLine, count_rows, ground_truths, image_urls, iter_rows, schema_errors
@@ -86,7 +86,9 @@ _IMPORTS: dict[str, str | None] = {}  # env_class import path -> why it cannot b
 
 def _import_problem(path: str) -> str | None:
     """Why an env_class import path (module:Class) cannot be used here, as train would find at its start; a typo
-    in a module or class name is the row's error now, not a surprise after a model loads."""
+    in a module or class name is the row's error now, not a surprise after a model loads. "" (no path): None."""
+    if not path:
+        return None
     if path not in _IMPORTS:
         from ..errors import UserError
         from ..rollout.envs import load_env_class
@@ -127,6 +129,10 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
                       f"({', '.join(sorted(known_env_classes(opts.env_classes)))})"))
     elif isinstance(env, str) and ":" in env and (why := _import_problem(env)):
         found.append(("error", "unknown_env_class", f"env_class: {why}"))
+    elif isinstance(env, str) and env not in opts.env_classes and (why := _import_problem(env_registry().get(env, ""))):
+        # a name an installed package registers (entry point) whose module is gone or broken: found now, as for
+        # an import path (a recipe's own envs: were imported when it loaded)
+        found.append(("error", "unknown_env_class", f"env_class: {env!r} is registered as {env_registry()[env]}: {why}"))
     spec = row.get("reward_spec")
     if isinstance(spec, dict) and spec.get("method") == "rule" and not any(a.strip() for a in ground_truths(row)):
         found.append(("error", "missing_ground_truth", "reward_spec.ground_truth: a rule reward needs a ground truth"))
