@@ -266,3 +266,30 @@ def test_a_gpu_count_out_of_range_and_an_unsupported_local_model_are_one_line(tm
         plan_for(with_overrides(rec, [f"model.path={llama}"]), "H100-80GB")
     with pytest.raises(UserError, match="no such model folder"):
         plan_for(with_overrides(rec, [f"model.path={tmp_path}/missing/model"]), "H100-80GB")
+
+
+def test_every_known_hub_id_is_planned_with_no_network(tmp_path, monkeypatch):
+    """The released sizes vlrl knows by hub id are planned offline, each with its own family's config class and
+    counts (a user's `--plan` on a laptop with no hub access), through the CLI for one of each new family."""
+    from typer.testing import CliRunner
+
+    from vlrl_cli.cli import app
+    from vlrl_cli.model.families import FAMILY, HUB_IDS, REAL_SIZES, family_of
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen = set()
+    for hub_id, size in HUB_IDS.items():
+        config = model_config(hub_id)
+        assert family_of(config).name == REAL_SIZES[size][0], hub_id
+        plan = plan_memory(bench_recipe(**{"model.path": hub_id}), "H100-80GB", GPUS["H100-80GB"])
+        assert plan.shape.params == model_shape(config).params and plan.train_peak_gb > 0, hub_id
+        seen.add(REAL_SIZES[size][0])
+    assert seen == set(FAMILY), seen  # every family has a released size to plan
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    for hub_id in ("Qwen/Qwen3.5-4B", "google/gemma-4-e2b-it", "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen2-VL-2B-Instruct"):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump({"model": {"path": hub_id}, "data": {"train": str(data)}}))
+        r = CliRunner().invoke(app, ["train", str(recipe), "--plan", "--gpu", "H100-80GB", "--json", str(tmp_path / "p.json")])
+        assert r.exit_code == 0 and f"memory plan: {hub_id} on 1 x H100-80GB" in r.stderr, (hub_id, r.output[-1500:])
+        assert json.loads((tmp_path / "p.json").read_text())["model"] == hub_id
