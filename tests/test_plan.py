@@ -213,6 +213,12 @@ def test_the_qwen3_5_and_gemma4_sizes_have_their_families_layer_layouts():
     assert text.layer_types == (["sliding_attention"] * 4 + ["full_attention"]) * 7
     assert text.num_kv_shared_layers == 20 and text.hidden_size_per_layer_input == 256 and gemma.tie_word_embeddings
     assert gemma.audio_config is None and gemma.vision_config.pooling_kernel_size == 3
+    # the engine's KV cache per token: only layers that cache keys and values (bf16), widest head
+    from vlrl_cli.train.plan import _kv_bytes_per_token
+
+    assert _kv_bytes_per_token(real_size_config("qwen2_5_vl_7b").text_config) == 2 * 28 * 4 * 128 * 2
+    assert _kv_bytes_per_token(real_size_config("qwen3_5_4b").text_config) == 2 * 8 * 4 * 256 * 2  # 8 full of 32
+    assert _kv_bytes_per_token(text) == 2 * (35 - 20) * 1 * 512 * 2  # 20 layers reuse earlier K/V
 
 
 def test_advice_plans_each_single_change_once_and_looks_no_further(monkeypatch):

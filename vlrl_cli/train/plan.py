@@ -108,14 +108,19 @@ def model_config(path: str):
 
 
 def _kv_bytes_per_token(text, width: int = 2) -> int:
-    """K and V of one token in every layer (the widest head where layers differ: Gemma 4's full layers)."""
+    """K and V of one token in every layer that caches them (the widest head where layers differ: Gemma 4's
+    full layers). Linear-attention layers (Qwen3.5's gated DeltaNet) keep a fixed-size state instead, and layers
+    that reuse an earlier layer's keys and values (Gemma 4's last layers) hold none: read from the config's
+    `layer_types` and `num_kv_shared_layers`. Sliding-window layers are counted in full (an upper bound)."""
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     if getattr(text, "is_heterogeneous", False) and "head_dim" in text.per_layer_attributes:
         head_dim = max(layer.head_dim for layer in text.per_layer_config)
     else:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * width
+    types = list(getattr(text, "layer_types", None) or []) or ["full_attention"] * text.num_hidden_layers
+    layers = sum(1 for t in types if t != "linear_attention") - (getattr(text, "num_kv_shared_layers", 0) or 0)
+    return 2 * max(layers, 1) * kv_heads * head_dim * width
 
 
 def model_shape(config, lora=None) -> ModelShape:
