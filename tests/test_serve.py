@@ -415,7 +415,7 @@ def test_the_tinker_sdk_trains_samples_checkpoints_and_survives_a_restart(family
         sc = tinker.ServiceClient(base_url=live.url)
         tc = sc.create_lora_training_client(base_model=str(model), rank=4, seed=0).result()
         info = tc.get_info()
-        assert info.lora_rank == 4 and info.model_data.tokenizer_id == str(model)
+        assert info.lora_rank == 4 and info.model_data.tokenizer_id == str(model) and info.model_data.arch == "qwen3_vl"
         from vlrl_cli.model.loading import load_processor
 
         proc = load_processor(str(model))

@@ -98,6 +98,7 @@ class Service:
 
         cfg = AutoConfig.from_pretrained(model_path)
         self.vocab_size = int(getattr(getattr(cfg, "text_config", cfg), "vocab_size"))
+        self.arch = cfg.model_type  # what get_info reports: the served model's own type (qwen2_5_vl, gemma4, ...)
         self.recorded: dict[str, np.ndarray] = {}  # sequence_id -> sampled log-probs (stable_reinforce)
         self._scorer, self._scorer_weights = None, None  # vllm engine: an hf copy for prompt log-probs
         self.log_path = self.state_dir / "requests.jsonl"  # one line per training / sampling call, for people
@@ -445,7 +446,7 @@ class Service:
 
     def info(self, model_id: str) -> dict:
         m = self.model(model_id)
-        return {"model_id": model_id, "model_data": {"arch": "qwen-vl", "model_name": m.base_model,
+        return {"model_id": model_id, "model_data": {"arch": self.arch, "model_name": m.base_model,
                                                      "tokenizer_id": m.base_model},
                 "is_lora": m.lora_rank > 0, "lora_rank": m.lora_rank or None, "model_name": m.base_model,
                 "type": "get_info"}
