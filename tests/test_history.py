@@ -9,7 +9,7 @@ import pytest
 from conftest import prepared_mazes
 
 pytestmark = pytest.mark.model
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma4")
 
 
 @pytest.fixture(scope="module")
