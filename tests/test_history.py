@@ -133,3 +133,19 @@ def test_an_answer_never_takes_a_sequence_past_the_context_limit(tiny_model, lon
     finally:
         Episode.request = request
     assert max(len(s.token_ids) for t in trajs for s in t.sequences()) > prompt + 30
+
+
+def test_check_drift_through_the_cli_splits_twenty_turn_episodes_by_turn(cli, tiny_model, long_mazes, tmp_path):
+    """`check-drift --history-images 3` on 20-move mazes, as a user runs it: every turn of every segment is scored,
+    the split by turn covers all 20, and the placeholder check counts each segment."""
+    import json
+
+    out = tmp_path / "drift.json"
+    r = cli("check-drift", tiny_model, long_mazes / "val.parquet", "--samples", 2, "--max-new-tokens", 6,
+            "--history-images", 3, "--max-abs", 1e-4, "--json", out)
+    assert r.exit_code == 0, r.output[-2000:]
+    report = json.loads(out.read_text())
+    by_turn = report["stats"]["by_turn"]
+    assert len(by_turn) == 20 and max(s["abs_diff"]["max"] for s in by_turn.values()) < 1e-4, sorted(by_turn)
+    counts = {c["name"]: c for c in report["checks"]}["image_token_counts"]
+    assert counts["passed"] and int(counts["detail"].split("/")[0]) > 2, counts  # more segments than episodes
