@@ -131,6 +131,14 @@ def test_sft_grpo_and_check_drift_through_the_cli_on_every_family(tmp_path, fami
     grpo_metrics = [json.loads(l) for l in (runs / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert grpo_metrics[0]["drift_abs_max"] < 1e-4 and "val_accuracy" in grpo_metrics[1]
     assert grpo_metrics[0]["kl"] is not None and grpo_metrics[0]["kl"] >= 0
+    # LoRA through the CLI: the reference is the base with the adapters off, so step 1's KL is zero
+    lora = {**grpo, "model": {**base["model"], "lora": {"rank": 4}}, "data": {"train": base["data"]["train"]},
+            "trainer": {**base["trainer"], "steps": 1, "eval_every": 0}, "run": {**base["run"], "name": "lora"}}
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(lora))
+    r = _run(["train", tmp_path / "lora.yaml"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((runs / "lora" / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["kl"] == pytest.approx(0.0, abs=1e-7) and m["drift_abs_max"] < 1e-4, m
 
     report = tmp_path / "drift.json"
     r = _run(["check-drift", runs / "grpo", colors_data / "val.parquet", "--samples", "4", "--max-new-tokens", "6",
