@@ -166,3 +166,26 @@ def test_cli_unreadable_file_exits_2_without_traceback(cli, tmp_path):
         validate_paths([junk])
     r = cli("validate", junk, "--max-prompt-tokens", 10)
     assert r.exit_code == 2 and "--processor" in r.output
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma4"])
+def test_validate_counts_each_familys_prompt_tokens_with_its_own_processor(tmp_path, family_models, family):
+    """`validate --processor` on every family: a two-image prompt is counted exactly as the trainer renders it
+    (its own placeholders and grids), the token limit is applied to that count, and the family's own image
+    placeholder typed as text is the row's error, not a crash."""
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.model.render import render_prompt
+
+    model = str(family_models[family])
+    processor = load_processor(model)
+    placeholder = processor.tokenizer.convert_ids_to_tokens(processor.image_token_id)
+    rows = [record(GOOD, to_data_uri(png(84, 56), "image/png")), record(GOOD, text=f"look: {placeholder}")]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    length = render_prompt(processor, rows[0]["prompt"]).length
+    fits = validate_paths([path], ValidateOptions(processor=model, max_prompt_tokens=length, workers=1))
+    assert {p.row for p in fits.problems if p.severity == "error"} == {1}, fits.problems
+    tight = validate_paths([path], ValidateOptions(processor=model, max_prompt_tokens=length - 1, workers=1))
+    too_long = [p for p in tight.problems if p.row == 0 and p.code == "prompt_too_long"]
+    assert too_long and f"prompt: {length} tokens" in too_long[0].message, tight.problems
