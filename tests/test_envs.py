@@ -245,9 +245,14 @@ def test_a_typo_in_a_recipes_envs_is_named_before_any_model_loads_and_a_retry_is
     r = _cli("train", recipe, cwd=tmp_path.parent)
     assert r.returncode == 2 and "typo.jsonl:3: [unknown_env_class] env_class: 'partiy'" in r.stderr, r.stderr[-2000:]
     assert time.time() - t < 60 and not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
+    r = _cli("train", recipe, "--env", "parity", cwd=tmp_path.parent)  # a malformed flag: exit 2 naming it
+    assert r.returncode == 2 and "--env 'parity': expected NAME=module:Class" in r.stderr, r.stderr[-2000:]
+    del body["envs"]  # the same environment from the command line, as eval and check-drift take it
     recipe.write_text(yaml.safe_dump(body))
-    r = _cli("train", recipe, cwd=tmp_path.parent)
+    r = _cli("train", recipe, "--env", "parity=myenvs:Parity", cwd=tmp_path.parent)
     assert r.returncode == 0, r.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "runs" / "run" / "recipe.yaml").read_text())
+    assert saved["envs"] == {"parity": "myenvs:Parity"}  # the run records where its environment came from
 
 
 def test_installed_entry_points_and_env_flags_reach_validate_train_eval_and_check_drift(tmp_path, tiny_model, colors_data):

@@ -455,6 +455,7 @@ TRAIN_EPILOG = """[bold]Examples[/]
   vlrl train recipes/geometry3k.yaml --set trainer.lr=1e-6 --set rollout.n=8 --gpus 8
   vlrl train recipes/colors-tiny.yaml --resume          (continue from the last checkpoint)
   vlrl train recipes/geometry3k-7b-lora.yaml --plan     (GPU memory per phase, what fits; no training)
+  vlrl train my_recipe.yaml --env corridor=my_envs:Corridor   (your environment, from a module here)
 
 Writes runs/<run.name>/: recipe.yaml, metrics.jsonl, checkpoints/step_N/{hf,ds}.
 """
@@ -475,6 +476,7 @@ def train(
     plan: Annotated[bool, typer.Option("--plan", help="Print the GPU memory this recipe needs per phase and what fits; train nothing.")] = False,
     gpu: Annotated[Optional[str], typer.Option(help="With --plan: plan for this GPU (H100-80GB, 8xH200-141GB, ...) instead of this machine's or the recipe's trainer.sized_for.")] = None,
     ignore_plan: Annotated[bool, typer.Option(help="Start even when the memory plan says the recipe does not fit this GPU.")] = False,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable); adds to the recipe's envs:.")] = None,
 ) -> None:
     """SFT and GRPO-family RL with DeepSpeed ZeRO and a colocated rollout engine."""
     from .train.recipe import load_recipe
@@ -485,8 +487,10 @@ def train(
 
     global crash_dir
     check_outputs({"--json": json_out}, {"RECIPE": recipe})
-    overrides = list(set_ or [])
-    from .rollout.envs import importable_from
+    from .rollout.envs import importable_from, parse_env_flags
+
+    # --env NAME=module:Class is the recipe's envs: entry (and travels to every rank as an override)
+    overrides = list(set_ or []) + [f"envs.{name}={target}" for name, target in parse_env_flags(env).items()]
 
     importable_from(Path.cwd(), recipe.parent)  # user environment modules next to the recipe, or here
     if plan:
