@@ -51,6 +51,24 @@ def test_loss_aggregations_by_hand():
     assert parts.item() == pytest.approx(10 / 4)
 
 
+def test_dr_grpo_length_is_an_answer_per_turn_and_never_more_than_the_context():
+    """Dr. GRPO divides by the longest a trained sequence can be: max_new_tokens per turn of the longest
+    episode, capped by the context (a gymnasium env allowed 100,000 moves would otherwise divide every
+    gradient by 6.4 million)."""
+    from pathlib import Path
+
+    from vlrl_cli.train.grpo import dr_grpo_length
+    from vlrl_cli.train.recipe import load_recipe, with_overrides
+
+    shipped = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "maze2d.yaml", check_paths=False)
+    maze = with_overrides(shipped, ["rollout.max_turns=null"])  # as many turns as the environment allows
+    rows = [{"env_class": "maze2d", "extra_info": {"max_steps": 20}}]
+    assert dr_grpo_length(maze, rows) == maze.rollout.max_new_tokens * 20
+    endless = [{"env_class": "maze2d", "extra_info": {"max_steps": 1000}}]
+    assert dr_grpo_length(maze, endless) == maze.rollout.max_context_tokens
+    assert dr_grpo_length(shipped, endless) == shipped.rollout.max_new_tokens * shipped.rollout.max_turns
+
+
 def test_mismatch_weights():
     old = torch.tensor([[0.0, 0.0, 0.0]])
     engine = torch.log(torch.tensor([[0.5, 2.0, 0.1]]))  # exp(old - engine) = 2, 0.5, 10

@@ -82,6 +82,14 @@ def reference_logprobs(ref, policy, batch, temperature: float, banned: list[int]
         return batches.sequence_logprobs(policy, batch, temperature, banned, only=batch.loss_mask)
 
 
+def dr_grpo_length(recipe: Recipe, records: list[dict]) -> int:
+    """Dr. GRPO's constant normaliser: the most tokens one trained sequence can hold, an answer per turn, and
+    never more than the context (an environment that allows 100,000 turns would otherwise shrink every
+    gradient by its turn count)."""
+    r = recipe.rollout
+    return min(r.max_new_tokens * turn_limit(records, r.max_turns, recipe.envs), r.max_context_tokens)
+
+
 def rollout_engine(recipe: Recipe, processor, rank: int, records: list[dict]) -> RolloutEngine:
     """The recipe's rollout engine for `rank`'s prompts, sized for these records' episodes."""
     r = recipe.rollout
@@ -138,7 +146,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         return step_episodes(recipe, train_records, render_processor, step, rank, world)
 
     upcoming = renderer.submit(episodes_for, run.start) if engine else None
-    max_len = r.max_new_tokens * turn_limit(train_records, r.max_turns, recipe.envs)  # Dr. GRPO's constant
+    max_len = dr_grpo_length(recipe, train_records)
     trained_steps = 0
     for step in range(run.start, tr.steps):
         stats = StepStats(engine_bytes)
