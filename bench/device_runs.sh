@@ -9,6 +9,8 @@
 #   bash bench/device_runs.sh two        # GRPO steps on 2 GPUs (2 ranks)
 #   bash bench/device_runs.sh rollout    # vllm vs hf rollout throughput, weight sync
 #   bash bench/device_runs.sh scale 1|2  # the GRPO step on one and on two GPUs of nvidia-h200-x2, ZeRO-1
+#   bash bench/device_runs.sh families sizes  # released sizes of the newer families at a recipe's shape
+#        (SIZES="RECIPE:HUB_ID ...", LORA=64; carry .device-kit/fla from bench/kit_fla.sh for Qwen3.5)
 #   bash bench/device_runs.sh generate   # vLLM alone at a GRPO step's shape (32 prompts x 8 x 256)
 #   bash bench/device_runs.sh packprof   # packed vs padded micro-batches (GROUP=8: GRPO groups; PROFILE=1;
 #        NOSHARE=1: every copy of a repeated image encoded)
@@ -57,10 +59,13 @@ families)
       2>&1 | tee $OUT/gpu_families.log | tail -n 30
   else
     RESULTS=${RESULTS:-$OUT}
+    # LORA=64: LoRA of that rank (what an 80 GB card needs for Gemma 4 E2B's 262k-entry logits and Qwen3.5-4B);
+    # Qwen3.5 runs its gated-DeltaNet layers with flash-linear-attention when bench/kit_fla.sh's wheels came along
+    [ ! -f .device-kit/fla/install.sh ] || python3 -c "import fla" 2>/dev/null || bash .device-kit/fla/install.sh
     for pair in ${SIZES:-maze2d-qwen3vl:Qwen/Qwen3.5-4B maze2d-qwen3vl:google/gemma-4-e2b-it geometry3k-qwen3vl-8b-lora:Qwen/Qwen3.5-9B}; do
       python3 bench/recipe_shape.py recipes/${pair%%:*}.yaml --prompts ${PROMPTS:-4} --steps ${STEPS:-2} \
-        --gpu-gb ${GPU_GB:-80} --work /tmp/shape --set model.path=${pair#*:} \
-        --out $RESULTS/recipe_${pair%%:*}-$(echo ${pair#*:} | tr '/.' '__').json
+        --gpu-gb ${GPU_GB:-80} --work /tmp/shape --set model.path=${pair#*:} ${LORA:+--set model.lora.rank=$LORA} \
+        --out $RESULTS/recipe_${pair%%:*}-$(echo ${pair#*:} | tr '/.' '__')${LORA:+-lora$LORA}.json
     done
   fi
   ;;
@@ -162,6 +167,7 @@ packprof)
 mfu)
   # SIZE=qwen3_vl_2b (any tiny.REAL_SIZES name): the same micro-batches on that size, built first; files get _$SIZE
   model=$M tag=""
+  [ -f $D ] || $P data --out /tmp/bd --rows 512  # the prompts alone (setup also builds the 3B model)
   if [ -n "${SIZE:-}" ]; then
     model=/tmp/$SIZE tag=_$SIZE
     [ -d $model ] || $P build --out $model --size $SIZE
