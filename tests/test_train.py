@@ -214,13 +214,17 @@ def test_two_ranks_train_the_loss_curve_of_one_rank_with_the_same_global_batch(t
     data = uneven_colors(colors_data, tmp_path / "train.parquet", {step1_rank0[0], *step2_rank1})
     sft = {"name": "sft", "sft_target": "ground_truth"}
     out = {}
+    # a CPU run compiles no C++ op: DeepSpeed's shared-memory all-reduce took 30 s of every fresh environment's
+    # first run (and a compiler); gloo reduces instead
+    ops = tmp_path / "torch_extensions"
     for name, ranks, per_step in (("one", 1, 8), ("two", 2, 4)):
         rec = write_recipe(tmp_path, tiny_model, colors_data, name, algorithm=sft,
                            data={"train": str(data), "max_prompt_tokens": 100},
                            rollout={"prompts_per_step": per_step}, trainer={"zero_stage": 2, "steps": 3})
-        r = run_cli(["train", rec, "--nprocs", str(ranks)], timeout=900)
+        r = run_cli(["train", rec, "--nprocs", str(ranks)], env_extra={"TORCH_EXTENSIONS_DIR": str(ops)}, timeout=900)
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
         out[name] = read_metrics(tmp_path / "runs" / name)
+        assert not ops.exists() or not any(ops.iterdir()), sorted(p.name for p in ops.iterdir())
     one, two = out["one"], out["two"]
     assert [m["prompts_too_long"] for m in one] == [m["prompts_too_long"] for m in two] == [1, 4, 0]
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]

@@ -22,6 +22,8 @@ def init_distributed() -> tuple[int, int]:
         from .launch import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())  # two runs on one machine must not collide
+    if not torch.cuda.is_available():
+        skip_cpu_shm_op()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     if own_port:  # our store holds it now; a process started from this one must not inherit (and reuse) it
@@ -30,6 +32,24 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     share_cpu_threads()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_op() -> None:
+    """On the CPU, DeepSpeed's process group JIT-compiles a shared-memory all-reduce op at its first start in
+    an environment: measured on the 2-core dev machine, a one-process SFT run took 39 s the first time and 9 s
+    after, and a machine without a C++ compiler cannot start at all. vlrl's CPU runs (tiny models, one
+    process, or two ranks in the tests) gain nothing from it; without it DeepSpeed reduces through gloo.
+    DeepSpeed reads the op's availability from `deepspeed.ops.__compatible_ops__`, a dict it keeps for
+    such edits."""
+    import deepspeed.ops
+
+    try:
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False
+    except (AttributeError, TypeError):  # a DeepSpeed without the table has no such op to build
+        pass
 
 
 def share_cpu_threads() -> int:
