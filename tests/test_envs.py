@@ -7,6 +7,7 @@ from vlrl_cli.rollout.envs.maze2d import Maze2dEnv
 from vlrl_cli.data.mazes import make_maze, shortest_moves as solve
 from vlrl_cli.data.images import image_from_uri
 from vlrl_cli.rollout.rewards import grade_boxed, to_number
+from vlrl_process import run_vlrl
 
 
 @pytest.mark.parametrize("text,truth", [
@@ -194,14 +195,7 @@ class Parity(Env):
 
 
 def _cli(*args, cwd=None, env_extra=None):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    env.pop("VLRL_RUN_CLAIMED", None)
-    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
+    return run_vlrl(*args, cwd=cwd, env_extra=env_extra)
 
 
 def _parity_records(colors_data, out):

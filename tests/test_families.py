@@ -5,9 +5,6 @@ attention; gemma4: sliding-window layers, 1-D positions, images attended both wa
 import io
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from PIL import Image
 from vlrl_cli.data.images import to_data_uri
 from vlrl_cli.model.render import image_inputs, model_inputs, split_messages
 from vlrl_cli.model.loading import load_processor
+from vlrl_process import run_vlrl
 
 pytestmark = pytest.mark.model
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma4")
@@ -102,9 +100,7 @@ def test_hf_engine_and_trainer_agree_on_every_family_multi_turn_and_after_an_upd
 
 
 def _run(args, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return run_vlrl(*args, timeout=timeout)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

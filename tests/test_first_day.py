@@ -4,10 +4,7 @@ or a half-written file."""
 
 import io
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,13 +13,11 @@ import yaml
 from PIL import Image
 
 from vlrl_cli.data.images import to_data_uri
+from vlrl_process import run_vlrl
 
 
 def run_cli(*args, env_extra=None, timeout=300, cwd=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    env.pop("VLRL_RUN_CLAIMED", None)
-    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=cwd)
+    return run_vlrl(*args, env_extra=env_extra, timeout=timeout, cwd=cwd)
 
 
 def one_line_error(r, *needles):

@@ -10,13 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import terminal_sigint
+from vlrl_process import run_vlrl
 
 
 def run_cli(*args, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("VLRL_RUN_CLAIMED", None)
-    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return run_vlrl(*args, timeout=timeout)
 
 
 def recipe(tmp_path, tiny_model, colors_data, name, algo="grpo", **trainer_and_data):

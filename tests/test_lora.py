@@ -1,15 +1,13 @@
 """LoRA (model.lora): adapters train, the engine samples from the merged policy, checkpoints load both ways."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
 from vlrl_cli.train.runs import read_metrics
+from vlrl_process import run_vlrl
 
 USER_ENV = """
 from vlrl_cli.rollout.envs.base import Env
@@ -22,10 +20,7 @@ class ParityEnv(Env):
 
 
 def run_cli(*args, cwd=None, extra_env=None, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    env.pop("VLRL_RUN_CLAIMED", None)
-    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=cwd)
+    return run_vlrl(*args, cwd=cwd, env_extra=extra_env, timeout=timeout)
 
 
 def lora_recipe(tmp_path, tiny_model, colors_data, name, lora=None, **trainer):

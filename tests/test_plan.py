@@ -2,9 +2,6 @@
 the GPU it names."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +10,14 @@ import yaml
 from vlrl_cli.errors import UserError
 from vlrl_cli.train.recipe import LoraCfg, load_recipe, with_overrides
 from vlrl_cli.train.plan import GPUS, model_config, model_shape, parse_sized_for, plan_for, plan_memory, render_plan
+from vlrl_process import run_vlrl
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=cwd, timeout=300)
+    return run_vlrl(*args, env_extra={"HF_HUB_OFFLINE": "1"}, cwd=cwd, timeout=300)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

@@ -3,7 +3,6 @@ importance weights are refused, the engine's start-up limits follow the recipe, 
 reference, statistics of every PPO epoch, and LoRA checkpoints of the adapters alone."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 
 from vlrl_cli.train.recipe import RecipeError, load_recipe
 from vlrl_cli.train.runs import read_metrics
+from vlrl_process import run_vlrl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,10 +46,7 @@ def write_recipe(tmp_path, model_path, colors_data, name, **sections) -> Path:
 
 
 def run_cli(*args, cwd=None, env_extra=None, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    env.pop("VLRL_RUN_CLAIMED", None)
-    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=cwd)
+    return run_vlrl(*args, cwd=cwd, env_extra=env_extra, timeout=timeout)
 
 
 # --- 1. the sampler samples what it reports ---------------------------------------------------------------

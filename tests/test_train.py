@@ -13,6 +13,7 @@ import torch
 
 from vlrl_cli.train.recipe import load_recipe
 from vlrl_cli.train.runs import read_metrics
+from vlrl_process import run_vlrl
 
 
 def write_recipe(tmp_path, tiny_model, colors_data, name, **sections) -> Path:
@@ -35,9 +36,7 @@ def write_recipe(tmp_path, tiny_model, colors_data, name, **sections) -> Path:
 
 
 def run_cli(args, env_extra=None, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return run_vlrl(*args, env_extra=env_extra, timeout=timeout)
 
 
 def losses(run_dir):
@@ -87,7 +86,7 @@ class ParityEnv(Env):
 
 
 @pytest.mark.model
-def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model, colors_data):
+def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model, colors_data, monkeypatch):
     (tmp_path / "userenvs.py").write_text(USER_ENV)
     rec = write_recipe(tmp_path, tiny_model, colors_data, "grpo", trainer={"steps": 2, "eval_every": 2})
     with open(rec, "a") as f:
@@ -104,6 +103,7 @@ def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model,
     assert "val_accuracy" in metrics[1]
     # same weights on both sides (fp32, hf engine): rollout and trainer log-probs agree
     assert metrics[0]["drift_abs_max"] < 1e-4
+    monkeypatch.syspath_prepend(str(tmp_path))  # its environment module, as the run had it
     assert load_recipe(run / "recipe.yaml").rollout.n == 4  # the resolved recipe is a valid recipe
     from transformers import AutoModelForImageTextToText
 
