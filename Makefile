@@ -36,12 +36,12 @@ browser:
 # every CPU test on the newest transformers the venv resolved, then the model tests on the floor
 test: test-newest test-floor
 
-# Three workers on the two cores: most tests are one Python process on one core (tiny models, CLI runs), each
-# worker's torch keeps to one thread, and a third worker fills the time the others wait (process starts,
-# servers coming up, files): on the 2-core machine the non-slow tests took 673 s with three, 767 s with two.
+# Two workers, one per core: most tests are one Python process on one core (tiny models, CLI runs), and each
+# worker's torch keeps to one thread so they never oversubscribe. A third worker (tried) let the short tests
+# finish sooner but took a third of a core from the longest demo, which sets the end: 1,646 s against 1,607.
 # loadgroup: tests go out one at a time, in order, so the long demos (first in the collection) start at
 # once on different workers and the short tests fill in around them.
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 3 --dist loadgroup --durations=15
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-newest: install browser
 	$(PYTEST)
