@@ -7,8 +7,8 @@ working folder and `sys.path` as `python -m vlrl_cli` would, runs the CLI's `__m
 code; its stdout and stderr come back as `subprocess.run(..., capture_output=True, text=True)` gives them.
 
 A real interpreter is started instead (`fresh=True`, or automatically) when the call changes an
-environment variable that the preloaded libraries read at import (anything outside `FORKABLE_ENV`), or
-when the zygote cannot start. Tests of interpreter start-up itself (signals, lazy imports) use
+environment variable that the preloaded libraries may read at import (`IMPORT_TIME_ENV`), or when the
+zygote cannot start. Tests of interpreter start-up itself (signals, lazy imports) use
 `subprocess` directly."""
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ import sys
 import tempfile
 import time
 
-# variables a forked child may see changed: none is read while the zygote imports its libraries. pytest names
-# the running test in PYTEST_CURRENT_TEST; an in-process run (CliRunner) leaves its one-rank world's variables.
-FORKABLE_ENV = {"PYTHONUNBUFFERED", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", "VLRL_RUN_CLAIMED", "PYTEST_CURRENT_TEST",
-                "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+# Variables the preloaded libraries (torch, transformers, the Hub client, DeepSpeed, matplotlib) may read while
+# they are imported: a call that changes one of these gets a fresh interpreter. Others only matter once the
+# CLI runs, and the child has the call's whole environment by then; the libraries also set some in the test
+# process itself (TORCHINDUCTOR_CACHE_DIR, OpenCV's LD_LIBRARY_PATH), which must not stop forking.
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "PYTORCH_", "CUDA_", "NCCL_",
+                   "OMP_", "MKL_", "KMP_", "DS_", "DEEPSPEED_", "MPL", "XDG_", "HOME", "PYTHON", "LD_PRELOAD")
+FORKABLE_ENV = {"PYTHONUNBUFFERED", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK"}
 PRELOAD = ["numpy", "torch", "transformers", "deepspeed", "matplotlib.pyplot", "pyarrow.parquet", "PIL.Image",
            "vlrl_cli.cli", "vlrl_cli.train.runs", "vlrl_cli.train.grpo", "vlrl_cli.train.sft",
            "vlrl_cli.tools.drift", "vlrl_cli.tools.evaluate", "vlrl_cli.tools.validate"]
@@ -55,8 +58,8 @@ class Zygote:
         self.ready = self._reply(120).get("ready", False)
 
     def can_run(self, env: dict) -> bool:
-        keys = set(env) | set(self.env)
-        if any(env.get(k) != self.env.get(k) for k in keys - FORKABLE_ENV):
+        keys = {k for k in set(env) | set(self.env) if k.startswith(IMPORT_TIME_ENV) and k not in FORKABLE_ENV}
+        if any(env.get(k) != self.env.get(k) for k in keys):
             return False
         # the zygote's own PYTHONPATH (the floor run's transformers) is imported already: the call must keep
         # it, in order; folders put before it (a test's environment module) hold no library the zygote imported
