@@ -8,7 +8,7 @@ import time
 
 import psutil
 import pytest
-from vlrl_process import _zygote, run_vlrl
+from vlrl_process import Zygote, ZygoteGone, _zygote, run_vlrl
 
 
 def test_a_forked_call_gives_what_a_fresh_interpreter_gives(tmp_path):
@@ -59,3 +59,50 @@ def test_a_timeout_ends_the_call_and_what_it_started(tmp_path, tiny_model, color
     else:
         pytest.fail(f"the call's child {child} outlived its timeout")
     assert run_vlrl("--help").returncode == 0  # the harness still serves the next call
+
+
+def wait_for(path, seconds=60):
+    end = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.1)
+    return int(path.read_text())
+
+
+def test_a_zygote_that_dies_fails_its_call_with_a_reason_and_refuses_new_ones(tmp_path, tiny_model, colors_data):
+    """A call under way when its zygote dies ends in an error that says so (not a hang or a timeout), with
+    the call's child killed; calls after that cannot go to the dead zygote (run_vlrl runs them fresh)."""
+    (tmp_path / "sleeper.py").write_text("import os, time\n"
+                                         f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(os.getpid()))\n"
+                                         "time.sleep(600)\n")
+    (tmp_path / "r.yaml").write_text(recipe(tiny_model, colors_data, "sleeper"))
+    z = Zygote()
+    assert z.ready
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    import threading
+
+    result = {}
+
+    def call():
+        try:
+            z.run(["vlrl"], ["train", "r.yaml"], env, str(tmp_path), 300)
+        except BaseException as e:  # noqa: BLE001 - the test inspects what was raised
+            result["error"] = e
+
+    t = threading.Thread(target=call)
+    start = time.monotonic()
+    t.start()
+    child = wait_for(tmp_path / "child.pid")
+    z.proc.kill()
+    t.join(60)
+    assert not t.is_alive() and time.monotonic() - start < 120
+    assert isinstance(result.get("error"), RuntimeError) and "zygote exited" in str(result["error"]), result
+    for _ in range(50):
+        if not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the call's child {child} outlived its zygote")
+    assert not z.can_run(env)
+    with pytest.raises(ZygoteGone):
+        z.run(["vlrl"], ["--help"], env, str(tmp_path), 60)

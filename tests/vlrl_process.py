@@ -43,9 +43,16 @@ def run_vlrl(*args, env_extra: dict | None = None, cwd=None, timeout: float = 60
     env.pop("VLRL_RUN_CLAIMED", None)  # a run directory claimed by this test process is not the child's
     cmd = [sys.executable, "-m", "vlrl_cli", *args]
     zygote = None if fresh else _zygote()
-    if zygote is None or not zygote.can_run(env):
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
-    return zygote.run(cmd, args, env, str(cwd or os.getcwd()), timeout)
+    if zygote is not None and zygote.can_run(env):
+        try:
+            return zygote.run(cmd, args, env, str(cwd or os.getcwd()), timeout)
+        except ZygoteGone:  # it died before forking the call (nothing ran): a fresh interpreter runs it
+            pass
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+class ZygoteGone(Exception):
+    """The zygote process exited; a call it had not started yet can run in a fresh interpreter."""
 
 
 class Zygote:
@@ -55,7 +62,10 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=self.env, bufsize=0)
         self.buf = b""
-        self.ready = self._reply(120).get("ready", False)
+        try:
+            self.ready = self._reply(120).get("ready", False)
+        except ZygoteGone:  # an import failed: every call runs in a fresh interpreter, which will say why
+            self.ready = False
 
     def can_run(self, env: dict) -> bool:
         keys = {k for k in set(env) | set(self.env) if k.startswith(IMPORT_TIME_ENV) and k not in FORKABLE_ENV}
@@ -70,21 +80,33 @@ class Zygote:
     def run(self, cmd, args, env, cwd, timeout) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as d:
             out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
-            self.proc.stdin.write(json.dumps({"args": args, "env": env, "cwd": cwd, "stdout": out,
-                                              "stderr": err}).encode() + b"\n")
-            pid = self._reply(60)["pid"]
-            reply = self._reply(timeout)
+            try:
+                self.proc.stdin.write(json.dumps({"args": args, "env": env, "cwd": cwd, "stdout": out,
+                                                  "stderr": err}).encode() + b"\n")
+            except BrokenPipeError:
+                raise ZygoteGone() from None
+            pid = self._reply(60).get("pid")
+            if pid is None:
+                raise ZygoteGone()
+            try:
+                reply = self._reply(timeout)
+            except ZygoteGone:
+                # mid-call: the child may still run (now an orphan) and has written part of its outputs,
+                # so the call cannot be repeated; it ends here as a failure that says why
+                _kill_group(pid)
+                raise RuntimeError(f"the test zygote exited while running `vlrl {' '.join(args)}`; "
+                                   f"stderr so far:\n{_read(err)[-3000:]}") from None
             if "code" not in reply:  # timed out: the child and everything it started (its own session)
+                _kill_group(pid)
                 try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    self._reply(60)  # the zygote reaps the child and says so
+                except ZygoteGone:
                     pass
-                self._reply(60)
                 raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err))
             return subprocess.CompletedProcess(cmd, reply["code"], _read(out), _read(err))
 
     def _reply(self, timeout: float) -> dict:
-        """The zygote's next reply line, or {} after `timeout` seconds (or if it died)."""
+        """The zygote's next reply line, or {} after `timeout` seconds; ZygoteGone if it exited."""
         end = time.monotonic() + timeout
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buf:
@@ -93,7 +115,7 @@ class Zygote:
                 return {}
             chunk = os.read(fd, 65536)
             if not chunk:
-                return {}
+                raise ZygoteGone()
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
@@ -120,6 +142,13 @@ def _zygote() -> Zygote | None:
         if _ZYGOTE[0] is not None:
             atexit.register(_ZYGOTE[0].close)
     return _ZYGOTE[0]
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _read(path: str) -> str:
