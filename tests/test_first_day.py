@@ -16,10 +16,6 @@ from vlrl_cli.data.images import to_data_uri
 from vlrl_process import run_vlrl
 
 
-def run_cli(*args, env_extra=None, timeout=300, cwd=None):
-    return run_vlrl(*args, env_extra=env_extra, timeout=timeout, cwd=cwd)
-
-
 def one_line_error(r, *needles):
     """Exit 2 with a one-line error naming every needle, no traceback."""
     out = r.stderr if hasattr(r, "stderr") else r.output
@@ -142,7 +138,7 @@ def test_prepare_honours_every_flag_it_is_given_and_writes_only_the_splits_asked
 
 def test_eval_with_several_samples_and_greedy_decoding_says_what_to_set(tmp_path, tiny_model, colors_data):
     t = time.time()
-    r = run_cli("eval", tiny_model, colors_data / "val.parquet", "--out", tmp_path / "ev", "--n", "4")
+    r = run_vlrl("eval", tiny_model, colors_data / "val.parquet", "--out", tmp_path / "ev", "--n", "4")
     one_line_error(r, "--temperature", "--n 4")
     assert time.time() - t < 60 and not (tmp_path / "ev").exists()  # before any model loads
 
@@ -242,7 +238,7 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path, tiny_mo
         s.listen(1)
         port = s.getsockname()[1]
         t = time.time()
-        r = run_cli("serve", tiny_model, "--port", port, "--api-key", "tml-0123456789", "--state", tmp_path / "state")
+        r = run_vlrl("serve", tiny_model, "--port", port, "--api-key", "tml-0123456789", "--state", tmp_path / "state")
     one_line_error(r, f"--port {port}")
     assert time.time() - t < 60 and not (tmp_path / "state").exists()
 
@@ -253,13 +249,13 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path, tiny_mo
 def test_a_hub_id_without_a_network_fails_in_seconds_and_creates_nothing(tmp_path, colors_data):
     env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a port nothing listens on
     t = time.time()
-    r = run_cli("eval", "some-org/some-model", colors_data / "val.parquet", "--out", tmp_path / "ev", env_extra=env)
+    r = run_vlrl("eval", "some-org/some-model", colors_data / "val.parquet", "--out", tmp_path / "ev", env_extra=env)
     one_line_error(r, "some-org/some-model", "cannot be reached")
     assert time.time() - t < 60 and not (tmp_path / "ev").exists()
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"path": "some-org/some-model"}, "data": {"train": str(colors_data / "train.parquet")},
                                       "run": {"dir": str(tmp_path / "runs")}}))
-    one_line_error(run_cli("train", recipe, env_extra=env), "some-org/some-model")
+    one_line_error(run_vlrl("train", recipe, env_extra=env), "some-org/some-model")
     assert not (tmp_path / "runs").exists()
 
 
@@ -269,8 +265,8 @@ def test_resume_of_a_finished_run_still_writes_the_json_it_promises(tmp_path, ti
         "model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
         "rollout": {"prompts_per_step": 2}, "algorithm": {"name": "sft", "sft_target": "random_choice"},
         "trainer": {"steps": 1, "lr": 1e-4, "micro_batch": 2}, "run": {"name": "001", "dir": str(tmp_path / "runs")}}))
-    assert run_cli("train", recipe).returncode == 0
-    r = run_cli("train", recipe, "--resume", "--json", tmp_path / "out.json")
+    assert run_vlrl("train", recipe).returncode == 0
+    r = run_vlrl("train", recipe, "--resume", "--json", tmp_path / "out.json")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["finished"] is True and out["step"] == 1 and Path(out["run_dir"]).name == "001"

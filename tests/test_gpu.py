@@ -430,7 +430,6 @@ def serve_process(model, state, *extra):
 @needs_gpu
 def test_serve_with_vllm_runs_the_cookbook_vlm_classifier_recipe(tmp_path):
     """`vlrl serve --engine vllm`: the unmodified cookbook vlm_classifier recipe (tiny Qwen3-VL, bf16)."""
-    from vlrl_cli.data.prepare import PrepareOptions, prepare
     from vlrl_cli.model.tiny import build_tiny_model
 
     here = os.path.dirname(os.path.abspath(__file__))

@@ -13,10 +13,6 @@ from conftest import terminal_sigint
 from vlrl_process import run_vlrl
 
 
-def run_cli(*args, timeout=600):
-    return run_vlrl(*args, timeout=timeout)
-
-
 def recipe(tmp_path, tiny_model, colors_data, name, algo="grpo", **trainer_and_data):
     data = {"train": str(colors_data / "train.parquet"), "val": None}
     data.update(trainer_and_data.pop("data", {}))
@@ -32,7 +28,7 @@ def recipe(tmp_path, tiny_model, colors_data, name, algo="grpo", **trainer_and_d
 @pytest.mark.parametrize("algo", ["grpo", "sft"])
 def test_a_run_that_trains_on_nothing_is_an_error_and_saves_nothing(tmp_path, tiny_model, colors_data, algo):
     rec = recipe(tmp_path, tiny_model, colors_data, f"none-{algo}", algo, data={"max_prompt_tokens": 5})
-    r = run_cli("train", rec)
+    r = run_vlrl("train", rec)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "trained on nothing" in r.stderr and "max_prompt_tokens" in r.stderr
     assert "warning: step 1 trained on nothing" in r.stderr  # each empty step is said out loud too
@@ -41,27 +37,27 @@ def test_a_run_that_trains_on_nothing_is_an_error_and_saves_nothing(tmp_path, ti
 
 def test_an_old_run_directory_is_never_mixed_into(tmp_path, tiny_model, colors_data):
     rec = recipe(tmp_path, tiny_model, colors_data, "r", "sft")
-    assert run_cli("train", rec).returncode == 0
+    assert run_vlrl("train", rec).returncode == 0
     run = tmp_path / "runs" / "r"
-    r = run_cli("train", rec)
+    r = run_vlrl("train", rec)
     assert r.returncode == 2 and "already holds a run" in r.stderr and "--overwrite" in r.stderr
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # untouched
-    r = run_cli("train", rec, "--overwrite", "--set", "trainer.steps=1")
+    r = run_vlrl("train", rec, "--overwrite", "--set", "trainer.steps=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_1"]  # step_2 is gone
 
     # resume with another recipe: the changed key is named, and refused unless asked for
-    r = run_cli("train", rec, "--resume")  # trainer.steps is 2 in the file, 1 in the run's recipe.yaml
+    r = run_vlrl("train", rec, "--resume")  # trainer.steps is 2 in the file, 1 in the run's recipe.yaml
     assert r.returncode == 2 and "trainer.steps: 1 -> 2" in r.stderr and "--allow-changes" in r.stderr
-    r = run_cli("train", rec, "--resume", "--allow-changes")
+    r = run_vlrl("train", rec, "--resume", "--allow-changes")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     # a finished run, resumed: says so, exit 0, nothing loaded or written
     before = (run / "metrics.jsonl").read_text()
-    r = run_cli("train", rec, "--resume")
+    r = run_vlrl("train", rec, "--resume")
     assert r.returncode == 0 and "already finished" in r.stderr and (run / "metrics.jsonl").read_text() == before
-    r = run_cli("train", rec, "--overwrite", "--set", "trainer.steps=0")
+    r = run_vlrl("train", rec, "--overwrite", "--set", "trainer.steps=0")
     assert r.returncode == 2 and "trainer.steps is 0" in r.stderr
 
 
@@ -71,7 +67,7 @@ def test_bad_rows_are_named_before_any_model_loads(tmp_path, tiny_model, colors_
     rows[4]["prompt"][0]["role"] = "narrator"
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = run_cli("train", recipe(tmp_path, tiny_model, colors_data, "bad", data={"train": str(bad)}))
+    r = run_vlrl("train", recipe(tmp_path, tiny_model, colors_data, "bad", data={"train": str(bad)}))
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"{bad}:2: [missing_ground_truth]" in r.stderr and f"{bad}:4:" in r.stderr and "narrator" in r.stderr
     assert "2 of 6 rows" in r.stderr and "Traceback" not in r.stderr
@@ -79,17 +75,17 @@ def test_bad_rows_are_named_before_any_model_loads(tmp_path, tiny_model, colors_
 
 
 def test_eval_limit_zero_and_a_missing_vllm_are_clear_errors(tmp_path, tiny_model, colors_data):
-    r = run_cli("eval", tiny_model, colors_data / "val.parquet", "--out", tmp_path / "e", "--limit", "0")
+    r = run_vlrl("eval", tiny_model, colors_data / "val.parquet", "--out", tmp_path / "e", "--limit", "0")
     assert r.returncode == 2 and "limit" in r.stderr.lower()
     import importlib.util
 
     assert importlib.util.find_spec("vllm") is None, "this test expects a machine without vLLM"
-    r = run_cli("eval", tiny_model, colors_data / "val.parquet", "--out", tmp_path / "e", "--engine", "vllm")
+    r = run_vlrl("eval", tiny_model, colors_data / "val.parquet", "--out", tmp_path / "e", "--engine", "vllm")
     assert r.returncode == 2 and 'pip install "vlrl[vllm]"' in r.stderr and "Traceback" not in r.stderr
     rec = recipe(tmp_path, tiny_model, colors_data, "v")
-    r = run_cli("train", rec, "--set", "rollout.engine=vllm")
+    r = run_vlrl("train", rec, "--set", "rollout.engine=vllm")
     assert r.returncode == 2 and 'pip install "vlrl[vllm]"' in r.stderr
-    r = run_cli("check-drift", tiny_model, colors_data / "val.parquet", "--engine", "vlm")
+    r = run_vlrl("check-drift", tiny_model, colors_data / "val.parquet", "--engine", "vlm")
     assert r.returncode == 2 and "hf or vllm" in r.stderr
 
 
@@ -105,7 +101,7 @@ def test_a_mistyped_local_model_path_is_named_at_once(tmp_path, colors_data):
 
 def test_a_model_file_in_place_of_its_folder_is_named_with_the_folder(tmp_path, tiny_model, colors_data):
     """A user who points MODEL at the model's config.json (or a weights file) is told to pass its folder."""
-    r = run_cli("eval", Path(tiny_model) / "config.json", colors_data / "val.parquet", "--out", tmp_path / "e")
+    r = run_vlrl("eval", Path(tiny_model) / "config.json", colors_data / "val.parquet", "--out", tmp_path / "e")
     assert r.returncode == 2, r.stderr[-1500:]
     assert "config.json: a file, not a model folder" in r.stderr and f"({tiny_model})" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "e").exists()
@@ -116,7 +112,7 @@ def test_train_json_to_stdout_is_only_json_and_ctrl_c_ends_a_run_with_130(tmp_pa
     import time
 
     rec = recipe(tmp_path, tiny_model, colors_data, "j", "sft", steps=1)
-    r = run_cli("train", rec, "--json", "-")
+    r = run_vlrl("train", rec, "--json", "-")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["step"] == 1  # DeepSpeed's own prints went to stderr
 
@@ -148,8 +144,6 @@ def assert_curves(run_dir):
         im.verify()
     assert png.stat().st_mtime >= (run_dir / "metrics.jsonl").stat().st_mtime
     assert not list(run_dir.glob(".curves.*"))
-
-
 
 
 def test_curves_plot_every_panel_that_has_data_and_skip_a_torn_line(tmp_path):

@@ -19,10 +19,6 @@ class ParityEnv(Env):
 """
 
 
-def run_cli(*args, cwd=None, extra_env=None, timeout=600):
-    return run_vlrl(*args, cwd=cwd, env_extra=extra_env, timeout=timeout)
-
-
 def lora_recipe(tmp_path, tiny_model, colors_data, name, lora=None, **trainer):
     r = {"model": {"path": str(tiny_model), "lora": lora if lora is not None else {"rank": 8, "alpha": 16}},
          "data": {"train": str(colors_data / "train.parquet")},
@@ -44,7 +40,7 @@ def test_lora_grpo_trains_adapters_and_the_engine_gets_the_merged_policy(tmp_pat
 
     (tmp_path / "userenvs.py").write_text(USER_ENV)
     rec = lora_recipe(tmp_path, tiny_model, colors_data, f"lora{stage}", zero_stage=stage, steps=3)
-    r = run_cli("train", rec, extra_env={"PYTHONPATH": str(tmp_path)})
+    r = run_vlrl("train", rec, env_extra={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     m = read_metrics(tmp_path / "runs" / f"lora{stage}")
     assert [x["step"] for x in m] == [1, 2, 3]
@@ -75,10 +71,10 @@ def test_lora_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model, color
     (tmp_path / "userenvs.py").write_text(USER_ENV)
     env = {"PYTHONPATH": str(tmp_path)}
     full = lora_recipe(tmp_path, tiny_model, colors_data, "full", steps=4, save_every=2)
-    assert run_cli("train", full, extra_env=env).returncode == 0
+    assert run_vlrl("train", full, env_extra=env).returncode == 0
     part = lora_recipe(tmp_path, tiny_model, colors_data, "part", steps=2, save_every=2)
-    assert run_cli("train", part, extra_env=env).returncode == 0
-    r = run_cli("train", part, "--resume", "--allow-changes", "--set", "trainer.steps=4", extra_env=env)
+    assert run_vlrl("train", part, env_extra=env).returncode == 0
+    r = run_vlrl("train", part, "--resume", "--allow-changes", "--set", "trainer.steps=4", env_extra=env)
     assert r.returncode == 0, r.stderr[-3000:]
     keys = ("step", "reward_mean", "grad_norm", "entropy", "drift_abs_mean")
     a = [{k: x[k] for k in keys} for x in read_metrics(tmp_path / "runs" / "full")]
@@ -94,7 +90,7 @@ def test_lora_bad_input_is_named_before_any_work(tmp_path, tiny_model, colors_da
              ({"rank": 4, "dropout": 2}, "model.lora.dropout")]
     (tmp_path / "userenvs.py").write_text(USER_ENV)  # found beside the recipes
     for i, (lora, key) in enumerate(cases):
-        r = run_cli("train", lora_recipe(tmp_path, tiny_model, colors_data, f"bad{i}", lora=lora))
+        r = run_vlrl("train", lora_recipe(tmp_path, tiny_model, colors_data, f"bad{i}", lora=lora))
         assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr, (lora, r.stderr[-1500:])
     # a full fine-tune resumed as a LoRA run (and the reverse) is refused, even with --allow-changes
     full = lora_recipe(tmp_path, tiny_model, colors_data, "kind", lora={})
@@ -102,14 +98,14 @@ def test_lora_bad_input_is_named_before_any_work(tmp_path, tiny_model, colors_da
     del text["model"]["lora"]
     full.write_text(yaml.safe_dump(text))
     (tmp_path / "userenvs.py").write_text(USER_ENV)
-    assert run_cli("train", full, extra_env={"PYTHONPATH": str(tmp_path)}).returncode == 0
-    r = run_cli("train", full, "--resume", "--allow-changes", "--set", "model.lora.rank=8")
+    assert run_vlrl("train", full, env_extra={"PYTHONPATH": str(tmp_path)}).returncode == 0
+    r = run_vlrl("train", full, "--resume", "--allow-changes", "--set", "model.lora.rank=8")
     assert r.returncode == 2 and "LoRA" in r.stderr and "model.lora" in r.stderr
 
 
 def test_check_drift_agrees_with_a_lora_policy_before_and_after_an_adapter_change(tmp_path, tiny_model, colors_data):
     report = tmp_path / "drift.json"
-    r = run_cli("check-drift", tiny_model, colors_data / "train.parquet", "--lora-rank", "8", "--samples", "4",
+    r = run_vlrl("check-drift", tiny_model, colors_data / "train.parquet", "--lora-rank", "8", "--samples", "4",
                 "--max-new-tokens", "6", "--after-update", "--perturb", "1.0", "--max-mean", "1e-4", "--json", report)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(report.read_text())

@@ -169,7 +169,8 @@ def test_packing_groups_by_tokens_and_a_long_sequence_goes_alone():
 
 def test_sft_and_grpo_runs_packed_reproduce_the_padded_runs(tmp_path, tiny_model, colors_data):
     """The same recipe with trainer.pack_tokens: the same losses and gradient norms, step by step."""
-    from test_train import losses, run_cli, write_recipe
+    from test_train import losses, write_recipe
+    from vlrl_process import run_vlrl
 
     from vlrl_cli.train.runs import read_metrics
 
@@ -179,7 +180,7 @@ def test_sft_and_grpo_runs_packed_reproduce_the_padded_runs(tmp_path, tiny_model
             run = f"{algo}-{name}"
             rec = write_recipe(tmp_path, tiny_model, colors_data, run, algorithm={"name": algo, **extra},
                                trainer={**trainer, "steps": 3 if algo == "sft" else 2})
-            r = run_cli(["train", rec])
+            r = run_vlrl("train", rec)
             assert r.returncode == 0, r.stderr[-3000:]
             out[run] = read_metrics(tmp_path / "runs" / run)
     for algo in ("sft", "grpo"):  # the packed runs really packed: fewer, unpadded forwards

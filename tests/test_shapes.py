@@ -45,10 +45,6 @@ def write_recipe(tmp_path, model_path, colors_data, name, **sections) -> Path:
     return path
 
 
-def run_cli(*args, cwd=None, env_extra=None, timeout=600):
-    return run_vlrl(*args, cwd=cwd, env_extra=env_extra, timeout=timeout)
-
-
 # --- 1. the sampler samples what it reports ---------------------------------------------------------------
 
 
@@ -101,7 +97,7 @@ def test_grpo_refuses_truncated_sampling_and_groups_of_one(tmp_path, tiny_model,
             load_recipe(write_recipe(tmp_path, tiny_model, colors_data, "r"), sets)
     # SFT never samples from the rollout settings; eval keeps truncation (it scores nothing)
     load_recipe(write_recipe(tmp_path, tiny_model, colors_data, "s", algorithm={"name": "sft"}), ["rollout.top_p=0.9"])
-    r = run_cli("train", write_recipe(tmp_path, tiny_model, colors_data, "cli"), "--set", "rollout.top_p=0.5")
+    r = run_vlrl("train", write_recipe(tmp_path, tiny_model, colors_data, "cli"), "--set", "rollout.top_p=0.5")
     assert r.returncode == 2 and "rollout.top_p" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
@@ -156,7 +152,6 @@ def test_every_shipped_recipe_gets_engine_limits_that_hold_its_longest_episode(t
     assert engine_limits(every_frame, data["maze2d"]).max_images == 20 and episode_tokens(every_frame) == 16384
     last_four = load_recipe(ROOT / "recipes" / "maze2d.yaml", check_paths=False)
     assert engine_limits(last_four, data["maze2d"]).max_images == 4 and episode_tokens(last_four) == 16384
-
 
 
 def test_vllm_gets_a_linear_attention_prefill_it_can_run(monkeypatch):
@@ -249,7 +244,7 @@ def test_lora_checkpoints_hold_the_adapters_and_export_on_request(tmp_path, tiny
     env = {"PYTHONPATH": str(tmp_path)}
     rec = write_recipe(tmp_path, tiny_model, colors_data, "lora", model={"path": str(tiny_model), "lora": {"rank": 4}},
                        trainer={"steps": 2, "save_every": 1, "zero_stage": 3, "zero3_persistence_threshold": 0})
-    r = run_cli("train", rec, env_extra=env)
+    r = run_vlrl("train", rec, env_extra=env)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpts = tmp_path / "runs" / "lora" / "checkpoints"
     base = _size(Path(tiny_model))
@@ -258,14 +253,14 @@ def test_lora_checkpoints_hold_the_adapters_and_export_on_request(tmp_path, tiny
     assert _size(one / "ds") < base / 4, (_size(one / "ds"), base)  # no frozen weights in DeepSpeed's state
     assert (two / "hf" / "config.json").exists()  # the end of the run: the merged model
     out = tmp_path / "exported"
-    r = run_cli("export", one, "--out", out, "--json", tmp_path / "export.json")
+    r = run_vlrl("export", one, "--out", out, "--json", tmp_path / "export.json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "export.json").read_text())["model"] == str(out)
     from transformers import AutoModelForImageTextToText
 
     merged = AutoModelForImageTextToText.from_pretrained(out)
     assert sum(p.numel() for p in merged.parameters()) > 0
-    r = run_cli("eval", one, colors_data / "val.parquet", "--out", tmp_path / "ev", "--limit", "2", "--max-new-tokens", "2")
+    r = run_vlrl("eval", one, colors_data / "val.parquet", "--out", tmp_path / "ev", "--limit", "2", "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (one / "hf" / "config.json").exists()  # eval exported the adapter checkpoint once, in place
 
@@ -307,7 +302,7 @@ def test_two_trainings_cannot_write_one_run_directory(tmp_path, tiny_model, colo
                                "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        r = run_cli("train", rec)
+        r = run_vlrl("train", rec)
         assert r.returncode == 2 and f"pid {holder.pid}" in r.stderr, r.stderr[-2000:]
     finally:
         holder.kill()

@@ -35,10 +35,6 @@ def write_recipe(tmp_path, tiny_model, colors_data, name, **sections) -> Path:
     return path
 
 
-def run_cli(args, env_extra=None, timeout=600):
-    return run_vlrl(*args, env_extra=env_extra, timeout=timeout)
-
-
 def losses(run_dir):
     return [m["loss"] for m in read_metrics(run_dir)]
 
@@ -52,7 +48,7 @@ def test_zero_stages_reproduce_zero0_sft_losses(tmp_path, tiny_model, colors_dat
     for name, trainer in configs.items():
         rec = write_recipe(tmp_path, tiny_model, colors_data, f"sft-z{name}", algorithm={"name": "sft", "sft_target": "ground_truth"},
                            trainer={**trainer, "steps": 3})
-        r = run_cli(["train", rec])
+        r = run_vlrl("train", rec)
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = losses(tmp_path / "runs" / f"sft-z{name}")
     assert len(out["0"]) == 3 and out["0"][2] < out["0"][0]  # it learns
@@ -67,7 +63,7 @@ def test_zero2_with_cpu_optimizer_offload_reproduces_zero0(tmp_path, tiny_model,
     for name, trainer in (("plain", {"zero_stage": 0}), ("offload", {"zero_stage": 2, "offload": True})):
         rec = write_recipe(tmp_path, tiny_model, colors_data, name, algorithm={"name": "sft", "sft_target": "ground_truth"},
                            trainer={**trainer, "steps": 3})
-        r = run_cli(["train", rec], timeout=900)
+        r = run_vlrl("train", rec, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = losses(tmp_path / "runs" / name)
     assert out["offload"] == pytest.approx(out["plain"], rel=1e-4, abs=1e-5), out
@@ -91,7 +87,7 @@ def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model,
     rec = write_recipe(tmp_path, tiny_model, colors_data, "grpo", trainer={"steps": 2, "eval_every": 2})
     with open(rec, "a") as f:
         f.write("envs: {colors: 'userenvs:ParityEnv'}\n")
-    r = run_cli(["train", rec, "--json", tmp_path / "final.json"], env_extra={"PYTHONPATH": str(tmp_path)})
+    r = run_vlrl("train", rec, "--json", tmp_path / "final.json", env_extra={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "grpo"
     metrics = read_metrics(run)
@@ -126,7 +122,7 @@ def test_grpo_under_zero3_with_a_kl_reference_and_the_hf_engine(tmp_path, tiny_m
     (tmp_path / "userenvs.py").write_text(USER_ENV)
     with open(rec, "a") as f:
         f.write("envs: {colors: 'userenvs:ParityEnv'}\n")  # mixed rewards, so step 1 changes the policy
-    r = run_cli(["train", rec], env_extra={"PYTHONPATH": str(tmp_path)})
+    r = run_vlrl("train", rec, env_extra={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_metrics(tmp_path / "runs" / "z3grpo")
     assert [m["step"] for m in metrics] == [1, 2]
@@ -139,7 +135,7 @@ def test_tensorboard_gets_every_metric_of_every_step(tmp_path, tiny_model, color
 
     rec = write_recipe(tmp_path, tiny_model, colors_data, "tb", algorithm={"name": "sft", "sft_target": "ground_truth"},
                        trainer={"steps": 2}, run={"tensorboard": True})
-    r = run_cli(["train", rec])
+    r = run_vlrl("train", rec)
     assert r.returncode == 0, r.stderr[-3000:]
     events = EventAccumulator(str(tmp_path / "runs" / "tb" / "tensorboard"))
     events.Reload()
@@ -152,7 +148,7 @@ def test_tensorboard_gets_every_metric_of_every_step(tmp_path, tiny_model, color
 def test_kill_and_resume_reaches_the_same_metrics(tmp_path, tiny_model, colors_data):
     kw = dict(trainer={"steps": 6, "save_every": 2})
     full = write_recipe(tmp_path, tiny_model, colors_data, "full", **kw)
-    assert run_cli(["train", full]).returncode == 0
+    assert run_vlrl("train", full).returncode == 0
     part = write_recipe(tmp_path, tiny_model, colors_data, "part", **kw)
     run = tmp_path / "runs" / "part"
     p = subprocess.Popen([sys.executable, "-m", "vlrl_cli", "train", str(part)], stdout=subprocess.DEVNULL,
@@ -164,7 +160,7 @@ def test_kill_and_resume_reaches_the_same_metrics(tmp_path, tiny_model, colors_d
     os.killpg(p.pid, signal.SIGKILL)  # mid-training, right after its first checkpoint (on a busy machine a
     p.wait()                            # later one: resuming from any of them must give the same run)
     assert latest.read_text() in ("step_2", "step_4"), latest.read_text()
-    r = run_cli(["train", part, "--resume"])
+    r = run_vlrl("train", part, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     keys = ("step", "reward_mean", "accuracy", "response_len_mean", "grad_norm", "entropy")
     a = [{k: m[k] for k in keys} for m in read_metrics(tmp_path / "runs" / "full")]
@@ -177,7 +173,7 @@ def test_kill_and_resume_reaches_the_same_metrics(tmp_path, tiny_model, colors_d
 def test_two_rank_zero3_through_the_deepspeed_launcher(tmp_path, tiny_model, colors_data):
     rec = write_recipe(tmp_path, tiny_model, colors_data, "z3x2", algorithm={"name": "sft", "sft_target": "ground_truth"},
                        trainer={"zero_stage": 3, "steps": 2})
-    r = run_cli(["train", rec, "--nprocs", "2"], timeout=900)
+    r = run_vlrl("train", rec, "--nprocs", "2", timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     metrics = read_metrics(tmp_path / "runs" / "z3x2")
     assert [m["step"] for m in metrics] == [1, 2]
@@ -221,7 +217,7 @@ def test_two_ranks_train_the_loss_curve_of_one_rank_with_the_same_global_batch(t
         rec = write_recipe(tmp_path, tiny_model, colors_data, name, algorithm=sft,
                            data={"train": str(data), "max_prompt_tokens": 100},
                            rollout={"prompts_per_step": per_step}, trainer={"zero_stage": 2, "steps": 3})
-        r = run_cli(["train", rec, "--nprocs", str(ranks)], env_extra={"TORCH_EXTENSIONS_DIR": str(ops)}, timeout=900)
+        r = run_vlrl("train", rec, "--nprocs", str(ranks), env_extra={"TORCH_EXTENSIONS_DIR": str(ops)}, timeout=900)
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
         out[name] = read_metrics(tmp_path / "runs" / name)
         assert not ops.exists() or not any(ops.iterdir()), sorted(p.name for p in ops.iterdir())
@@ -246,7 +242,7 @@ def test_grpo_on_two_ranks_goes_on_when_one_rank_has_nothing_to_train(tmp_path, 
     data = uneven_colors(colors_data, tmp_path / "train.parquet", set(prompts_for_step(n, 1, 4, 0, rank=1, world=2)))
     rec = write_recipe(tmp_path, tiny_model, colors_data, "grpo2", data={"train": str(data), "max_prompt_tokens": 100},
                        rollout={"prompts_per_step": 4, "n": 4}, trainer={"zero_stage": 2, "steps": 3})
-    r = run_cli(["train", rec, "--nprocs", "2"], timeout=900)
+    r = run_vlrl("train", rec, "--nprocs", "2", timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     m = read_metrics(tmp_path / "runs" / "grpo2")
     assert [x["step"] for x in m] == [1, 2, 3]
@@ -431,7 +427,7 @@ losses.group_advantages = group_advantages
 def test_an_internal_error_exits_1_with_the_traceback_in_the_run_dir(tmp_path, tiny_model, colors_data):
     (tmp_path / "sitecustomize.py").write_text(INTERNAL_FAULT)
     rec = write_recipe(tmp_path, tiny_model, colors_data, "broken", trainer={"steps": 1})
-    r = run_cli(["train", rec], env_extra={"PYTHONPATH": str(tmp_path)})
+    r = run_vlrl("train", rec, env_extra={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 1, r.stderr[-2000:]
     assert "internal error: RuntimeError: advantage bookkeeping exploded" in r.stderr
     assert "bad usage" not in r.stderr and "error: " not in r.stderr.replace("internal error: ", "")
@@ -440,7 +436,7 @@ def test_an_internal_error_exits_1_with_the_traceback_in_the_run_dir(tmp_path, t
     text = log.read_text()
     assert "Traceback" in text and "advantage bookkeeping exploded" in text and "train" in text.splitlines()[0]
     # a usage error stays exit 2, one line naming the key
-    r = run_cli(["train", rec, "--set", "trainer.stepz=3"])
+    r = run_vlrl("train", rec, "--set", "trainer.stepz=3")
     assert r.returncode == 2 and "trainer" in r.stderr and "stepz" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -527,7 +523,7 @@ def test_grad_accum_fp32_trains_resumes_and_is_refused_where_deepspeed_cannot(tm
     trainer = {"zero_stage": 1, "grad_accum_fp32": True, "steps": 3, "save_every": 1}
     rec = write_recipe(tmp_path, tiny_model, colors_data, "acc32", model={"dtype": "bfloat16"},
                        algorithm={"name": "sft", "sft_target": "ground_truth"}, trainer=trainer)
-    r = run_cli(["train", rec])
+    r = run_vlrl("train", rec)
     assert r.returncode == 0, r.stderr[-3000:]
     full = losses(tmp_path / "runs" / "acc32")
     import shutil
@@ -535,7 +531,7 @@ def test_grad_accum_fp32_trains_resumes_and_is_refused_where_deepspeed_cannot(tm
     ckpts = tmp_path / "runs" / "acc32" / "checkpoints"
     shutil.rmtree(ckpts / "step_3")  # as if killed after step 2's checkpoint
     (ckpts / "latest").write_text("step_2")
-    r = run_cli(["train", rec, "--resume"])  # from step 2, with BF16_Optimizer's state
+    r = run_vlrl("train", rec, "--resume")  # from step 2, with BF16_Optimizer's state
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["step"] for m in read_metrics(tmp_path / "runs" / "acc32")] == [1, 2, 3]
     assert losses(tmp_path / "runs" / "acc32") == pytest.approx(full, rel=1e-3)
