@@ -45,6 +45,22 @@ def colors_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _own_pythonpath_and_sys_path():
+    """Commands run in the test process (the `cli` fixture, train functions) put the working and recipe folders
+    on sys.path and PYTHONPATH for their ranks, as `vlrl` does. Undone after each test: the next test, and the
+    CLI processes it starts, must see the test process's own paths."""
+    import sys
+
+    pythonpath, path = os.environ.get("PYTHONPATH"), list(sys.path)
+    yield
+    sys.path[:] = path
+    if pythonpath is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = pythonpath
+
+
 @pytest.fixture
 def cli():
     from vlrl_cli.cli import app

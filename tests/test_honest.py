@@ -93,8 +93,7 @@ def test_a_mistyped_local_model_path_is_named_at_once(tmp_path, colors_data):
     (tmp_path / "models").mkdir()
     for args in (["eval", "models/typo", colors_data / "val.parquet", "--out", tmp_path / "e"],
                  ["validate", colors_data / "val.parquet", "--processor", "./models/typo"]):
-        r = subprocess.run([sys.executable, "-m", "vlrl_cli", *map(str, args)], capture_output=True, text=True,
-                           cwd=tmp_path, timeout=120)
+        r = run_vlrl(*args, cwd=tmp_path, timeout=120)
         assert r.returncode == 2, r.stderr[-1500:]
         assert "models/typo" in r.stderr and "no such model folder" in r.stderr and "huggingface" not in r.stderr.lower()
 

@@ -340,14 +340,12 @@ def test_messages_name_the_real_cause(tmp_path, cli):
 
 
 def test_write_clean_writes_the_format_its_extension_names_and_json_stdout_is_only_json(tmp_path, colors_data):
-    import subprocess
-    import sys
+    from vlrl_process import run_vlrl
 
     src = colors_data / "val.parquet"
     for ext in ("jsonl", "parquet", "json"):
         dest = tmp_path / f"clean.{ext}"
-        r = subprocess.run([sys.executable, "-m", "vlrl_cli", "validate", str(src), "--write-clean", str(dest), "--json", "-"],
-                           capture_output=True, text=True, timeout=120)
+        r = run_vlrl("validate", src, "--write-clean", dest, "--json", "-", timeout=120)
         assert r.returncode == 0, r.stderr[-1500:]
         assert json.loads(r.stdout)["rows"] > 0  # stdout is exactly one JSON document
         n = len(rows_of(src))
@@ -355,6 +353,5 @@ def test_write_clean_writes_the_format_its_extension_names_and_json_stdout_is_on
             assert len(json.loads(dest.read_text())) == n
         else:
             assert len(rows_of(dest)) == n
-    r = subprocess.run([sys.executable, "-m", "vlrl_cli", "validate", str(src), "--write-clean", str(tmp_path / "clean.csv")],
-                       capture_output=True, text=True, timeout=120)
+    r = run_vlrl("validate", src, "--write-clean", tmp_path / "clean.csv", timeout=120)
     assert r.returncode == 2 and ".parquet, .jsonl, .json" in r.stderr

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import terminal_sigint
+from vlrl_process import run_vlrl
 from vlrl_cli.train.rollout_ranks import (Placement, check_staleness, pack_trajectories, unpack_trajectories,
                                           weights_needed)
 
@@ -85,10 +86,8 @@ def _train(tmp_path, tiny_model, colors_data, name, nprocs, lora=None, **rollout
             "trainer": {"steps": 3, "lr": 1.0e-2, "micro_batch": 8, "zero_stage": 0, "save_every": 0},
             "run": {"name": name, "dir": str(tmp_path / "runs")}, "envs": {"colors": "lengthenv:LengthEnv"}}
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(body))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path)}
-    env.pop("VLRL_RUN_CLAIMED", None)
-    r = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", str(tmp_path / f"{name}.yaml"), "--nprocs",
-                        str(nprocs)], capture_output=True, text=True, env=env, timeout=900)
+    r = run_vlrl("train", tmp_path / f"{name}.yaml", "--nprocs", nprocs, env_extra={"PYTHONPATH": tmp_path},
+                 timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     from vlrl_cli.train.runs import read_metrics
 
@@ -131,11 +130,8 @@ def test_a_split_that_cannot_serve_its_trainers_is_refused_before_any_rank_start
             "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
             "trainer": {"steps": 1}, "run": {"name": "x", "dir": str(tmp_path / "runs")}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("VLRL_RUN_CLAIMED", None)
     for nprocs, k, why in ((3, 2, "each engine rank serves at least one trainer"), (2, 2, "no rank is left to train")):
-        r = subprocess.run([sys.executable, "-m", "vlrl_cli", "train", str(tmp_path / "r.yaml"), "--nprocs", str(nprocs),
-                            "--set", f"rollout.engine_ranks={k}"], capture_output=True, text=True, env=env, timeout=300)
+        r = run_vlrl("train", tmp_path / "r.yaml", "--nprocs", nprocs, "--set", f"rollout.engine_ranks={k}", timeout=300)
         assert r.returncode == 2 and why in r.stderr and "internal error" not in r.stderr, r.stderr[-2000:]
         assert r.stderr.count("rollout.engine_ranks is") == 1  # from the command, not from every rank
         assert not (tmp_path / "runs" / "x").exists()  # nothing claimed, no lock left behind

@@ -106,3 +106,24 @@ def test_a_zygote_that_dies_fails_its_call_with_a_reason_and_refuses_new_ones(tm
     assert not z.can_run(env)
     with pytest.raises(ZygoteGone):
         z.run(["vlrl"], ["--help"], env, str(tmp_path), 60)
+
+
+def test_a_call_whose_pythonpath_holds_a_start_up_hook_gets_a_fresh_interpreter(tmp_path):
+    """sitecustomize runs at interpreter start-up only: forked, the hook would silently not run."""
+    (tmp_path / "sitecustomize.py").write_text("import sys; print('hook ran', file=sys.stderr)\n")
+    r = run_vlrl("--help", env_extra={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0 and "hook ran" in r.stderr, r.stderr[-500:]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path)}
+    assert "start-up hook" in _zygote().why_not(env)
+
+
+def test_a_calls_pythonpath_goes_before_the_inherited_one_instead_of_replacing_it(tmp_path, tiny_model, colors_data,
+                                                                                 monkeypatch):
+    """The floor run puts transformers 5.17 on PYTHONPATH; a test adding its own folder must keep it there."""
+    for lib, text in (("inherited", "raise RuntimeError('found on the inherited path')\n"), ("added", "import base_env\n")):
+        (tmp_path / lib).mkdir()
+        (tmp_path / lib / ("base_env.py" if lib == "inherited" else "myenvs.py")).write_text(text)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "inherited"))
+    (tmp_path / "r.yaml").write_text(recipe(tiny_model, colors_data, "myenvs"))
+    r = run_vlrl("train", "r.yaml", cwd=tmp_path, env_extra={"PYTHONPATH": str(tmp_path / "added")})
+    assert "found on the inherited path" in r.stderr, r.stderr[-800:]

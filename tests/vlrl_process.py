@@ -37,18 +37,36 @@ PRELOAD = ["numpy", "torch", "transformers", "deepspeed", "matplotlib.pyplot", "
 
 def run_vlrl(*args, env_extra: dict | None = None, cwd=None, timeout: float = 600,
              fresh: bool = False) -> subprocess.CompletedProcess:
-    """`python -m vlrl_cli *args` with the test's environment plus `env_extra`, stdout and stderr captured."""
+    """`python -m vlrl_cli *args` with the test's environment plus `env_extra`, stdout and stderr captured.
+    A PYTHONPATH in env_extra goes before the test's own: the floor run's transformers sits there, and a call
+    that replaced it would quietly test the newest release instead."""
     args = [str(a) for a in args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in (env_extra or {}).items()}}
+    extra = {k: str(v) for k, v in (env_extra or {}).items()}
+    if extra.get("PYTHONPATH") and os.environ.get("PYTHONPATH"):
+        extra["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
     env.pop("VLRL_RUN_CLAIMED", None)  # a run directory claimed by this test process is not the child's
     cmd = [sys.executable, "-m", "vlrl_cli", *args]
     zygote = None if fresh else _zygote()
-    if zygote is not None and zygote.can_run(env):
+    why = "fresh=True" if fresh else "no zygote" if zygote is None else zygote.why_not(env)
+    if why is None:
         try:
+            _log("fork", args)
             return zygote.run(cmd, args, env, str(cwd or os.getcwd()), timeout)
         except ZygoteGone:  # it died before forking the call (nothing ran): a fresh interpreter runs it
-            pass
+            why = "the zygote exited"
+    _log(why, args)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def _log(how: str, args: list[str]) -> None:
+    """VLRL_TEST_CALL_LOG=FILE: one line per call saying whether it forked, or why not (a suite that
+    silently stopped forking only gets slower)."""
+    path = os.environ.get("VLRL_TEST_CALL_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"how": how, "args": args[:2], "test": os.environ.get("PYTEST_CURRENT_TEST", ""),
+                                "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}) + "\n")
 
 
 class ZygoteGone(Exception):
@@ -68,14 +86,28 @@ class Zygote:
             self.ready = False
 
     def can_run(self, env: dict) -> bool:
+        return self.why_not(env) is None
+
+    def why_not(self, env: dict) -> str | None:
+        """Why a call with this environment cannot be forked from the zygote (None: it can)."""
+        if not self.ready or self.proc.poll() is not None:
+            return "the zygote is not running"
         keys = {k for k in set(env) | set(self.env) if k.startswith(IMPORT_TIME_ENV) and k not in FORKABLE_ENV}
-        if any(env.get(k) != self.env.get(k) for k in keys):
-            return False
+        changed = sorted(k for k in keys if env.get(k) != self.env.get(k))
+        if changed:
+            return f"import-time variables differ: {', '.join(changed)}"
         # the zygote's own PYTHONPATH (the floor run's transformers) is imported already: the call must keep
         # it, in order; folders put before it (a test's environment module) hold no library the zygote imported
         have = [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        want = iter(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)
-        return self.ready and self.proc.poll() is None and all(p in want for p in have)
+        added = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        want = iter(added)
+        if not all(p in want for p in have):
+            return f"the call drops the zygote's PYTHONPATH ({os.pathsep.join(have)})"
+        # Python imports these at interpreter start-up only, which a forked child never goes through
+        hooks = [os.path.join(p, f) for p in added if p not in have for f in ("sitecustomize.py", "usercustomize.py")]
+        if any(os.path.exists(h) for h in hooks):
+            return "a PYTHONPATH folder holds a start-up hook (sitecustomize/usercustomize)"
+        return None
 
     def run(self, cmd, args, env, cwd, timeout) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as d:
