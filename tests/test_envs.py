@@ -249,6 +249,41 @@ def test_a_typo_in_a_recipes_envs_is_named_before_any_model_loads_and_a_retry_is
     assert saved["envs"] == {"parity": "myenvs:Parity"}  # the run records where its environment came from
 
 
+def test_prepare_and_validate_take_your_environment_by_name_from_env_flags(tmp_path, colors_data):
+    """--env NAME=module:Class on prepare and validate, as train, eval and check-drift take it: the name becomes a
+    valid env_class, the module is imported at once, and a bad one is exit 2 naming it before any row is read."""
+    import json
+
+    (tmp_path / "myenvs.py").write_text(PARITY)
+    data = _parity_records(colors_data, tmp_path / "parity.jsonl")
+    r = _cli("validate", data, cwd=tmp_path)  # nothing says what "parity" is
+    assert r.returncode == 1 and "unknown_env_class" in r.stderr, r.stderr[-1500:]
+    assert _cli("validate", data, "--env", "parity=myenvs:Parity", cwd=tmp_path).returncode == 0
+    r = _cli("validate", data, "--env", "parity=myenvz:Parity", cwd=tmp_path)
+    assert r.returncode == 2 and "myenvz" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+
+    from PIL import Image
+
+    src = tmp_path / "mine.jsonl"  # a user's own dataset, scored by their environment
+    for i in range(6):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    src.write_text("".join(json.dumps({"id": f"r{i}", "image": f"{i}.png", "question": "Even or odd?", "answer": "even"})
+                           + "\n" for i in range(6)))
+    common = ["prepare", src, "--image-column", "image", "--question-column", "question", "--answer-column", "answer",
+              "--env-class", "parity", "--split", "train=1.0"]
+    r = _cli(*common, "--out", tmp_path / "p1", cwd=tmp_path)
+    assert r.returncode == 2 and "'parity' is not a built-in environment" in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "p1").exists()
+    r = _cli(*common, "--out", tmp_path / "p2", "--env", "parity=myenvs:Parity", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-1500:]
+    from vlrl_cli.data.records import load_records
+
+    rows = load_records(str(tmp_path / "p2" / "train.parquet"))
+    assert len(rows) == 6 and {row["env_class"] for row in rows} == {"parity"}
+    r = _cli(*common, "--out", tmp_path / "p3", "--env", "parity=myenvs:Nope", cwd=tmp_path)
+    assert r.returncode == 2 and "Nope" in r.stderr and not (tmp_path / "p3").exists(), r.stderr[-1500:]
+
+
 def test_installed_entry_points_and_env_flags_reach_validate_train_eval_and_check_drift(tmp_path, tiny_model, colors_data):
     """A package that registers `parity` under the entry-point group vlrl.envs: records naming it validate, train
     and evaluate with no envs: anywhere; an unregistered module works with --env NAME=module:Class."""

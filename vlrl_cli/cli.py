@@ -183,6 +183,8 @@ PREPARE_EPILOG = """[bold]Examples[/]
   vlrl prepare maze2d --out data/maze3 --maze-size 3 --min-moves 4 --max-steps 4 --reward progress
   vlrl prepare ./my_dataset --image-column image --question-column question --answer-column answer \\
       --env-class geometry3k --prompt-template "{question} Put the answer in \\\\boxed{}." --out data/mine
+  vlrl prepare ./my_dataset --env-class corridor --env corridor=my_envs:Corridor --out data/mine
+      (your environment by name: --env makes the name known and checks that it imports)
 """
 
 
@@ -222,7 +224,11 @@ def prepare(
                                                      "splits are a hash of the id", rich_help_panel="Any dataset")] = None,
     question_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
     answer_column: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
-    env_class: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
+    env_class: Annotated[Optional[str], typer.Option(help="The environment that scores the rows: a built-in name, "
+                                                     "a name given by --env, or an import path module:Class.",
+                                                     rich_help_panel="Any dataset")] = None,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable); "
+                                                     "NAME becomes a valid --env-class.", rich_help_panel="Any dataset")] = None,
     prompt_template: Annotated[Optional[str], typer.Option(help="Text with a {question} placeholder.",
                                                            rich_help_panel="Any dataset")] = None,
     data_source: Annotated[Optional[str], typer.Option(rich_help_panel="Any dataset")] = None,
@@ -254,7 +260,7 @@ def prepare(
         workers=workers or min(4, os.cpu_count() or 1),
         spec=CanonicalSpec(factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, image_format=image_format,
                            jpeg_quality=jpeg_quality),
-        source_opts=source_opts, env_classes=frozenset(env_registry()))
+        source_opts=source_opts, env_classes=frozenset(env_registry()) | frozenset(user_envs(env)))
     result = _run_with_progress(f"prepare {source}", None, lambda cb: run_prepare(opts, progress=cb))
     err.print(f"[bold]prepare {source}[/] -> {out}")
     table = Table()
@@ -292,6 +298,7 @@ VALIDATE_EPILOG = """[bold]Examples[/]
   vlrl validate data/geo/train.parquet data/geo/val.parquet
   vlrl validate data/geo/*.parquet --processor Qwen/Qwen2.5-VL-3B-Instruct --max-prompt-tokens 2048
   vlrl validate my.jsonl --max-images 4 --json report.json --write-clean clean.jsonl
+  vlrl validate data/mine/train.parquet --env corridor=my_envs:Corridor   (rows naming your environment)
 
 Exit status: 0 no errors, 1 errors found, 2 a file cannot be read at all.
 """
@@ -305,7 +312,9 @@ def validate(
     max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Error above this many prompt tokens (needs --processor).")] = None,
     max_images: Annotated[Optional[int], typer.Option(help="Error above this many images in a prompt.")] = None,
     allow_remote: Annotated[bool, typer.Option(help="Remote image URLs are warnings, not errors (still never fetched).")] = False,
-    env_class: Annotated[Optional[list[str]], typer.Option(help="Extra accepted env_class names (repeatable).")] = None,
+    env_class: Annotated[Optional[list[str]], typer.Option(help="Extra accepted env_class names, not checked (repeatable).")] = None,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable), "
+                                                     "imported now; rows may name it.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes (0: cores, at most 4).", min=0)] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report here (- for stdout).")] = None,
     write_clean: Annotated[Optional[Path], typer.Option(help="Write the rows without errors here (folder for several inputs).")] = None,
@@ -321,7 +330,7 @@ def validate(
         fail("--max-prompt-tokens needs --processor (token counts depend on the model's chat template and image grid)")
     check_outputs({"--json": json_out, "--write-clean": write_clean}, {}, folders=("--write-clean",))
     opts = ValidateOptions(processor=processor, max_prompt_tokens=max_prompt_tokens, max_images=max_images,
-                           allow_remote=allow_remote, env_classes=tuple(env_class or ()),
+                           allow_remote=allow_remote, env_classes=(*(env_class or ()), *user_envs(env)),
                            workers=workers or min(4, os.cpu_count() or 1))
     total = total_rows(paths)
     report = _run_with_progress("validate", total, lambda cb: validate_paths(paths, opts, progress=cb))
