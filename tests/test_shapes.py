@@ -296,13 +296,14 @@ def test_a_checkpoint_the_disk_cannot_hold_stops_the_run_and_keeps_the_last_one(
 
 
 def test_two_trainings_cannot_write_one_run_directory(tmp_path, tiny_model, colors_data):
+    (tmp_path / "userenvs.py").write_text(USER_ENV)  # the recipe's environment, imported from the working folder
     rec = write_recipe(tmp_path, tiny_model, colors_data, "busy")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vlrl_cli.train.runs import lock_run_dir; "
                                f"lock_run_dir(__import__('pathlib').Path({str(tmp_path / 'runs' / 'busy')!r})); "
                                "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        r = run_vlrl("train", rec)
+        r = run_vlrl("train", rec, cwd=tmp_path)
         assert r.returncode == 2 and f"pid {holder.pid}" in r.stderr, r.stderr[-2000:]
     finally:
         holder.kill()
