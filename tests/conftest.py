@@ -61,6 +61,20 @@ def _own_pythonpath_and_sys_path():
         os.environ["PYTHONPATH"] = pythonpath
 
 
+@pytest.fixture(scope="session")
+def on_floor() -> bool:
+    """Whether this run tests the oldest transformers vlrl supports (`make test-floor`): the floor pyproject
+    declares, not a version written here twice."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    spec = next(Requirement(r).specifier for r in requires("vlrl") if Requirement(r).name == "transformers")
+    floor = next(Version(s.version) for s in spec if s.operator == ">=")
+    return Version(version("transformers")).release[:2] == floor.release[:2]
+
+
 @pytest.fixture
 def cli():
     from vlrl_cli.cli import app
