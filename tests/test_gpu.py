@@ -531,6 +531,7 @@ def test_packed_rows_through_the_varlen_kernel_match_padded_batches(gpu_tiny, fa
     assert diff.mean() < 5e-3 and diff.max() < 5e-2, (float(diff.mean()), float(diff.max()))
 
 
+@needs_gpu
 def test_load_vlm_shares_repeated_images_on_a_gpu(gpu_tiny_qwen2_5):
     """On a GPU every loaded model encodes a repeated image once (model.image_sharing.share_repeated_images)."""
     from vlrl_cli.model.loading import load_vlm

@@ -114,6 +114,38 @@ def test_grpo_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, tiny_model,
     assert f"curves: {run / 'curves.png'}" in r.stderr
 
 
+ALWAYS_RIGHT_ENV = """
+from vlrl_cli.rollout.envs.base import Env
+
+class AlwaysRight(Env):
+    # every answer counts as correct (held-out accuracy 1.0); the reward still varies, so steps train
+    def score(self, text):
+        return float(len(text) % 2 == 0), {"correct": True, "format_ok": True}
+"""
+
+
+@pytest.mark.model
+def test_a_run_that_reaches_its_accuracy_target_stops_there_with_its_last_checkpoint(tmp_path, tiny_model, colors_data):
+    """trainer.stop_at_val_accuracy: the first validation at or over it ends the run, and that step's checkpoint
+    is the run's last (a LoRA run's merged export included); a recipe that never validates is refused."""
+    (tmp_path / "rightenvs.py").write_text(ALWAYS_RIGHT_ENV)
+    sections = dict(model={"path": str(tiny_model), "lora": {"rank": 4}}, envs={"colors": "rightenvs:AlwaysRight"})
+    rec = write_recipe(tmp_path, tiny_model, colors_data, "target",
+                       trainer={"steps": 6, "eval_every": 2, "stop_at_val_accuracy": 0.9}, **sections)
+    r = run_vlrl("train", rec, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "target"
+    assert [m["step"] for m in read_metrics(run)] == [1, 2] and read_metrics(run)[1]["val_accuracy"] == 1.0
+    assert "step 2: held-out accuracy 1.000 reached trainer.stop_at_val_accuracy 0.9" in r.stderr
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_2"
+    assert (ckpts / "step_2" / "adapter" / "adapter_config.json").exists() and (ckpts / "step_2" / "hf" / "config.json").exists()
+    bad = write_recipe(tmp_path, tiny_model, colors_data, "target-no-eval",
+                       trainer={"steps": 6, "eval_every": 0, "stop_at_val_accuracy": 0.9}, **sections)
+    r = run_vlrl("train", bad, cwd=tmp_path)
+    assert r.returncode == 2 and "trainer.stop_at_val_accuracy 0.9 needs a GRPO run that validates" in r.stderr, r.stderr
+
+
 @pytest.mark.model
 def test_grpo_under_zero3_with_a_kl_reference_and_the_hf_engine(tmp_path, tiny_model, colors_data):
     # ZeRO-3 partitions the policy at load time; the engine's copy and the KL reference must still load whole

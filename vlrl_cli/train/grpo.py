@@ -235,12 +235,16 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         metrics["rollout_staleness"] = staleness
         if bridge:
             metrics["weights_sent_mb"] = round(sent_bytes / 2**20, 3)
+        stop = False
         if val_records and tr.eval_every and (step + 1) % tr.eval_every == 0:
             wait([upcoming])  # the validation episodes' environments never run beside the next step's resets
             metrics.update(validation_metrics(engine, val_records, processor, recipe, tr.seed))
-        if checkpoint_due(step + 1, tr):
-            run.save(recipe, step + 1)
+            stop = run.reached_target(recipe, step + 1, metrics["val_accuracy"])
+        if checkpoint_due(step + 1, tr) or stop:
+            run.save(recipe, step + 1, last=stop)
         run.log_step(metrics, on_step)
+        if stop:
+            break
     renderer.shutdown()
     return recipe.run_dir
 

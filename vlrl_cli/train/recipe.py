@@ -125,6 +125,9 @@ class TrainerCfg:
     save_every: int = 0  # steps; 0 = only at the end
     save_final: bool = True  # off for benchmarks: a 3B checkpoint with optimizer state is ~50 GB
     eval_every: int = 0  # steps; 0 = never during training
+    # end the run at the first validation whose accuracy reaches this (a GRPO run with data.val and eval_every):
+    # that step's checkpoint, a LoRA run's merged export included, is the run's last. None: every step runs
+    stop_at_val_accuracy: float | None = None
     sized_for: str = "H100-80GB"  # the GPU this recipe is sized for (plan.GPUS); `vlrl train --plan` checks it
 
 
@@ -362,6 +365,10 @@ def check_rollout_settings(recipe: Recipe, where) -> None:
         raise RecipeError(f"{where}: trainer.eval_every with rollout.engine_ranks: validation during a run needs an "
                           "engine beside the trainer; set trainer.eval_every 0 and trainer.save_every N, then "
                           "`vlrl eval` the checkpoints (or train with rollout.engine_ranks 0)")
+    target = recipe.trainer.stop_at_val_accuracy
+    if target is not None and (a.name != "grpo" or not recipe.trainer.eval_every or not recipe.data.val):
+        raise RecipeError(f"{where}: trainer.stop_at_val_accuracy {target} needs a GRPO run that validates: "
+                          "data.val set and trainer.eval_every > 0 (the accuracy it stops on is measured there)")
     if a.name != "grpo":
         return
     if r.n < 2:

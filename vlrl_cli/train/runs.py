@@ -439,12 +439,13 @@ class RunSetup:
     state: dict  # the checkpoint's client state ({} on a fresh run)
     log: MetricsLog | None  # rank 0 only
 
-    def save(self, recipe, step: int) -> None:
+    def save(self, recipe, step: int, last: bool = False) -> None:
         """A checkpoint of optimizer step `step` (all ranks take part). A LoRA run exports its merged model only
-        at the end (`vlrl export` makes one of any other checkpoint): each would be the whole model's size."""
+        at the end, its last step or `last` (`vlrl export` makes one of any other checkpoint): each would be the
+        whole model's size."""
         from .lora import is_lora
 
-        export = not is_lora(self.policy.module) or step == recipe.trainer.steps
+        export = not is_lora(self.policy.module) or last or step == recipe.trainer.steps
         save_checkpoint(self.policy, self.processor, recipe.run_dir, step, {"step": step, "rng": rng_state()}, self.rank,
                         export=export)
 
@@ -459,6 +460,22 @@ class RunSetup:
             raise UserError(f"the run trained on nothing in {step - self.start} step(s): {why}; no checkpoint written")
         if self.rank == 0:
             print(f"warning: step {step} trained on nothing: {why}", file=sys.stderr, flush=True)
+
+    def reached_target(self, recipe, step: int, accuracy: float) -> bool:
+        """Whether validation at step `step` (1-based) reached trainer.stop_at_val_accuracy, the same answer on
+        every rank (rank 0's: ranks that stopped apart would wait on each other forever)."""
+        import sys
+
+        from .distributed import all_ranks
+
+        target = recipe.trainer.stop_at_val_accuracy
+        if target is None:
+            return False
+        reached = all_ranks({"reached": float(accuracy >= target) if self.rank == 0 else 0.0})["reached"] > 0
+        if reached and self.rank == 0:
+            print(f"step {step}: held-out accuracy {accuracy:.3f} reached trainer.stop_at_val_accuracy {target}; "
+                  "the run ends here", file=sys.stderr, flush=True)
+        return reached
 
     def log_step(self, metrics: dict, on_step=None) -> None:
         """The step's metrics to metrics.jsonl (and TensorBoard / W&B), and to the progress callback."""
