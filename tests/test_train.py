@@ -39,7 +39,6 @@ def losses(run_dir):
     return [m["loss"] for m in read_metrics(run_dir)]
 
 
-@pytest.mark.model
 def test_zero_stages_reproduce_zero0_sft_losses(tmp_path, tiny_model, colors_data):
     out = {}
     # "3" partitions every parameter; "3-whole" is vlrl's one-rank default: ZeRO-3 with every parameter whole
@@ -124,7 +123,6 @@ class AlwaysRight(Env):
 """
 
 
-@pytest.mark.model
 def test_a_run_that_reaches_its_accuracy_target_stops_there_with_its_last_checkpoint(tmp_path, tiny_model, colors_data):
     """trainer.stop_at_val_accuracy: the first validation at or over it ends the run, and that step's checkpoint
     is the run's last (a LoRA run's merged export included); a recipe that never validates is refused."""
