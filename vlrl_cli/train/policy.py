@@ -21,6 +21,14 @@ def persistence_for(world: int, threshold: int | None) -> int:
     return 10**15 if world == 1 else 100_000
 
 
+def uses_cpu_adam(stage: int, offload: bool) -> bool:
+    """Whether an offloaded optimizer steps with DeepSpeed's CPU Adam: where a GPU trains, its vectorised step
+    is what keeps offload fast. Without CUDA every tensor is on the CPU already, and that op would be a C++
+    build at first use (about two minutes on two cores, and a compiler) for the tiny models a CPU trains:
+    torch's AdamW steps there."""
+    return offload and stage > 0 and torch.cuda.is_available()
+
+
 def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, persistence_threshold: int | None = None,
                      grad_accum_fp32: bool = False) -> dict:
     zero: dict = {"stage": stage}
@@ -43,6 +51,8 @@ def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, pe
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if offload and stage > 0 and not uses_cpu_adam(stage, offload):
+        cfg["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed refuses another optimizer under offload unless told
     if grad_accum_fp32:  # trainer.grad_accum_fp32: DeepSpeed's BF16_Optimizer adds micro-batches up in fp32
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return cfg
@@ -137,7 +147,7 @@ def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, s
     model = prepare_model(model_path, dtype, attention, packed, gradient_checkpointing, compile_blocks, lora,
                           share_images)
     params = param_groups([p for p in model.parameters() if p.requires_grad])  # all of them, or the adapters
-    if offload and stage > 0:
+    if uses_cpu_adam(stage, offload):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         opt = DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay)
