@@ -22,7 +22,8 @@ UV_OR_PIP = $(VENV)/bin/uv pip install -q --python $(PY) $(1) || $(PY) -m pip in
 PROJECT   := -e ".[dev,serve,tinker-client]"
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip uv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q uv || echo "no uv here: pip installs the rest" >&2
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(call UV_OR_PIP,torch==2.14.1 torchvision==0.29.1 $(PROJECT))
 	$(call UV_OR_PIP,--no-deps tinker-cookbook==$(COOKBOOK))
