@@ -241,7 +241,7 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
             metrics.update(validation_metrics(engine, val_records, processor, recipe, tr.seed))
             stop = run.reached_target(recipe, step + 1, metrics["val_accuracy"])
         if checkpoint_due(step + 1, tr) or stop:
-            run.save(recipe, step + 1, last=stop)
+            run.save(recipe, step + 1, last=stop or step + 1 == tr.steps)
         run.log_step(metrics, on_step)
         if stop:
             break

@@ -440,12 +440,12 @@ class RunSetup:
     log: MetricsLog | None  # rank 0 only
 
     def save(self, recipe, step: int, last: bool = False) -> None:
-        """A checkpoint of optimizer step `step` (all ranks take part). A LoRA run exports its merged model only
-        at the end, its last step or `last` (`vlrl export` makes one of any other checkpoint): each would be the
+        """A checkpoint of optimizer step `step` (all ranks take part); `last`: the run ends with it. A LoRA run
+        exports its merged model only then (`vlrl export` makes one of any other checkpoint): each would be the
         whole model's size."""
         from .lora import is_lora
 
-        export = not is_lora(self.policy.module) or last or step == recipe.trainer.steps
+        export = not is_lora(self.policy.module) or last
         save_checkpoint(self.policy, self.processor, recipe.run_dir, step, {"step": step, "rng": rng_state()}, self.rank,
                         export=export)
 

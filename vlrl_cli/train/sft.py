@@ -113,6 +113,6 @@ def train_sft(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], No
             metrics["trainer_mem_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
             torch.cuda.reset_peak_memory_stats()
         if checkpoint_due(step + 1, tr):
-            run.save(recipe, step + 1)
+            run.save(recipe, step + 1, last=step + 1 == tr.steps)
         run.log_step(metrics, on_step)
     return recipe.run_dir
