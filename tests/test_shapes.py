@@ -190,6 +190,50 @@ def test_vllm_reads_gemma4_head_sizes_that_transformers_keeps_per_layer():
     assert view(qwen).to_dict() == real_size_config("qwen2_5_vl_3b").to_dict()
 
 
+@pytest.mark.model
+def test_a_saved_gemma4_with_kv_shared_layers_carries_the_key_norms_vllm_loads(tmp_path):
+    """Gemma 4 E2B's last 20 layers reuse earlier layers' keys and values: transformers' model has no k_norm
+    there, vLLM 0.26's has one in every layer, and it refused the saved real-size model ("weights were not
+    initialized from checkpoint"). save_model writes them (used by neither model: ones, at the layer's head
+    size); transformers loads the result back unchanged, and a family without shared layers gains nothing."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlrl_cli.model.families import real_size_config
+    from vlrl_cli.model.loading import kv_shared_key_norms, save_model
+    from vlrl_cli.model.tiny import build_tiny_model
+
+    with torch.device("meta"):  # the released E2B layout: exactly its shared layers, at each one's head size
+        e2b = AutoModelForImageTextToText.from_config(real_size_config("gemma4_e2b"))
+    extra = kv_shared_key_norms(e2b.config, e2b.state_dict())
+    kinds = e2b.config.text_config.layer_types
+    assert sorted(int(n.split(".")[3]) for n in extra) == list(range(15, 35))
+    assert all(t.shape == ((512,) if kinds[int(n.split(".")[3])] == "full_attention" else (256,))
+               for n, t in extra.items())
+
+    cfg = AutoConfig.from_pretrained(build_tiny_model(tmp_path / "tiny", "gemma4"))
+    cfg.text_config.num_hidden_layers = 3
+    cfg.text_config.layer_types = ["sliding_attention", "full_attention", "full_attention"]
+    cfg.text_config.num_kv_shared_layers = 1
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg).eval()
+    save_model(model, tmp_path / "saved")
+    model.save_pretrained(tmp_path / "plain")  # the control: what transformers alone writes
+
+    def k_norms(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return {k for k in f.keys() if "language_model" in k and k.endswith("k_norm.weight")}
+
+    assert len(k_norms(tmp_path / "plain")) == 2
+    assert k_norms(tmp_path / "saved") == {f"model.language_model.layers.{i}.self_attn.k_norm.weight" for i in range(3)}
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    qwen = real_size_config("qwen2_5_vl_3b")
+    assert kv_shared_key_norms(qwen, {"model.language_model.layers.0.self_attn.q_norm.weight": torch.ones(4)}) == {}
+
+
 # --- 1. packed rows with a KL reference; statistics of every epoch -------------------------------------------
 
 

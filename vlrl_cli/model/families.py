@@ -222,7 +222,8 @@ _GEMMA4_E2B_TEXT = dict(vocab_size=262144, hidden_size=1536, intermediate_size=6
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
 _GEMMA4_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
                       num_key_value_heads=12, head_dim=64, global_head_dim=64, patch_size=16, pooling_kernel_size=3,
-                      position_embedding_size=10240, use_clipped_linears=True, standardize=False)
+                      position_embedding_size=10240, use_clipped_linears=True, standardize=False,
+                      default_output_length=280)  # soft tokens per image: vLLM reads it; the processor's default
 
 _QWEN2_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
                      temporal_patch_size=2, hidden_act="quick_gelu")

@@ -241,3 +241,33 @@ def compile_layers(model, backend: str = "inductor") -> int:
     for b in blocks:
         b.compile(backend=backend, dynamic=None)
     return len(blocks)
+
+
+def save_model(model, out, state_dict: dict | None = None) -> None:
+    """`save_pretrained`, with the weights vLLM loads that transformers' model has none of. Gemma 4's last
+    `num_kv_shared_layers` layers reuse an earlier layer's keys and values, so transformers builds no k_norm for
+    them; vLLM builds every layer alike and refuses a checkpoint without one ("weights were not initialized").
+    The released checkpoints carry them and neither model uses them: the norm's scale is written as ones, at
+    the layer's head size (its q_norm's), so an exported fine-tune or a random real-size model serves on vLLM."""
+    state = dict(state_dict if state_dict is not None else model.state_dict())
+    state.update(kv_shared_key_norms(model.config, state))
+    model.save_pretrained(str(out), state_dict=state)
+
+
+def kv_shared_key_norms(config, state: dict) -> dict:
+    """name -> ones for the k_norm of each KV-shared language-model layer that `state` lacks (save_model)."""
+    import re
+
+    text = getattr(config, "text_config", config)
+    shared = getattr(text, "num_kv_shared_layers", 0) or 0
+    if not shared:
+        return {}
+    first = text.num_hidden_layers - shared
+    extra = {}
+    for name, q_norm in state.items():
+        m = re.fullmatch(r"(.*language_model\.layers\.)(\d+)(\.self_attn\.)q_norm\.weight", name)
+        if m and int(m.group(2)) >= first:
+            k_name = f"{m.group(1)}{m.group(2)}{m.group(3)}k_norm.weight"
+            if k_name not in state:
+                extra[k_name] = torch.ones_like(q_norm, device="cpu")
+    return extra

@@ -143,6 +143,8 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_5_vl", seed: int = 0,
     """Write a tiny random VLM (weights, config, processor, tokenizer, chat template) to `out`."""
     import torch
     from transformers import AutoModelForImageTextToText
+
+    from .loading import save_model
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -156,7 +158,7 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_5_vl", seed: int = 0,
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = _generation_config(config)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    save_model(model, out)
     _processor(family, tokenizer, min_pixels, max_pixels).save_pretrained(out)
     return out
 
@@ -165,6 +167,8 @@ def build_real_size_model(out: str | Path, size: str = "qwen2_5_vl_3b", seed: in
     """A random model of a released size (families.REAL_SIZES) in bf16, with the local tokenizer and processor."""
     import torch
     from transformers import AutoModelForImageTextToText
+
+    from .loading import save_model
 
     if size not in REAL_SIZES:
         raise UserError(f"unknown size {size!r}; choose from {', '.join(REAL_SIZES)}")
@@ -177,7 +181,7 @@ def build_real_size_model(out: str | Path, size: str = "qwen2_5_vl_3b", seed: in
     model.generation_config = _generation_config(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    save_model(model, out)
     _processor(family, tokenizer, None, None).save_pretrained(out)
     return out
 

@@ -150,6 +150,7 @@ def save_checkpoint(policy, processor, run_dir: Path, step: int, client_state: d
     import torch.distributed as dist
 
     from .distributed import all_ranks
+    from ..model.loading import save_model
     from .lora import is_lora, merged_model
 
     root = run_dir / "checkpoints"
@@ -187,7 +188,7 @@ def save_checkpoint(policy, processor, run_dir: Path, step: int, client_state: d
                     processor.save_pretrained(str(tmp / "adapter"))  # an adapter checkpoint exports on its own
                 if export:
                     out, out_state = merged_model(module, state) if lora else (module, state)
-                    out.save_pretrained(str(tmp / "hf"), state_dict=out_state)
+                    save_model(out, tmp / "hf", out_state)
                     processor.save_pretrained(str(tmp / "hf"))
                 shutil.rmtree(final, ignore_errors=True)
                 tmp.rename(final)
@@ -226,7 +227,7 @@ def export_checkpoint(ckpt: Path, out: Path | None = None, progress=None) -> Pat
 
     from transformers import AutoProcessor
 
-    from ..model.loading import load_vlm
+    from ..model.loading import load_vlm, save_model
     from .lora import merged_model
 
     base_path = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -244,7 +245,7 @@ def export_checkpoint(ckpt: Path, out: Path | None = None, progress=None) -> Pat
     try:
         with writing(target.parent, f"export of {ckpt}"):
             shutil.rmtree(tmp, ignore_errors=True)
-            plain.save_pretrained(str(tmp), state_dict=state)
+            save_model(plain, tmp, state)
             AutoProcessor.from_pretrained(str(adapter)).save_pretrained(str(tmp))  # the run's processor, kept there
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
