@@ -269,3 +269,49 @@ def test_compiled_qwen3_5_keeps_its_linear_attention_eager_and_reuses_its_graphs
         torch.testing.assert_close(logits, eager(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[3], graphs
+
+
+def test_qwen3_5_training_where_its_linear_attention_kernels_break_is_refused_before_the_engine(family_models,
+                                                                                               monkeypatch):
+    """flash-linear-attention, where installed, runs Qwen3.5's gated DeltaNet; on a Hopper GPU with Triton
+    >= 3.4 and < 3.7.1 it refuses its own backward (wrong gradients there). Seen on an H100 with the torch
+    2.11 stack: a crash at the first training step, minutes in. The trainer refuses it as it builds the
+    policy, naming the ways out; any other GPU, Triton, or tilelang or no flash-linear-attention, passes."""
+    import importlib.util
+    import sys
+    import types
+
+    from vlrl_cli.errors import UserError
+    from vlrl_cli.model import linear_attention
+    from vlrl_cli.train import policy
+
+    installed = {"fla"}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if name in installed else None)
+                        if name in ("fla", "tilelang") else real_find_spec(name, *a))
+    triton = types.SimpleNamespace(__version__="3.6.0")
+    monkeypatch.setitem(sys.modules, "triton", triton)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    with pytest.raises(UserError, match="tilelang.*flash-linear-attention"):
+        linear_attention.check_linear_attention_kernels()
+    for version in ("3.7.1", "3.3.0"):
+        triton.__version__ = version
+        linear_attention.check_linear_attention_kernels()
+    triton.__version__ = "3.6.0"
+    for change in (lambda: installed.add("tilelang"), lambda: installed.discard("fla")):
+        change()
+        linear_attention.check_linear_attention_kernels()
+    installed.clear()
+    installed.add("fla")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # an A100
+    linear_attention.check_linear_attention_kernels()
+
+    # the policy asks before DeepSpeed and before any engine starts, for the families with linear attention
+    def refuse():
+        raise UserError("kernels refused")
+
+    monkeypatch.setattr(policy, "check_linear_attention_kernels", refuse)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="kernels refused"):
+        policy.build_policy(str(family_models["qwen3_5"]), 1e-5, 0.0, 0, 0, False, 1.0, "float32")

@@ -47,3 +47,28 @@ def split_linear_attention_at_sequences(model, attribute: str) -> int:
     for layer in layers:
         layer.forward = types.MethodType(_per_sequence_forward, layer)
     return len(layers)
+
+
+def check_linear_attention_kernels() -> None:
+    """Refuse at start-up what would fail at the first backward. Where flash-linear-attention is installed,
+    transformers runs the gated DeltaNet with its Triton kernels; on a Hopper GPU with Triton >= 3.4 and
+    < 3.7.1 (torch 2.11 ships 3.6) those kernels compute wrong gradients, and flash-linear-attention raises in
+    the backward unless tilelang is there to take over: a crash minutes in, after the engine started and the
+    first rollouts ran. Without flash-linear-attention transformers' PyTorch path trains, slower and exact."""
+    import importlib.util
+    import re
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return
+    if importlib.util.find_spec("fla") is None or importlib.util.find_spec("tilelang") is not None:
+        return
+    import triton
+
+    from ..errors import UserError
+
+    version = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:3])
+    if (3, 4, 0) <= version < (3, 7, 1):
+        raise UserError(f"linear attention would train with flash-linear-attention on Triton {triton.__version__} on "
+                        "this Hopper GPU, whose backward it refuses (wrong gradients below Triton 3.7.1): "
+                        "`pip install tilelang`, or `pip uninstall flash-linear-attention fla-core` to train with "
+                        "transformers' PyTorch path (slower), or a Triton >= 3.7.1")

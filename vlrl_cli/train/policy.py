@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.families import family_of
+from ..model.linear_attention import check_linear_attention_kernels
 from ..model.loading import load_vlm
 
 
@@ -147,6 +149,8 @@ def build_policy(model_path: str, lr: float, weight_decay: float, warmup: int, s
     hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 else None
     model = prepare_model(model_path, dtype, attention, packed, gradient_checkpointing, compile_blocks, lora,
                           share_images)
+    if family_of(model.config).linear_attention:  # before the engine starts, not at the first backward
+        check_linear_attention_kernels()
     params = param_groups([p for p in model.parameters() if p.requires_grad])  # all of them, or the adapters
     if uses_cpu_adam(stage, offload):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
