@@ -131,8 +131,11 @@ FAMILY = {f.name: f for f in (
            projector=r"embed_vision\.embedding_projection", patch_embed=r"patch_embedder\.input_proj",
            positions="1d", bidirectional_images=True, grouped_vision_attention=False,
            config_extra=dict(audio_config=None), flat_config={"head_dim": "global_head_dim"},
-           tiny_text=dict(head_dim=64, global_head_dim=64, sliding_window=128,
-                          layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+           # E2B's layout in small: per-layer input embeddings, and a last layer that reuses an earlier one's
+           # keys and values (num_kv_shared_layers) with the double-wide MLP such layers get
+           tiny_text=dict(head_dim=64, global_head_dim=64, sliding_window=128, num_hidden_layers=3,
+                          layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                          hidden_size_per_layer_input=16, num_kv_shared_layers=1, use_double_wide_mlp=True,
                           final_logit_softcapping=30.0, use_bidirectional_attention="vision", tie_word_embeddings=True),
            tiny_vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                             num_key_value_heads=2, head_dim=32, patch_size=16, pooling_kernel_size=3,

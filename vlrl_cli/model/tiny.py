@@ -105,7 +105,7 @@ def _configs(family: str, vocab: int, ids: dict[str, int]):
                 num_key_value_heads=1, max_position_embeddings=8192, tie_word_embeddings=False,
                 **token_ids(family, ids, text=True))
     text.update(f.tiny_text)
-    if "hidden_size_per_layer_input" in text:  # Gemma 4's per-layer input embeddings (off in the tiny model) are
+    if "hidden_size_per_layer_input" in text:  # Gemma 4's per-layer input embeddings are
         text["vocab_size_per_layer_input"] = vocab  # sized by the vocabulary
     return getattr(transformers, f.config_class)(text_config=text, vision_config=dict(f.tiny_vision),
                                                  tie_word_embeddings=text["tie_word_embeddings"],
