@@ -296,3 +296,23 @@ def test_every_known_hub_id_is_planned_with_no_network(tmp_path, monkeypatch):
         r = CliRunner().invoke(app, ["train", str(recipe), "--plan", "--gpu", "H100-80GB", "--json", str(tmp_path / "p.json")])
         assert r.exit_code == 0 and f"memory plan: {hub_id} on 1 x H100-80GB" in r.stderr, (hub_id, r.output[-1500:])
         assert json.loads((tmp_path / "p.json").read_text())["model"] == hub_id
+
+
+def test_a_plan_with_room_to_spare_names_the_faster_settings_that_still_fit():
+    """A recipe that fits with room left is told which of no recompute and a doubled micro-batch still fit
+    (each measured faster on a GPU); a micro-batch never grows past the sequences a rank trains per step, and
+    a plan with no room names nothing."""
+    rec = load_recipe(ROOT / "recipes" / "geometry3k.yaml", check_paths=False)  # 3B, LoRA off, 8 x 2,300 tokens
+    small = with_overrides(rec, ["trainer.micro_batch=2", "rollout.max_new_tokens=256", "rollout.gpu_memory_utilization=0.3"])
+    plan = plan_memory(small, "H200-141GB", GPUS["H200-141GB"])
+    assert plan.fits and len(plan.faster) == 3, render_plan(plan)
+    assert "model.gradient_checkpointing=false --set trainer.micro_batch=4" in plan.faster[2]
+    assert "room to train faster" in render_plan(plan)
+    for advice in plan.faster:  # each one, applied, still fits
+        sets = [s.split()[0] for s in advice.split("--set ")[1:]]
+        assert plan_memory(with_overrides(small, sets), "H200-141GB", GPUS["H200-141GB"]).fits
+    # 4 prompts x 2 samples = 8 sequences a step: a micro-batch of 8 is already all of them
+    whole = with_overrides(small, ["trainer.micro_batch=8", "rollout.prompts_per_step=4", "rollout.n=2"])
+    assert not any("micro_batch" in a for a in plan_memory(whole, "H200-141GB", GPUS["H200-141GB"]).faster)
+    tight = plan_memory(bench_recipe(), "H100-80GB", GPUS["H100-80GB"])  # fits with 5 GB to spare
+    assert tight.fits and tight.faster == [], render_plan(tight)
