@@ -143,9 +143,9 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_5_vl", seed: int = 0,
     """Write a tiny random VLM (weights, config, processor, tokenizer, chat template) to `out`."""
     import torch
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
 
     from .loading import save_model
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
