@@ -235,8 +235,6 @@ def _faster(recipe, now: MemoryPlan, gpu: str | None, shape) -> list[str]:
     twice the micro-batch (fewer, longer kernels where a small model leaves the GPU waiting on the host).
     Measured on one H100, Qwen3-VL-2B micro-batches of 8 x 481 tokens: +56% tokens/s without recompute, +40% at
     micro-batch 16 (bench/results/gpu_runs/families_2026_12_07)."""
-    from .recipe import with_overrides
-
     tr, r = recipe.trainer, recipe.rollout
     sequences = r.prompts_per_step * (r.n if recipe.algorithm.name == "grpo" else 1)
     per_rank = sequences / max(1, now.gpus - r.engine_ranks)
@@ -247,18 +245,25 @@ def _faster(recipe, now: MemoryPlan, gpu: str | None, shape) -> list[str]:
         tries.append([f"trainer.micro_batch={2 * tr.micro_batch}"])
     if len(tries) == 2:
         tries.append(tries[0] + tries[1])
-    found = []
+    return [f"{change}  (train peak {p.train_peak_gb:.1f} GB)"
+            for change, p in _fitting(recipe, tries, gpu, now, shape)]
+
+
+def _fitting(recipe, tries: list[list[str]], gpu: str | None, now: MemoryPlan, shape):
+    """(the --set flags, its plan) for each change in `tries` whose plan fits (the plans look no further)."""
+    from .recipe import with_overrides
+
     for sets in tries:
-        p = plan_memory(with_overrides(recipe, sets), gpu, now.gpu_gb, now.gpus, shape, advise=False)
+        variant = with_overrides(recipe, sets)
+        lora_changed = variant.model.lora.rank != recipe.model.lora.rank
+        s = model_shape(model_config(variant.model.path), variant.model.lora) if lora_changed else shape
+        p = plan_memory(variant, gpu, now.gpu_gb, now.gpus, s, advise=False)
         if p.fits:
-            found.append(f"--set {' --set '.join(sets)}  (train peak {p.train_peak_gb:.1f} GB)")
-    return found
+            yield f"--set {' --set '.join(sets)}", p
 
 
 def _advice(recipe, now: MemoryPlan, gpu: str | None, shape) -> list[str]:
     """Single changes to the recipe that make `now` (its plan, which does not fit) fit, tried one at a time."""
-    from .recipe import with_overrides
-
     gpu_gb, gpus = now.gpu_gb, now.gpus
 
     tries = []
@@ -279,15 +284,8 @@ def _advice(recipe, now: MemoryPlan, gpu: str | None, shape) -> list[str]:
         # the pool cannot hold the model: every change needs the least pool that can, alone or with it
         pool = f"rollout.gpu_memory_utilization={math.ceil(now.engine_needs_gb / gpu_gb * 20) / 20:.2f}"
         tries = [[pool]] + [t + [pool] for t in tries if "gpu_memory_utilization" not in t[0]]
-    found = []
-    for sets in tries:
-        variant = with_overrides(recipe, sets)
-        lora_changed = variant.model.lora.rank != recipe.model.lora.rank
-        s = model_shape(model_config(variant.model.path), variant.model.lora) if lora_changed else shape
-        p = plan_memory(variant, gpu, gpu_gb, gpus, s, advise=False)
-        if p.fits:
-            found.append(f"--set {' --set '.join(sets)}  (peak {max(p.generate_peak_gb, p.train_peak_gb):.1f} GB)")
-    return found
+    return [f"{change}  (peak {max(p.generate_peak_gb, p.train_peak_gb):.1f} GB)"
+            for change, p in _fitting(recipe, tries, gpu, now, shape)]
 
 
 def render_plan(plan: MemoryPlan) -> str:
