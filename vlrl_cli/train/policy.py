@@ -53,8 +53,8 @@ def deepspeed_config(stage: int, offload: bool, grad_clip: float, dtype: str, pe
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if offload and stage > 0 and not torch.cuda.is_available():
-        # torch's AdamW steps here (uses_cpu_adam); DeepSpeed refuses another optimizer under offload unless told
+    if offload and stage > 0 and not uses_cpu_adam(stage, offload):
+        # torch's AdamW steps the offloaded state; DeepSpeed refuses another optimizer under offload unless told
         cfg["zero_force_ds_cpu_optimizer"] = False
     if grad_accum_fp32:  # trainer.grad_accum_fp32: DeepSpeed's BF16_Optimizer adds micro-batches up in fp32
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
