@@ -830,6 +830,7 @@ EXPORT_EPILOG = """[bold]Examples[/]
 
   vlrl export runs/geo3k-7b-lora                      (its latest checkpoint)
   vlrl export runs/geo3k-7b-lora/checkpoints/step_50 --out models/geo3k-step50
+  vlrl export runs/geo3k-7b-lora --out models/geo3k-step50 --overwrite   (replaces that earlier export)
 
 A LoRA run keeps adapters in its checkpoints and writes the merged model only at the end; this merges any
 checkpoint's adapter into the base model it was trained on (transformers' format, loadable by vLLM).
@@ -841,7 +842,8 @@ checkpoint's adapter into the base model it was trained on (transformers' format
 @guarded
 def export(
     checkpoint: Annotated[str, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the model here instead of the checkpoint's hf/.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the model here instead of the checkpoint's hf/ (a new or empty folder).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at --out (never another kind of folder).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write {\"model\": path} here (- for stdout).")] = None,
 ) -> None:
     """Write a checkpoint's model in transformers' format (a LoRA adapter merged into its base model)."""
@@ -852,7 +854,7 @@ def export(
     if ckpt is None:
         fail(f"{checkpoint}: not a run directory or a checkpoint (runs/NAME or runs/NAME/checkpoints/step_N)")
     with err.status("export") as status:
-        path = export_checkpoint(ckpt, out, progress=lambda msg: status.update(f"export: {msg}"))
+        path = export_checkpoint(ckpt, out, progress=lambda msg: status.update(f"export: {msg}"), overwrite=overwrite)
     err.print(f"model: {path}", highlight=False)
     if json_out:
         write_json(json_out, {"model": str(path)})

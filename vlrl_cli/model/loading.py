@@ -44,13 +44,33 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def check_weight_files(folder) -> None:
-    """Every safetensors file's header read (not its tensors): a download or copy that stopped early is one
-    line naming the file, not a crash in the middle of loading."""
+def check_weight_files(folder, required: str | None = None, need_weights: bool = False) -> None:
+    """Every safetensors file's header read (not its tensors), and every shard an index names present: a
+    download or copy that stopped early, or a file deleted, is one line naming the file, not a crash in the
+    middle of loading (or an export that copies the wreck on). `required`: a file that must be there (an
+    adapter's weights); `need_weights`: a folder without any weight file is refused too (a processor alone is
+    a folder `from_pretrained` may load, a model to export is not)."""
+    import json
+    from pathlib import Path
+
     from safetensors import safe_open
 
     from ..errors import UserError
 
+    folder = Path(folder)
+    if required and not (folder / required).exists():
+        raise UserError(f"{folder / required}: missing; the folder holds no weights")
+    for index in sorted(folder.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index}: not a weight index (no weight_map); a copy that stopped early?") from None
+        missing = sorted(s for s in shards if not (folder / s).exists())
+        if missing:
+            raise UserError(f"{folder / missing[0]}: missing ({len(missing)} of the {len(shards)} shards {index.name} "
+                            "names); fetch or copy the model again")
+    if need_weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise UserError(f"{folder}: no weight files (*.safetensors); a download or copy that stopped early?")
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), "pt"):

@@ -104,7 +104,7 @@ def checkpoint_bytes(policy, export: bool) -> int:
     return int(state + adapter + hf)
 
 
-def check_free_space(folder: Path, need: int, what: str) -> None:
+def check_free_space(folder: Path, need: int, what: str, after: str = "") -> None:
     """Refuse to start writing `what` into `folder` when the disk cannot hold it (UserError, one line): a full
     disk half-way through would leave a wreck, and the last good checkpoint must survive."""
     from ..errors import UserError
@@ -113,9 +113,22 @@ def check_free_space(folder: Path, need: int, what: str) -> None:
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if free < need * 1.05 + (64 << 20):
-        raise UserError(f"{what} needs ~{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free in {folder}; free some space "
-                        "(the last complete checkpoint is kept)")
+    room = need * 1.05 + (64 << 20)  # 5% for what the estimate leaves out, and 64 MB that a full disk needs
+    if free < room:
+        raise UserError(f"{what} needs ~{room / 1e9:.2f} GB (with a 64 MB margin), {free / 1e9:.2f} GB free in "
+                        f"{folder}; free some space{after}")
+
+
+def os_error_code(e: BaseException) -> int | None:
+    """The errno behind an exception: an OSError's own, or one that arrives inside another library's error
+    (safetensors' Rust errors say "(os error 28)"; shutil.copytree gathers "[Errno 28]" strings into one
+    shutil.Error), so a full disk is named as one whatever layer wrote the file."""
+    import re
+
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    found = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(e))
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 def writing(path: Path, what: str):
@@ -123,6 +136,7 @@ def writing(path: Path, what: str):
     folder) becomes a UserError naming the path."""
     import contextlib
     import errno
+    import os
 
     from ..errors import UserError
 
@@ -130,11 +144,14 @@ def writing(path: Path, what: str):
     def guard():
         try:
             yield
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the disk's
+            code = os_error_code(e)
+            if code in (errno.ENOSPC, errno.EDQUOT):
                 raise UserError(f"{what}: the disk is full ({path})") from None
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise UserError(f"{what}: no permission to write in {path} ({e.strerror})") from None
+            if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise UserError(f"{what}: no permission to write in {path} ({os.strerror(code)})") from None
+            if code == errno.EFBIG:
+                raise UserError(f"{what}: a file grew past the size this system allows ({path})") from None
             raise
 
     return guard()
@@ -161,7 +178,8 @@ def save_checkpoint(policy, processor, run_dir: Path, step: int, client_state: d
     failed = None
     if rank == 0:
         try:
-            check_free_space(root, need, f"checkpoint step_{step}")
+            check_free_space(root, need, f"checkpoint step_{step}", after=" (the last complete checkpoint is kept)"
+                             if latest_checkpoint(run_dir) is not None else "")
             with writing(root, f"checkpoint step_{step}"):
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
@@ -202,24 +220,30 @@ def save_checkpoint(policy, processor, run_dir: Path, step: int, client_state: d
     return final
 
 
-def export_checkpoint(ckpt: Path, out: Path | None = None, progress=None) -> Path:
+def export_checkpoint(ckpt: Path, out: Path | None = None, progress=None, overwrite: bool = False) -> Path:
     """A checkpoint's model in transformers' format (what eval, check-drift and vLLM load): its hf/ folder, made
     from the adapter (merged into the base model it was trained on) when the run wrote adapters only.
-    `out`: write the export there instead of the checkpoint's hf/."""
+    `out`: write the export there instead of the checkpoint's hf/; an existing folder there is replaced only
+    with `overwrite`, and only when it is a model export itself (a user's folder, a run or a checkpoint never).
+    The export is written beside its target and renamed into place: an interrupted or failed export leaves
+    nothing that looks like a model, and of two exports to one place exactly one lands."""
     from ..errors import UserError
+    from ..model.loading import check_weight_files
 
     ckpt = Path(ckpt)
     hf = ckpt / "hf"
     if (hf / "config.json").exists() and out is None:
         return hf
     adapter = ckpt / "adapter"
-    if not (adapter / "adapter_config.json").exists():
-        if (hf / "config.json").exists():  # a full fine-tune's export, copied where asked
-            check_free_space(Path(out), sum(f.stat().st_size for f in hf.iterdir()), f"export of {ckpt}")
-            with writing(Path(out), f"export of {ckpt}"):
-                shutil.copytree(hf, out, dirs_exist_ok=True)
-            return Path(out)
+    lora = (adapter / "adapter_config.json").exists()
+    if not lora and not (hf / "config.json").exists():
         raise UserError(f"{ckpt}: neither a model export (hf/) nor a LoRA adapter (adapter/): not a checkpoint")
+    target = hf if out is None else _export_target(Path(out), ckpt, overwrite)
+    what = f"export of {ckpt}"
+    if not lora:  # a full fine-tune's export, copied where asked
+        check_weight_files(hf, need_weights=True)
+        check_free_space(target.parent, sum(f.stat().st_size for f in hf.rglob("*") if f.is_file()), what)
+        return _land(target, lambda tmp: shutil.copytree(hf, tmp), what, replace=out is None or overwrite)
     import json
 
     import torch
@@ -230,28 +254,82 @@ def export_checkpoint(ckpt: Path, out: Path | None = None, progress=None) -> Pat
     from ..model.loading import load_vlm, save_model
     from .lora import merged_model
 
-    base_path = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    try:
+        base_path = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        raise UserError(f"{adapter / 'adapter_config.json'}: not a JSON object (PEFT's adapter config)") from None
     if not base_path:
         raise UserError(f"{adapter}/adapter_config.json does not name its base model")
-    target = Path(out) if out is not None else hf
+    check_weight_files(adapter, required="adapter_model.safetensors")
+    try:  # the run's processor, saved with its adapter: read before the merge, not after minutes of it
+        processor = AutoProcessor.from_pretrained(str(adapter))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{adapter}: its processor files cannot be read ({str(e).strip().splitlines()[0]}); "
+                        "copy them (tokenizer*, *processor*.json, chat_template*) from the base model") from None
     if progress:
         progress(f"merging the adapter of {ckpt} into {base_path}")
     base = load_vlm(base_path, torch.float32 if "float32" in str(_dtype_of(adapter)) else torch.bfloat16)
     model = PeftModel.from_pretrained(base, str(adapter))
     plain, state = merged_model(model)
-    size = sum(t.numel() * t.element_size() for t in state.values())
-    check_free_space(target, size, f"export of {ckpt}")
-    tmp = target.with_name(target.name + ".partial")
+    check_free_space(target.parent, sum(t.numel() * t.element_size() for t in state.values()), what)
+
+    def write(tmp: Path) -> None:
+        save_model(plain, tmp, state)
+        processor.save_pretrained(str(tmp))
+
+    return _land(target, write, what, replace=out is None or overwrite)
+
+
+def _export_target(out: Path, ckpt: Path, overwrite: bool) -> Path:
+    """Where `vlrl export --out OUT` may write (an absolute path), or a UserError saying why not."""
+    from ..errors import UserError
+
+    target, source = out.resolve(), ckpt.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise UserError(f"--out {out}: the checkpoint {ckpt} is there (or it is inside the checkpoint); export to "
+                        "a folder of its own")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {out}: a file; export to a folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out}: not empty; export to a new folder, or pass --overwrite to replace an "
+                            "earlier export there")
+        subfolders = [p.name for p in target.iterdir() if p.is_dir()]
+        if not (target / "config.json").exists() or subfolders:
+            raise UserError(f"--out {out}: not a model export (--overwrite replaces only a folder holding a model "
+                            "and no subfolders); export to a new folder")
+    return target
+
+
+def _land(target: Path, write, what: str, replace: bool) -> Path:
+    """`write(tmp)` into a folder of this process's own beside `target`, then renamed onto it. With `replace`,
+    a folder already at `target` gives way (renamed aside first, deleted after); without, a folder that
+    appeared there meanwhile (another export) wins and this one is discarded."""
+    import os
+
+    from ..errors import UserError
+
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    aside = target.with_name(f"{target.name}.replaced-{os.getpid()}")
     try:
-        with writing(target.parent, f"export of {ckpt}"):
+        with writing(target.parent, what):
             shutil.rmtree(tmp, ignore_errors=True)
-            save_model(plain, tmp, state)
-            AutoProcessor.from_pretrained(str(adapter)).save_pretrained(str(tmp))  # the run's processor, kept there
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            if replace and target.exists():
+                target.rename(aside)
+            try:
+                tmp.rename(target)
+            except OSError as e:
+                if target.exists() and not replace:
+                    raise UserError(f"{target}: written by another export meanwhile; this one was discarded") from None
+                raise e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside.exists() and not target.exists():
+            aside.rename(target)  # the earlier export stays where it was
         raise
+    shutil.rmtree(aside, ignore_errors=True)
     return target
 
 
@@ -268,11 +346,23 @@ def _dtype_of(adapter: Path) -> str:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint checkpoints/latest names; None before the first one. A marker that names no finished
+    checkpoint (emptied, edited, its folder deleted) is a UserError naming it and the newest that is there."""
+    import re
+
+    from ..errors import UserError
+
     marker = Path(run_dir) / "checkpoints" / "latest"
     if not marker.exists():
         return None
-    path = marker.parent / marker.read_text().strip()
-    return path if path.is_dir() else None
+    name = marker.read_text().strip()
+    if re.fullmatch(r"step_\d+", name) and (marker.parent / name).is_dir():
+        return marker.parent / name
+    steps = sorted((p for p in marker.parent.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()),
+                   key=lambda p: int(p.name[5:]))
+    there = (f"the newest finished one there is {steps[-1].name}: to go on from it, `echo {steps[-1].name} > {marker}`"
+             if steps else "there is no finished checkpoint there")
+    raise UserError(f"{marker} names {name!r}, not a finished checkpoint; {there}")
 
 
 def resolve_checkpoint(model: str) -> Path | None:
@@ -301,8 +391,19 @@ def resolve_model(model: str, progress=None) -> str:
 def load_checkpoint(policy, ckpt: Path) -> dict:
     """Resume from a checkpoint's DeepSpeed state (a LoRA run's holds the adapters only: the frozen base is
     the model as loaded)."""
+    import zipfile
+
+    from ..errors import UserError
     from .lora import is_lora
 
+    # torch.save writes zip archives whose directory is at the end: a truncated or damaged file fails to open
+    # here at once, named, instead of deep inside DeepSpeed's loader
+    for f in sorted((ckpt / "ds").rglob("*.pt")):
+        try:
+            zipfile.ZipFile(f).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise UserError(f"{f}: a damaged checkpoint file ({e}); resume from an earlier checkpoint "
+                            f"(write its step_N into {ckpt.parent / 'latest'})") from None
     _, client_state = policy.load_checkpoint(str(ckpt / "ds"), tag="state",
                                              load_module_strict=not is_lora(policy.module))
     return client_state or {}
