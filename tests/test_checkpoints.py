@@ -183,3 +183,15 @@ def test_the_free_space_check_states_what_it_needs(tmp_path, monkeypatch):
     # 10 MB of checkpoint and the margin do not fit 20 MB: the message says so without contradicting itself
     assert "needs ~0.08 GB (with a 64 MB margin), 0.02 GB free" in str(e.value), e.value
     assert "kept" not in str(e.value)  # nothing is claimed about a checkpoint the caller did not name
+
+
+def test_ctrl_c_names_what_the_run_left_and_the_command_that_goes_on(tmp_path):
+    run = tmp_path / "run"
+    hint = runs.after_interrupt(run, Path("recipes/x.yaml"), ["rollout.n=4", "run.name=my run"])
+    assert hint == f"stopped before its first checkpoint; `vlrl train recipes/x.yaml --set rollout.n=4 --set 'run.name=my run' --overwrite` starts {run} again"
+    (run / "checkpoints" / "step_3").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_3")
+    hint = runs.after_interrupt(run, Path("recipes/x.yaml"), [])
+    assert hint == f"stopped; its last checkpoint is {run / 'checkpoints' / 'step_3'}: `vlrl train recipes/x.yaml --resume` goes on from it"
+    (run / "checkpoints" / "latest").write_text("")  # a damaged marker: --resume names it; never --overwrite
+    assert runs.after_interrupt(run, Path("recipes/x.yaml"), []).endswith("--resume` goes on from its last checkpoint")

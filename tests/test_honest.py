@@ -130,6 +130,8 @@ def test_train_json_to_stdout_is_only_json_and_ctrl_c_ends_a_run_with_130(tmp_pa
     _, err = p.communicate(timeout=60)
     assert time.time() - t < 15 and p.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
+    # what it left, and the command that goes on (no checkpoint yet: save_every is the recipe's default)
+    assert f"stopped before its first checkpoint; `vlrl train {rec} --overwrite`" in err, err[-2000:]
     assert_curves(tmp_path / "runs" / "long")  # the steps that ran, plotted on the way out
 
 

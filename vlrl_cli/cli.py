@@ -535,16 +535,28 @@ def train(
 
         # every row through validate's checks, once, before any rank loads a model
         check_run_data([rec.data.train, rec.data.val], tuple(rec.envs))
+    from .train.runs import after_interrupt
+
     if gpus > 1 or nprocs > 1 or hostfile:
         from .train.launch import relaunch
 
         os.environ["VLRL_RUN_CLAIMED"] = "1"  # the ranks inherit it
-        raise typer.Exit(relaunch(recipe, overrides, resume, gpus=gpus, nprocs=nprocs, hostfile=hostfile))
+        try:
+            code = relaunch(recipe, overrides, resume, gpus=gpus, nprocs=nprocs, hostfile=hostfile)
+        except KeyboardInterrupt:
+            err.print(after_interrupt(rec.run_dir, recipe, overrides), highlight=False, soft_wrap=True)
+            raise
+        raise typer.Exit(code)
     from .train.launch import run_training
 
     rec.run_dir.mkdir(parents=True, exist_ok=True)
     crash_dir = rec.run_dir  # a crash's traceback goes next to the run's metrics
-    final = run_training(rec, resume=resume, console=err)
+    try:
+        final = run_training(rec, resume=resume, console=err)
+    except KeyboardInterrupt:
+        if not os.environ.get("RANK") or os.environ.get("RANK") == "0":
+            err.print(after_interrupt(rec.run_dir, recipe, overrides), highlight=False, soft_wrap=True)
+        raise
     if json_out:
         write_json(json_out, final)
 

@@ -365,6 +365,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     raise UserError(f"{marker} names {name!r}, not a finished checkpoint; {there}")
 
 
+def after_interrupt(run_dir: Path, recipe: Path, overrides: list[str]) -> str:
+    """What a stopped run left and the command that goes on from it: printed when Ctrl-C ends `vlrl train`."""
+    import shlex
+
+    sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    again = f"vlrl train {shlex.quote(str(recipe))}{sets}"
+    try:
+        ckpt = latest_checkpoint(run_dir)
+    except Exception:  # noqa: BLE001 - a damaged marker (--resume names it and the way out): never --overwrite here
+        return f"stopped; `{again} --resume` goes on from its last checkpoint"
+    if ckpt is None:
+        return f"stopped before its first checkpoint; `{again} --overwrite` starts {run_dir} again"
+    return f"stopped; its last checkpoint is {ckpt}: `{again} --resume` goes on from it"
+
+
 def resolve_checkpoint(model: str) -> Path | None:
     """A checkpoint folder for a checkpoint or a run directory (its latest); None for anything else."""
     from ..errors import UserError
