@@ -128,7 +128,7 @@ def test_a_damaged_adapter_checkpoint_is_named_by_export_and_eval(tmp_path, tiny
     assert not (ckpt / "hf").exists() and not (tmp_path / "merged").exists() and leftovers(ckpt) == []
 
 
-def test_an_adapter_checkpoint_exports_once_and_loads(tmp_path, tiny_model, cli):
+def test_an_adapter_checkpoint_exports_once_and_loads(tmp_path, tiny_model, colors_data, cli):
     from transformers import AutoModelForImageTextToText
 
     ckpt = adapter_checkpoint(tmp_path, tiny_model)
@@ -137,6 +137,11 @@ def test_an_adapter_checkpoint_exports_once_and_loads(tmp_path, tiny_model, cli)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert sum(p.numel() for p in merged.parameters()) > 0 and (tmp_path / "merged" / "tokenizer_config.json").exists()
     assert leftovers(tmp_path) == []
+    # eval of the run directory says which checkpoint that is, and merges it in place once
+    r = cli("eval", tmp_path / "lora", colors_data / "val.parquet", "--out", tmp_path / "ev", "--limit", "1",
+            "--max-new-tokens", "2")
+    assert r.exit_code == 0 and f"model: {ckpt}" in r.output.replace("\n", ""), r.output
+    assert (ckpt / "hf" / "config.json").exists() and leftovers(ckpt) == []
 
 
 def test_resume_names_a_damaged_run(tmp_path):

@@ -627,8 +627,11 @@ def eval_(
 
     # every row eval reads through validate's checks, before any model loads
     check_run_data([str(data)], tuple(envs), verb="run", limit=limit)
-    from .train.runs import lock_run_dir
+    from .train.runs import lock_run_dir, resolve_checkpoint
 
+    ckpt = resolve_checkpoint(model)
+    if ckpt is not None:  # which step a run directory stands for, said before minutes of work
+        err.print(f"model: {ckpt}", highlight=False)
     lock_run_dir(out, "vlrl eval", "give this eval another --out")  # two evals into one folder: the second stops
     crash_dir = out
     metrics = _run_with_progress("eval", total, lambda cb: run_eval(model, str(data), out, opts, env_registry=envs,

@@ -80,7 +80,10 @@ def write_curves(run_dir: str | Path) -> Path | None:
     fig.tight_layout()
     out = run_dir / "curves.png"
     tmp = run_dir / f".curves.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        fig.savefig(tmp, dpi=90)
+        tmp.replace(out)
+    finally:  # a full disk: no empty .curves file left beside the run
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
