@@ -23,8 +23,11 @@
 #   bash bench/device_runs.sh fit full3b|lora3b|lora7b   # one H100: 3B full fine-tune without offload,
 #        3B LoRA rank 64 on the same batch, 7B LoRA rank 64 (then: gpu_perf.py fit --dir $OUT); env ZERO, MB,
 #        COMPILE=1, NOCKPT=1 (no recompute), FP32ACC=1 (trainer.grad_accum_fp32, with ZERO=1)
+# NO_FA4=1 (any command): vLLM as it runs without FlashAttention 4 (bench/no_fa4): the kit lacks the CUTLASS
+#   DSL wheels FA4 needs, and Gemma 4 E2B/E4B (two head sizes) would otherwise pick FA4 and fail
 set -uo pipefail
 . /tmp/kit/env.sh
+[ -z "${NO_FA4:-}" ] || export PYTHONPATH=$(pwd)/bench/no_fa4:$PYTHONPATH
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
