@@ -190,6 +190,28 @@ def test_vllm_reads_gemma4_head_sizes_that_transformers_keeps_per_layer():
     assert view(qwen).to_dict() == real_size_config("qwen2_5_vl_3b").to_dict()
 
 
+def test_vllm_gives_gemma4_images_the_trainers_soft_token_budget(family_models):
+    """vLLM 0.26 sizes Gemma 4's prompt placeholders from the vision config's default_output_length unless told,
+    while the pixels follow the processor's budget: a model whose two differ got 256 placeholders per image for
+    64 embeddings and was refused at the first generate (a released size with the tiny processor's 70, on an
+    H100). The engine tells vLLM the budget of the processor the trainer renders with; other families get no
+    such argument. The released sizes vlrl builds pair the two as the releases do."""
+    from vlrl_cli.model.families import FAMILY, real_size_config
+    from vlrl_cli.model.loading import load_processor
+    from vlrl_cli.model.tiny import _processor, build_tokenizer
+    from vlrl_cli.rollout.engines import vllm
+
+    gemma = load_processor(str(family_models["gemma4"]))
+    assert gemma.image_processor.max_soft_tokens == 70  # the tiny model's, different from vLLM's default of 280
+    args = vllm.engine_args("m", "bfloat16", 0.3, 0, None, False, FAMILY["gemma4"], gemma)
+    assert args["mm_processor_kwargs"] == {"max_soft_tokens": 70}
+    qwen = load_processor(str(family_models["qwen2_5_vl"]))
+    assert "mm_processor_kwargs" not in vllm.engine_args("m", "bfloat16", 0.3, 0, None, False, FAMILY["qwen2_5_vl"], qwen)
+    budget = real_size_config("gemma4_e2b").vision_config.default_output_length
+    built = _processor("gemma4", build_tokenizer("gemma4"), None, None, soft_tokens=budget)
+    assert built.image_processor.max_soft_tokens == budget == 280
+
+
 @pytest.mark.model
 def test_a_saved_gemma4_with_kv_shared_layers_carries_the_key_norms_vllm_loads(tmp_path):
     """Gemma 4 E2B's last 20 layers reuse earlier layers' keys and values: transformers' model has no k_norm

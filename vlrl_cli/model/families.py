@@ -73,6 +73,11 @@ class Family:
     # under which the family's own config.json names the odd layers' value (Gemma 4: head_dim 256 on sliding
     # layers, global_head_dim 512 on full ones). vLLM reads the flat form (engines.vllm.flat_text_config)
     flat_config: dict = field(default_factory=dict)
+    # the image processor's attribute that sets how many soft tokens an image becomes, told to vLLM as an
+    # mm_processor_kwargs: vLLM 0.26 sizes Gemma 4's prompt placeholders from the vision config's
+    # default_output_length unless told, while its pixels follow the processor's own budget, and a model whose
+    # two differ got 256 placeholders for 64 image embeddings (refused at the first generate)
+    image_budget: str | None = None
     tiny_text: dict = field(default_factory=dict)  # the tiny model's text and vision config (tiny.py adds the rest)
     tiny_vision: dict = field(default_factory=dict)
 
@@ -131,6 +136,7 @@ FAMILY = {f.name: f for f in (
            projector=r"embed_vision\.embedding_projection", patch_embed=r"patch_embedder\.input_proj",
            positions="1d", bidirectional_images=True, grouped_vision_attention=False,
            config_extra=dict(audio_config=None), flat_config={"head_dim": "global_head_dim"},
+           image_budget="max_soft_tokens",
            # E2B's layout in small: per-layer input embeddings, and a last layer that reuses an earlier one's
            # keys and values (num_kv_shared_layers) with the double-wide MLP such layers get
            tiny_text=dict(head_dim=64, global_head_dim=64, sliding_window=128, num_hidden_layers=3,

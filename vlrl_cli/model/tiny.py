@@ -112,8 +112,9 @@ def _configs(family: str, vocab: int, ids: dict[str, int]):
                                                  **token_ids(family, ids), **f.config_extra)
 
 
-def _processor(family: str, tokenizer, min_pixels: int | None, max_pixels: int | None):
-    """The family's own processor class around the local tokenizer, with its image grid and normalisation."""
+def _processor(family: str, tokenizer, min_pixels: int | None, max_pixels: int | None, soft_tokens: int = 70):
+    """The family's own processor class around the local tokenizer, with its image grid and normalisation.
+    soft_tokens: Gemma 4's image budget (its vision config's default_output_length, as the releases pair them)."""
     import transformers
     from transformers import Qwen2VLImageProcessor
 
@@ -123,12 +124,13 @@ def _processor(family: str, tokenizer, min_pixels: int | None, max_pixels: int |
     template = CHAT_TEMPLATES[f.chat_format]
     video = getattr(transformers, f.video_processor_class)()
     if family == "gemma4":
-        # every image is scaled to the token budget (70 soft tokens: the smallest Gemma 4 offers); no audio
+        # every image is scaled to the token budget (the tiny model: 70 soft tokens, the smallest Gemma 4 offers;
+        # a released size: its own, 280); no audio
         from transformers import Gemma4ImageProcessor
         from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
         return transformers.Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
-                                            image_processor=Gemma4ImageProcessor(max_soft_tokens=70),
+                                            image_processor=Gemma4ImageProcessor(max_soft_tokens=soft_tokens),
                                             tokenizer=tokenizer, video_processor=video, chat_template=template)
     low, high = f.tiny_pixels or (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
     norm = {k: list(v) for k, v in (("image_mean", f.image_mean), ("image_std", f.image_std)) if v is not None}
@@ -182,7 +184,8 @@ def build_real_size_model(out: str | Path, size: str = "qwen2_5_vl_3b", seed: in
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
-    _processor(family, tokenizer, None, None).save_pretrained(out)
+    budget = getattr(config.vision_config, "default_output_length", None) or 70
+    _processor(family, tokenizer, None, None, soft_tokens=budget).save_pretrained(out)
     return out
 
 

@@ -27,10 +27,11 @@ class PromptMismatch(RuntimeError):
 
 
 def engine_args(model_path: str, dtype: str, gpu_memory_utilization: float, seed: int, limits: EngineLimits | None,
-                in_trainer: bool, family: Family | None = None) -> dict:
+                in_trainer: bool, family: Family | None = None, processor=None) -> dict:
     """vllm.LLM's arguments: the limits it fixes at start-up come from the recipe (EngineLimits), so a recipe's
     longest episode and its images always fit; in_trainer: one engine per rank, in the trainer's process group;
-    family: the model's declaration, for what vLLM must be told about its config."""
+    family: the model's declaration, for what vLLM must be told about its config; processor: the one the
+    trainer renders with, whose image budget vLLM must share."""
     limits = limits or EngineLimits()
     kwargs = dict(model=model_path, dtype="bfloat16" if dtype == "bfloat16" else dtype,
                   gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=limits.max_model_len,
@@ -38,6 +39,10 @@ def engine_args(model_path: str, dtype: str, gpu_memory_utilization: float, seed
                   limit_mm_per_prompt={"image": max(limits.max_images, 1), "video": 0})
     if family is not None and family.flat_config:
         kwargs["hf_overrides"] = flat_text_config
+    budget = getattr(getattr(processor, "image_processor", None), family.image_budget, None) \
+        if family is not None and family.image_budget else None
+    if budget is not None:  # as many placeholders as the trainer's processor gives each image
+        kwargs["mm_processor_kwargs"] = {family.image_budget: budget}
     if importlib.util.find_spec("flashinfer") is None:
         # hybrid models (Qwen3.5's gated DeltaNet): on Hopper vLLM's "auto" picks FlashInfer's prefill kernel and
         # fails at the first prefill where it is not installed; its Triton kernel needs nothing more
@@ -78,7 +83,7 @@ class VLLMEngine:
         from vllm import LLM
 
         kwargs = engine_args(model_path, dtype, gpu_memory_utilization, seed, limits,
-                             dist.is_initialized() or external_launcher, family_of_processor(processor))
+                             dist.is_initialized() or external_launcher, family_of_processor(processor), processor)
         if dist.is_initialized():
             # the external launcher reads the rank from the environment, which a process group made without a
             # launcher (an earlier engine's, in one process: check-drift, serve, tests) does not set
