@@ -155,6 +155,17 @@ def test_cli_exit_codes_json_and_write_clean(cli, corpus_file, tiny_model, tmp_p
     assert "too_many_images" in r.output and "bad.jsonl:10" in r.output
 
 
+def test_a_report_or_manifest_never_lands_on_the_data_it_describes(cli, tmp_path, colors_data):
+    data = tmp_path / "mine.parquet"
+    data.write_bytes((colors_data / "val.parquet").read_bytes())
+    before = data.read_bytes()
+    r = cli("validate", data, "--json", data)
+    assert r.exit_code == 2 and "--json" in r.output and "would write into" in r.output, r.output
+    r = cli("prepare", data, "--out", tmp_path / "prepared", "--json", data)
+    assert r.exit_code == 2 and "would write into" in r.output, r.output
+    assert data.read_bytes() == before and not (tmp_path / "prepared").exists()
+
+
 def test_cli_unreadable_file_exits_2_without_traceback(cli, tmp_path):
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"this is not parquet")

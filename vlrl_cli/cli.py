@@ -241,7 +241,8 @@ def prepare(
     """
     import os
 
-    check_outputs({"--json": json_out, "--out": out}, {})
+    check_outputs({"--out": out}, {})
+    check_outputs({"--json": json_out}, {"SOURCE": source, "--path": path})  # the manifest never over the data
     from .data.images import CanonicalSpec
     from .data.prepare import PrepareOptions
     from .data.prepare import prepare as run_prepare
@@ -328,7 +329,8 @@ def validate(
 
     if max_prompt_tokens is not None and not processor:
         fail("--max-prompt-tokens needs --processor (token counts depend on the model's chat template and image grid)")
-    check_outputs({"--json": json_out, "--write-clean": write_clean}, {}, folders=("--write-clean",))
+    check_outputs({"--json": json_out, "--write-clean": write_clean}, {f"PATH {p}": p for p in paths},
+                  folders=("--write-clean",))
     opts = ValidateOptions(processor=processor, max_prompt_tokens=max_prompt_tokens, max_images=max_images,
                            allow_remote=allow_remote, env_classes=(*(env_class or ()), *user_envs(env)),
                            workers=workers or min(4, os.cpu_count() or 1))
