@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import pytest
 
@@ -486,9 +487,40 @@ StringObservation = make(StepResult("just a string", 0.0, False, {}))
 TextCorrect = make(StepResult([], 1.0, True, {"correct": "False"}))
 BadImage = make(StepResult([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}]}], 0.0, False, {}))
 
+ListDoneReason = make(StepResult([], 1.0, True, {"done_reason": ["a", object()]}))
+
 class NeedsArgs(Env):
     def __init__(self, size):
         pass
+
+class NoTurns(Env):
+    max_turns = None
+
+class TextTurns(Env):
+    def __init__(self):
+        self.max_turns = "3"
+
+    def reset(self, record):
+        return record["prompt"]
+
+class TurnsNeedAKey(Env):
+    @classmethod
+    def turn_limit(cls, record):
+        return int(record["extra_info"]["max_steps"])
+
+class Duck:  # reset and step, no Env: nothing vlrl reads before an episode
+    def reset(self, record):
+        return record["prompt"]
+
+    def step(self, text):
+        return None
+
+class Shouts(Env):  # an exception quoting model text: newlines and a terminal colour code
+    def reset(self, record):
+        return record["prompt"]
+
+    def step(self, text):
+        raise ValueError("line1\\nline2 \\x1b[31mRED " + text)
 """
 
 
@@ -502,6 +534,9 @@ class NeedsArgs(Env):
     ("TextCorrect", "returned info['correct'] = 'False': true, false or absent"),
     ("BadImage", "returned an image that cannot be used"),
     ("NeedsArgs", "NeedsArgs.__init__ raised TypeError"),
+    ("TextTurns", "TextTurns.__init__ left max_turns = '3'; a whole number >= 1"),
+    ("ListDoneReason", "returned info['done_reason'] = \"['a', <object object"),
+    ("Shouts", "Shouts.step raised ValueError: line1\\nline2 \\x1b[31mRED "),
     ("NumpyReward", ""),
 ])
 def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_trained_on(tmp_path, tiny_model,
@@ -528,6 +563,7 @@ def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_tra
     with pytest.raises(UserError) as e:
         collect(engine, [record], processor, 1, Sampling(1.0, 1.0, 2, 0), None, 4096)
     assert message in str(e.value) and f"nonsense_envs:{cls}" in str(e.value) and repr(record["id"]) in str(e.value)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)  # one printable line, whatever the env quoted
 
 
 def test_a_rows_bad_maze_settings_and_a_gymnasium_record_without_a_prompt(tmp_path, monkeypatch):
@@ -559,3 +595,39 @@ def test_a_rows_bad_maze_settings_and_a_gymnasium_record_without_a_prompt(tmp_pa
     # an import path that cannot be imported is the row's error at validate, as it would be at train's start
     typo = check_row(dict(row, env_class="no_such_envs_module:Maze"), ValidateOptions())
     assert [p for p in typo if p[1] == "unknown_env_class" and "cannot import 'no_such_envs_module'" in p[2]], typo
+
+
+def test_a_users_file_named_like_a_module_vlrl_uses_does_not_replace_it(tmp_path):
+    """User environment folders go last on the path: a colorsys.py (or datasets.py, yaml.py) beside a recipe
+    is not what `import colorsys` finds, while the user's own environment module still imports."""
+    import subprocess
+    import sys
+
+    (tmp_path / "colorsys.py").write_text("raise SystemExit('the user file replaced a real module')\n")
+    (tmp_path / "my_envs_mod.py").write_text("VALUE = 7\n")
+    code = ("import sys; from vlrl_cli.rollout.envs import importable_from; importable_from(sys.argv[1]); "
+            "import colorsys, my_envs_mod; print(colorsys.rgb_to_hsv(1, 0, 0), my_envs_mod.VALUE)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                       cwd=str(Path(__file__).resolve().parent.parent))
+    assert r.returncode == 0 and r.stdout.split() == ["(0.0,", "1.0,", "1)", "7"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cls,message", [
+    ("NoTurns", "nonsense_envs:NoTurns.max_turns = 'None'; a whole number >= 1"),
+    ("Duck", "nonsense_envs:Duck has no turn_limit(record); subclass vlrl_cli.rollout.envs.base.Env"),
+    ("TurnsNeedAKey", "nonsense_envs:TurnsNeedAKey.turn_limit raised KeyError: 'max_steps'"),
+])
+def test_what_vlrl_reads_from_an_environment_class_before_any_episode_is_checked(tmp_path, monkeypatch, cls, message):
+    """The turn limit sizes the engine before any episode: a class without one, a max_turns that is no count,
+    or a turn_limit that raises was an internal error (a TypeError comparing None) in train, eval and
+    check-drift; each is one line naming the class (and the record, where one is being read)."""
+    from vlrl_cli.errors import UserError
+    from vlrl_cli.rollout.episodes import turn_limit
+
+    (tmp_path / "nonsense_envs.py").write_text(BAD_ENVS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    record = {"id": "r7", "env_class": f"nonsense_envs:{cls}", "extra_info": {}}
+    with pytest.raises(UserError) as e:
+        turn_limit([record], None, None)
+    assert message in str(e.value), e.value
+    assert cls != "TurnsNeedAKey" or "(record 'r7'" in str(e.value)

@@ -129,11 +129,20 @@ def env_call(env, method: str, record: dict, *args):
         # where in the environment's own code it failed: the one line a user needs to start debugging
         frames = traceback.extract_tb(e.__traceback__)
         at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-        raise UserError(f"{name} raised {type(e).__name__}: {e}{at} {where}") from e
+        raise UserError(f"{name} raised {type(e).__name__}: {one_line(str(e))}{at} {where}") from e
     problem = (_bad_messages(result) if method == "reset" else _bad_step(result) if method == "step" else None)
     if problem:
         raise UserError(f"{name} returned {problem} {where}")
     return result
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """An environment's message as one printable line: it may quote model text (hostile input), whose newlines
+    and terminal escape sequences must not reach the user's terminal as such."""
+    import re
+
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _bad_messages(messages) -> str | None:
@@ -166,6 +175,8 @@ def _bad_step(result) -> str | None:
         return f"info of type {type(result.info).__name__}: a dict is needed"
     if result.info.get("correct") not in (None, True, False):
         return f"info['correct'] = {str(result.info['correct'])[:40]!r}: true, false or absent"
+    if not isinstance(result.info.get("done_reason", ""), str):  # written to rollouts.jsonl and counted by kind
+        return f"info['done_reason'] = {str(result.info['done_reason'])[:40]!r}: text or absent"
     return _bad_messages(result.observation)
 
 
@@ -195,6 +206,10 @@ class Episode:
         """first: (messages, rendered prompt) of another sample's reset of this record: reused (the prompt
         is rendered once for its n samples) when this reset returned the same messages."""
         self.env = env_call(resolve_env(record["env_class"], env_registry), "__init__", record)
+        turns = getattr(self.env, "max_turns", None)  # an instance may set its own (per record)
+        if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+            name, where = _env_name(self.env, "__init__", record)
+            raise UserError(f"{name} left max_turns = {str(turns)[:40]!r}; a whole number >= 1 belongs {where}")
         self.record, self.processor, self.max_context, self.max_images = record, processor, max_context, max_images
         # the reset sets the env's episode state
         messages = keep_last_images(env_call(self.env, "reset", record, record), max_images)
@@ -366,8 +381,17 @@ def turn_limit(records: list[dict], max_turns: int | None, env_registry: dict | 
     allow (a maze's move limit; 1 for a single-turn task)."""
     if max_turns is not None:
         return max_turns
-    return max((resolve_env(rec["env_class"], env_registry).turn_limit(rec) for rec in records if rec.get("env_class")),
+    return max((_turns_of(resolve_env(rec["env_class"], env_registry), rec) for rec in records if rec.get("env_class")),
                default=1)
+
+
+def _turns_of(cls, record: dict) -> int:
+    """An environment's turn_limit(record), its failure or a result that is not a count named like any other."""
+    turns = env_call(cls, "turn_limit", record, record)
+    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+        name, where = _env_name(cls, "turn_limit", record)
+        raise UserError(f"{name} returned {str(turns)[:40]!r} where a whole number of turns >= 1 belongs {where}")
+    return turns
 
 
 def engine_limits(records: list[dict], max_model_len: int, max_turns: int | None,

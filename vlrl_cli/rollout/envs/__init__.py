@@ -55,17 +55,13 @@ def parse_env_flags(flags: list[str] | None) -> dict[str, str]:
 
 
 def importable_from(*folders: str | Path) -> None:
-    """Let user environment modules be imported from these folders (the current one, a recipe's), here and in
-    processes started from here (DeepSpeed's ranks)."""
-    import os
-
+    """Let user environment modules be imported from these folders (the current one, a recipe's). They go last
+    on the path: a user's file named like a package vlrl uses (datasets.py, yaml.py) must not replace it.
+    Worker processes inherit the path; DeepSpeed's ranks run the same command, which calls this again."""
     for folder in folders:
         path = str(Path(folder).resolve())
         if path not in sys.path:
-            sys.path.insert(0, path)
-        parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if path not in parts:
-            os.environ["PYTHONPATH"] = os.pathsep.join([path, *parts])
+            sys.path.append(path)
 
 
 def load_env_class(name: str, target: str):
@@ -89,6 +85,14 @@ def load_env_class(name: str, target: str):
     if not (isinstance(cls, type) and callable(getattr(cls, "reset", None)) and callable(getattr(cls, "step", None))):
         raise UserError(f"environment {name!r}: {target} is not an environment class (reset(record) and step(text); "
                         "see vlrl_cli.rollout.envs.base.Env)")
+    # what vlrl reads from the class before any episode (the engine's limits): checked here, at import
+    if not callable(getattr(cls, "turn_limit", None)):
+        raise UserError(f"environment {name!r}: {target} has no turn_limit(record); subclass "
+                        "vlrl_cli.rollout.envs.base.Env, which gives it and the other defaults")
+    for attr, least in (("max_turns", 1), ("observation_images", 0)):
+        value = getattr(cls, attr, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"environment {name!r}: {target}.{attr} = {str(value)[:40]!r}; a whole number >= {least}")
     return cls
 
 
