@@ -235,6 +235,25 @@ def test_rows_without_ids_say_their_split_is_positional(tmp_path, cli):
     assert "row position" in r.output and "--id-column" in r.output.replace("\n", " ")
 
 
+def test_answers_that_are_lists_or_numbers_keep_their_meaning_and_non_answers_are_rejected(tmp_path):
+    """A list answer means any of its answers, a number its text; a bool, a dict, NaN or an empty list is no
+    answer: rejected with the reason, never stored as Python's text for it ("['4', 'four']", "nan", "{'a': 1}")."""
+    from vlrl_cli.data.records import ground_truths
+
+    answers = {"list": ["4", "four"], "int": 7, "float": 2.5, "text": " 9 ", "empty_list": [], "dict": {"a": 1},
+               "nan": float("nan"), "bool": False, "nested": [["4"]]}
+    rows = [{**_qa_rows(tmp_path, [k])[0], "a": v} for k, v in answers.items()]
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = prepare(PrepareOptions(source=str(src), out=tmp_path / "o", workers=1, split="train=1",
+                                 source_opts=GENERIC))
+    kept = {r["id"].removeprefix("qa-"): ground_truths(r) for r in rows_of(tmp_path / "o" / "train.parquet")}
+    assert kept == {"list": ["4", "four"], "int": ["7"], "float": ["2.5"], "text": ["9"]}, kept
+    reasons = {x["source_id"]: x["code"] for x in map(json.loads, (tmp_path / "o" / "rejects.jsonl").read_text().splitlines())}
+    assert reasons == {k: "bad_answer" for k in ("empty_list", "dict", "nan", "bool", "nested")}, reasons
+    assert res.rows_in == len(answers) and res.rejected == 5
+
+
 def test_duplicate_or_empty_ids_are_rejected_with_a_reason(tmp_path):
     src = tmp_path / "qa.jsonl"
     rows = _qa_rows(tmp_path, ["a", "b", "a", ""])
@@ -308,6 +327,8 @@ def test_flags_are_checked_before_any_row(tmp_path, cli):
         (["colors", "--min-pixels", "100", "--max-pixels", "50"], "--min-pixels"),
         (["colors", "--min-pixels", "10000", "--max-pixels", "5000"], "--max-pixels"),
         ([str(src), *generic, "--env-class", "geometry3K"], "--env-class"),
+        ([str(src), *generic, "--env-class", "no_such_envs_mod:Blink"], "cannot import 'no_such_envs_mod'"),
+        ([str(src), *generic, "--env-class", "vlrl_cli.rollout.envs.base:NoSuchClass"], "has no 'NoSuchClass'"),
         ([str(src), *generic, "--env-class", "geometry3k", "--prompt-template", "Solve it."], "{question}"),
     ]
     for args, flag in cases:

@@ -67,6 +67,10 @@ def convert(item: Item, ctx: ConvertContext) -> tuple[dict, list]:
         raise Reject("missing_field", f"column {o['question_column']} is empty")
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise Reject("missing_field", f"column {o['answer_column']} is empty")
+    truth = answer_text(answer)
+    if truth is None:
+        raise Reject("bad_answer", f"column {o['answer_column']}: {type(answer).__name__} {str(answer)[:40]!r} is not "
+                                   "an answer (text, a number, or a list of them: any is correct)")
     cells = cell if isinstance(cell, list) else ([] if cell is None else [cell])
     if not cells:
         raise Reject("missing_field", f"column {o['image_column']} has no image")
@@ -76,10 +80,30 @@ def convert(item: Item, ctx: ConvertContext) -> tuple[dict, list]:
         "data_source": o.get("data_source") or Path(str(o.get("path", "dataset"))).stem,
         "prompt": [{"role": "user", "content": interleave(text, images)}],
         "env_class": o["env_class"],
-        "reward_spec": {"method": "rule", "ground_truth": str(answer).strip()},
+        "reward_spec": {"method": "rule", "ground_truth": truth},
         "extra_info": {"image_sha256": [im.sha256 for im in images]},
     }
     return record, images
+
+
+def answer_text(answer) -> str | list[str] | None:
+    """A row's answer as the record stores it: text, or a list of texts (any is correct); None for what is no
+    answer (a bool, a dict, NaN, an empty list), which would otherwise become Python's text for it ("[]",
+    "{'a': 1}", "nan") and be graded against silently."""
+    import math
+    import numbers
+
+    def one(a):
+        if isinstance(a, str):
+            return a.strip() or None
+        if isinstance(a, numbers.Number) and not isinstance(a, bool) and math.isfinite(a):
+            return str(a)
+        return None
+
+    if isinstance(answer, (list, tuple)):
+        texts = [one(a) for a in answer]
+        return texts if texts and None not in texts else None
+    return one(answer)
 
 
 SOURCE = Source("generic", items, convert, ("image_column", "question_column", "answer_column", "env_class", "prompt_template",
