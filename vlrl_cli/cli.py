@@ -250,6 +250,15 @@ def prepare(
 
     if image_format not in ("png", "jpeg"):
         fail(f"--image-format must be png or jpeg, not {image_format!r}")
+    known = frozenset(env_registry()) | frozenset(user_envs(env))
+    if env_class and ":" in env_class and env_class not in known:
+        from .errors import UserError
+        from .rollout.envs import load_env_class
+
+        try:  # an import path is imported now: a typo is said before any row is written, not by validate later
+            load_env_class(env_class, env_class)
+        except UserError as e:
+            fail(f"--env-class: {e}")
     source_opts = {k: v for k, v in dict(
         rows=rows, num_colors=num_colors, shapes=[s.strip() for s in shapes.split(",") if s.strip()] if shapes else None,
         image_size=image_size, val_rows=val_rows, maze_size=maze_size, max_steps=max_steps, cell_px=cell_px,
@@ -261,7 +270,7 @@ def prepare(
         workers=workers or min(4, os.cpu_count() or 1),
         spec=CanonicalSpec(factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, image_format=image_format,
                            jpeg_quality=jpeg_quality),
-        source_opts=source_opts, env_classes=frozenset(env_registry()) | frozenset(user_envs(env)))
+        source_opts=source_opts, env_classes=known)
     result = _run_with_progress(f"prepare {source}", None, lambda cb: run_prepare(opts, progress=cb))
     err.print(f"[bold]prepare {source}[/] -> {out}")
     table = Table()

@@ -195,13 +195,6 @@ def check_options(opts: PrepareOptions) -> None:
     if env is not None and known is not None and env not in known and ":" not in env:
         raise UserError(f"--env-class {env!r} is not a built-in environment ({', '.join(sorted(known))}); "
                         "for your own environment give its import path, e.g. mypkg.envs:MyEnv")
-    if env is not None and ":" in env and (known is None or env not in known):
-        from ..rollout.envs import load_env_class
-
-        try:  # an import path is imported now: a typo is said before any row is written, not by validate later
-            load_env_class(env, env)
-        except UserError as e:
-            raise UserError(f"--env-class: {e}") from None
     if opts.workers < 1:
         raise UserError(f"--workers must be >= 1, got {opts.workers}")
 
