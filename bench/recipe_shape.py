@@ -118,18 +118,11 @@ def main() -> None:
     from vlrl_cli.train.plan import parse_sized_for
 
     cap_trainer = recipe.trainer.sized_for == "cpu" or parse_sized_for(recipe.trainer.sized_for)[0] == 1
-    data = recipe.to_dict()
-    data["model"]["path"] = model
-    data["data"].update(train=train, val=val)
-    data["rollout"]["prompts_per_step"] = prompts
-    data["rollout"]["gpu_memory_utilization"] = round(recipe.rollout.gpu_memory_utilization * scale, 4)
     lora = recipe.model.lora.rank > 0
     tiny = size.startswith("tiny")
-    # LoRA and tiny runs write their checkpoints (every step: a LoRA run's last one also holds the merged
-    # model, the others its adapters alone); a full fine-tune's is estimated (a 3B one is over 50 GB)
-    data["trainer"].update(steps=a.steps, eval_every=0, save_every=1 if lora or tiny else 0, save_final=lora or tiny)
     safe = name.replace("@", "-")  # a run's name and a file name
-    data["run"].update(name=safe, dir=str(work / "runs"))
+    data = at_shape(recipe, model=model, train=train, val=val, prompts=prompts, steps=a.steps, scale=scale,
+                    write_checkpoints=lora or tiny, run_name=safe, run_dir=work / "runs")
     derived = work / f"{safe}.yaml"
     derived.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -176,6 +169,24 @@ def main() -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if not a.keep_model and not tiny:
         shutil.rmtree(model, ignore_errors=True)
+
+
+def at_shape(recipe, *, model: str, train: str, val: str | None, prompts: int, steps: int, scale: float,
+             write_checkpoints: bool, run_name: str, run_dir: Path) -> dict:
+    """The recipe as this script runs it: its own model size, data built here, fewer prompts per step, a few
+    steps without validation, vLLM's pool scaled to the GPU named. Everything else as shipped."""
+    data = recipe.to_dict()
+    data["model"]["path"] = model
+    data["data"].update(train=train, val=val)
+    data["rollout"]["prompts_per_step"] = prompts
+    data["rollout"]["gpu_memory_utilization"] = round(recipe.rollout.gpu_memory_utilization * scale, 4)
+    # LoRA and tiny runs write their checkpoints (every step: a LoRA run's last one also holds the merged
+    # model, the others its adapters alone); a full fine-tune's is estimated (a 3B one is over 50 GB).
+    # No validation in a few steps, so nothing can stop on a held-out accuracy either.
+    data["trainer"].update(steps=steps, eval_every=0, stop_at_val_accuracy=None,
+                           save_every=1 if write_checkpoints else 0, save_final=write_checkpoints)
+    data["run"].update(name=run_name, dir=str(run_dir))
+    return data
 
 
 def passed(row: dict, steps: int) -> bool:

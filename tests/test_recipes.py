@@ -60,3 +60,33 @@ def test_shipped_recipes_are_valid():
 def test_cli_reports_bad_recipe_cleanly(cli, recipe_file):
     r = cli("train", recipe_file, "--set", "trainer.steps=-1")
     assert r.exit_code == 2 and "trainer.steps" in r.output and "Traceback" not in r.output
+
+
+def test_every_shipped_recipe_loads_as_the_gpu_bench_runs_it(tmp_path):
+    """bench/recipe_shape.py cuts each shipped recipe to a few steps without validation; the cut recipe must still
+    load, or the recipe's at-shape row fails on the GPU before any work (a stop-on-accuracy target without
+    validation is refused at load)."""
+    import importlib.util
+
+    import yaml
+
+    from vlrl_cli.data.records import schema_dir
+
+    spec = importlib.util.spec_from_file_location("recipe_shape", schema_dir().parent / "bench" / "recipe_shape.py")
+    shape = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shape)
+    data = tmp_path / "d.parquet"
+    data.write_bytes(b"")  # the path is all loading checks
+    recipes = sorted((schema_dir().parent / "recipes").glob("*.yaml"))
+    stops = 0
+    for p in recipes:
+        recipe = load_recipe(p, check_paths=False)
+        stops += recipe.trainer.stop_at_val_accuracy is not None
+        cut = shape.at_shape(recipe, model=str(tmp_path), train=str(data), val=None, prompts=2, steps=2, scale=0.5,
+                             write_checkpoints=True, run_name=p.stem, run_dir=tmp_path / "runs")
+        derived = tmp_path / p.name
+        derived.write_text(yaml.safe_dump(cut, sort_keys=False))
+        loaded = load_recipe(derived, check_paths=False)
+        assert loaded.trainer.steps == 2 and loaded.trainer.eval_every == 0 and loaded.rollout.prompts_per_step == 2
+        assert loaded.rollout.max_new_tokens == recipe.rollout.max_new_tokens  # the shape itself is kept
+    assert stops >= 1  # the case that broke: shipped recipes that stop on a held-out accuracy
