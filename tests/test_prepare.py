@@ -254,6 +254,26 @@ def test_answers_that_are_lists_or_numbers_keep_their_meaning_and_non_answers_ar
     assert res.rows_in == len(answers) and res.rejected == 5
 
 
+def test_a_source_that_yields_no_dataset_is_an_error_not_an_empty_success(tmp_path, cli):
+    """Every row rejected: exit 2 naming the reasons, the rejects kept to read. No rows at all: exit 2 before the
+    output folder is touched, so --overwrite leaves the previous dataset as it was."""
+    flags = ["--workers", 1, "--image-column", "img", "--question-column", "q", "--answer-column", "a",
+             "--env-class", "geometry3k"]
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps({**r, "a": []}) + "\n" for r in _qa_rows(tmp_path, ["a", "b", "c"])))
+    r = cli("prepare", src, "--out", tmp_path / "o", *flags)
+    assert r.exit_code == 2 and "every row was rejected (3 of 3: bad_answer x3)" in r.output, r.output
+    assert len((tmp_path / "o" / "rejects.jsonl").read_text().splitlines()) == 3
+    out = tmp_path / "prev"
+    assert cli("prepare", "colors", "--out", out, "--rows", 10, "--workers", 1).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    r = cli("prepare", blank, "--out", out, *flags, "--overwrite")
+    assert r.exit_code == 2 and "the source gave no rows" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_duplicate_or_empty_ids_are_rejected_with_a_reason(tmp_path):
     src = tmp_path / "qa.jsonl"
     rows = _qa_rows(tmp_path, ["a", "b", "a", ""])
@@ -349,7 +369,8 @@ def test_messages_name_the_real_cause(tmp_path, cli):
     rows[0]["img"], rows[1]["img"], rows[2]["img"] = "empty.png", "adir.png", "gone.png"
     src = tmp_path / "qa.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepare(PrepareOptions(source=str(src), out=tmp_path / "o", workers=1, source_opts=GENERIC))
+    with pytest.raises(UserError, match="every row was rejected"):  # the reasons are written all the same
+        prepare(PrepareOptions(source=str(src), out=tmp_path / "o", workers=1, source_opts=GENERIC))
     reasons = {json.loads(x)["source_id"]: json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()}
     assert reasons["a"]["code"] == "image_empty" and "empty" in reasons["a"]["reason"]
     assert reasons["b"]["code"] == "image_unreadable" and "directory" in reasons["b"]["reason"]

@@ -179,6 +179,18 @@ def test_cli_unreadable_file_exits_2_without_traceback(cli, tmp_path):
     assert r.exit_code == 2 and "--processor" in r.output
 
 
+
+def test_files_without_a_single_row_are_not_a_pass(cli, tmp_path, colors_data):
+    """Blank lines, an empty JSON list: "ok: 0 rows" would read as valid data. One empty file beside real rows
+    (prepare writes an empty val split when asked for none) is still checked as the rows it has."""
+    blank, empty_list = tmp_path / "blank.jsonl", tmp_path / "empty.json"
+    blank.write_text("\n \n\n")
+    empty_list.write_text("[]")
+    for target, needle in ((blank, "no rows (blank lines only)"), (empty_list, "no rows")):
+        r = cli("validate", target)
+        assert r.exit_code == 2 and needle in r.output and target.name in r.output, r.output
+    assert cli("validate", colors_data / "train.parquet", blank).exit_code == 0
+
 @pytest.mark.model
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma4"])
 def test_validate_counts_each_familys_prompt_tokens_with_its_own_processor(tmp_path, family_models, family):

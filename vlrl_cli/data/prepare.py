@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -216,6 +217,9 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
     # sources check their options as they yield the first row: take it before the output folder is touched,
     # so a bad flag with --overwrite leaves the previous dataset as it was
     first = next(items, None)
+    if first is None or opts.limit == 0:  # before the output folder is touched: a previous dataset stays as it was
+        raise UserError(f"{path or source.name}: the source gave no rows{' (--limit 0)' if opts.limit == 0 else ''}; "
+                        f"nothing was written to {opts.out}")
     items = _limited(itertools.chain([first] if first is not None else [], items), opts.limit)
 
     out = Path(opts.out)
@@ -282,4 +286,9 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
     tmp = out / "manifest.json.partial"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(out / "manifest.json")
+    if rows_in and not sum(rows_out.values()):  # an empty dataset is not a result: say why, keep the reasons
+        codes = Counter(json.loads(line)["code"] for line in (out / "rejects.jsonl").open(encoding="utf-8"))
+        common = ", ".join(f"{code} x{n}" for code, n in codes.most_common(3))
+        raise UserError(f"{path or source.name}: every row was rejected ({rows_in} of {rows_in}: {common}); "
+                        f"the reasons are in {out / 'rejects.jsonl'}")
     return PrepareResult(out, rows_in, rows_out, rejected, manifest)

@@ -18,7 +18,7 @@ from typing import Callable
 from ..rollout.envs import env_registry, known_env_classes
 from ..data.images import ImageError, ImageLimits, decode_data_uri, is_remote_url, open_image
 from ..data.pool import ordered_map, row_workers
-from ..data.records import BadLine, count_rows, ground_truths, image_urls, iter_rows, schema_errors
+from ..data.records import BadLine, RecordFileError, count_rows, ground_truths, image_urls, iter_rows, schema_errors
 from ..errors import UserError
 
 CHUNK = 64
@@ -241,6 +241,9 @@ def validate_paths(paths: list[str | Path], opts: ValidateOptions = ValidateOpti
                 rows += len(chunk)
                 if progress:
                     progress(rows)
+    if not rows:  # "ok: 0 rows" would read as a pass: there was nothing to check
+        blank = len(paths) == 1 and Path(paths[0]).suffix == ".jsonl"
+        raise RecordFileError(f"{', '.join(str(p) for p in paths)}: no rows{' (blank lines only)' if blank else ''}")
     return ValidationReport([str(p) for p in paths], rows, problems, bad_rows)
 
 
