@@ -309,6 +309,10 @@ def test_a_malformed_jsonl_line_is_a_reject_not_an_abort(tmp_path):
     assert [r["code"] for r in reasons] == ["bad_json", "bad_json"]
     assert "line 2" in reasons[0]["reason"] and "line 3" in reasons[1]["reason"]
     assert not list((tmp_path / "o").glob("*.partial"))
+    assert "row id" in res.manifest["split_method"]  # the kept rows have ids: the bad lines change nothing
+    report = validate_paths([src], ValidateOptions(workers=1))  # validate names the same lines
+    assert [(p.code, p.message.split(" is ")[0]) for p in report.problems if p.code == "bad_json"] == \
+        [("bad_json", "line 2"), ("bad_json", "line 3")]
 
 
 def test_ctrl_c_during_prepare_ends_quickly_cleanly_and_with_130(tmp_path):

@@ -238,13 +238,15 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
                 for item, res in zip(chunk, results):
                     split_name = assign_split(item, split, opts.seed)
                     rows_in += 1
-                    how["source" if isinstance(split, str) and item.split is not None else "hash"] += 1
-                    how["positional_ids"] += item.positional
                     if res[0] == "reject":
                         rejected += 1
                         rejects.write(json.dumps({"source_id": item.source_id, "split": split_name,
                                                   "code": res[1], "reason": res[2]}, ensure_ascii=False) + "\n")
                         continue
+                    # how the kept rows got their split (a rejected row's split decides nothing: a malformed
+                    # line has no id, and must not make the manifest call the whole file positional)
+                    how["source" if isinstance(split, str) and item.split is not None else "hash"] += 1
+                    how["positional_ids"] += item.positional
                     record, sizes = res[1], res[2]
                     record = {"id": f"{record['data_source']}-{item.source_id}", "split": split_name, **record}
                     if split_name not in writers:

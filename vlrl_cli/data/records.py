@@ -136,6 +136,21 @@ def _open(path: Path) -> pq.ParquetFile | None:
     return None
 
 
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | BadLine]]:
+    """Each non-blank line of a JSONL file with its 1-based line number: the object, or a BadLine saying why
+    the line is not one (a malformed line is a row of its own, never the end of the file)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, BadLine(f"line {i} is not valid JSON: {e.msg} (column {e.colno})")
+                continue
+            yield i, row if isinstance(row, dict) else BadLine(f"line {i} is a JSON {type(row).__name__}, not an object")
+
+
 def count_rows(path: str | Path) -> int | None:
     """Rows in a file (None for .json, known only once parsed). Raises RecordFileError."""
     path = Path(path)
@@ -157,14 +172,8 @@ def iter_rows(path: str | Path, batch_size: int = 256) -> Iterator[dict | BadLin
             for row in batch.to_pylist():
                 yield strip_nulls(row)
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield BadLine(f"line is not JSON: {e}")
+        for _, row in jsonl_rows(path):
+            yield row
     else:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

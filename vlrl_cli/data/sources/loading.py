@@ -71,20 +71,12 @@ def iter_dataset_rows(path: str, image_columns: list[str]) -> Iterator[tuple[str
 def _jsonl_rows(path: Path) -> Iterator[tuple[None, int, dict]]:
     """A JSONL file line by line: a malformed line is a row of its own (`_bad_row`), rejected with its line
     number, instead of failing the whole file as a `datasets` load would."""
-    import json
+    from ..records import BadLine, jsonl_rows
 
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    row = {"_bad_row": f"line {i + 1} is a JSON {type(row).__name__}, not an object"}
-            except json.JSONDecodeError as e:
-                row = {"_bad_row": f"line {i + 1} is not valid JSON: {e.msg} (column {e.colno})"}
-            row["_base_dir"] = str(path.parent)
-            yield None, i, row
+    for line, row in jsonl_rows(path):
+        row = {"_bad_row": row.error} if isinstance(row, BadLine) else row
+        row["_base_dir"] = str(path.parent)
+        yield None, line - 1, row
 
 
 def image_bytes(value: Any, base_dir: str | None = None) -> bytes:
