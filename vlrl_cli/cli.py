@@ -68,7 +68,7 @@ def guarded(command):
     def run(*args, **kwargs):
         import click
 
-        from .errors import UserError
+        from .errors import UserError, environment_problem
 
         global crash_dir, _json_stdout
         crash_dir = None
@@ -90,7 +90,7 @@ def guarded(command):
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
         except Exception as e:
-            why = environment_problem(e) if isinstance(e, OSError) else None
+            why = environment_problem(e)
             if why is not None:
                 fail(why)  # the user's machine (a full disk, no permission), not a bug: no error log to write
             where = crash_dir if crash_dir is not None and crash_dir.is_dir() else Path(tempfile.gettempdir())
@@ -126,22 +126,6 @@ def lost_a_peer(e: BaseException) -> bool:
     text = f"{type(e).__name__}: {e}"
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                                    "remote process exited", "DistNetworkError"))
-
-
-def environment_problem(e: OSError) -> str | None:
-    """One line for an OSError of the user's environment (full disk, no permission, read-only folder, a
-    missing folder), naming the path; None for anything else."""
-    import errno
-
-    kinds = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-             errno.EROFS: "read-only file system", errno.ENOENT: "no such file or folder",
-             errno.ENOTDIR: "not a folder (a file is in the way)", errno.EISDIR: "a folder, not a file",
-             errno.EEXIST: "already exists (a file where a folder should be?)"}
-    if e.errno not in kinds:
-        return None
-    where = e.filename or "(a file this command writes)"
-    return f"{where}: {kinds[e.errno]}"
 
 
 # `--json -`: while the command runs, file descriptor 1 points at stderr, so whatever libraries print

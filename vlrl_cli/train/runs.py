@@ -119,39 +119,21 @@ def check_free_space(folder: Path, need: int, what: str, after: str = "") -> Non
                         f"{folder}; free some space{after}")
 
 
-def os_error_code(e: BaseException) -> int | None:
-    """The errno behind an exception: an OSError's own, or one that arrives inside another library's error
-    (safetensors' Rust errors say "(os error 28)"; shutil.copytree gathers "[Errno 28]" strings into one
-    shutil.Error), so a full disk is named as one whatever layer wrote the file."""
-    import re
-
-    if isinstance(e, OSError) and e.errno is not None:
-        return e.errno
-    found = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(e))
-    return int(found.group(1) or found.group(2)) if found else None
-
-
 def writing(path: Path, what: str):
-    """A context in which an OSError of the user's environment (a full disk, no permission, a read-only
-    folder) becomes a UserError naming the path."""
+    """A context in which an error of the user's machine while writing (a full disk, no permission, a
+    read-only folder) becomes a UserError naming the path, whichever library met it."""
     import contextlib
-    import errno
-    import os
 
-    from ..errors import UserError
+    from ..errors import ENVIRONMENT_ERRNOS, WRITE_ERRNOS, UserError, os_error_code
 
     @contextlib.contextmanager
     def guard():
         try:
             yield
-        except Exception as e:  # noqa: BLE001 - re-raised unless it is the disk's
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the machine's
             code = os_error_code(e)
-            if code in (errno.ENOSPC, errno.EDQUOT):
-                raise UserError(f"{what}: the disk is full ({path})") from None
-            if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise UserError(f"{what}: no permission to write in {path} ({os.strerror(code)})") from None
-            if code == errno.EFBIG:
-                raise UserError(f"{what}: a file grew past the size this system allows ({path})") from None
+            if code in WRITE_ERRNOS:
+                raise UserError(f"{what}: {ENVIRONMENT_ERRNOS[code]} ({path})") from None
             raise
 
     return guard()
