@@ -21,6 +21,7 @@ from typing import Any
 
 from .engines import EngineLimits, GenRequest, Generation, RolloutEngine, Sampling
 from .envs import resolve_env
+from .envs.base import is_count
 from ..model.render import RenderedPrompt, concat_image_inputs, render_prompt, render_text, split_messages
 from ..errors import UserError
 
@@ -207,7 +208,7 @@ class Episode:
         is rendered once for its n samples) when this reset returned the same messages."""
         self.env = env_call(resolve_env(record["env_class"], env_registry), "__init__", record)
         turns = getattr(self.env, "max_turns", None)  # an instance may set its own (per record)
-        if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+        if not is_count(turns, 1):
             name, where = _env_name(self.env, "__init__", record)
             raise UserError(f"{name} left max_turns = {str(turns)[:40]!r}; a whole number >= 1 belongs {where}")
         self.record, self.processor, self.max_context, self.max_images = record, processor, max_context, max_images
@@ -388,7 +389,7 @@ def turn_limit(records: list[dict], max_turns: int | None, env_registry: dict | 
 def _turns_of(cls, record: dict) -> int:
     """An environment's turn_limit(record), its failure or a result that is not a count named like any other."""
     turns = env_call(cls, "turn_limit", record, record)
-    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+    if not is_count(turns, 1):
         name, where = _env_name(cls, "turn_limit", record)
         raise UserError(f"{name} returned {str(turns)[:40]!r} where a whole number of turns >= 1 belongs {where}")
     return turns

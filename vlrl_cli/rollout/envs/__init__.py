@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ...errors import UserError
+from .base import is_count
 
 BUILTIN_ENVS = {
     "colors": "vlrl_cli.rollout.envs.colors:ColorsEnv",
@@ -91,7 +92,7 @@ def load_env_class(name: str, target: str):
                         "vlrl_cli.rollout.envs.base.Env, which gives it and the other defaults")
     for attr, least in (("max_turns", 1), ("observation_images", 0)):
         value = getattr(cls, attr, least)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_count(value, least):
             raise UserError(f"environment {name!r}: {target}.{attr} = {str(value)[:40]!r}; a whole number >= {least}")
     return cls
 

@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def is_count(value, least: int = 0) -> bool:
+    """A whole number >= least, as an environment's turn limits and image counts must be (True is not one,
+    though Python counts a bool as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def extra_int(record: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
     """An integer setting of a record's extra_info (a maze's size, a turn limit), or a UserError naming the
     record and the key: a row's "four" or 10**6 is its own mistake, not an internal error or an endless maze."""
@@ -18,7 +24,7 @@ def extra_int(record: dict, key: str, default: int | None, lo: int, hi: int) -> 
     value = (record.get("extra_info") or {}).get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if not (is_count(value, lo) and value <= hi):
         raise UserError(f"record {record.get('id', '?')!r}: extra_info.{key} must be an integer in {lo}..{hi}, "
                         f"got {str(value)[:40]!r}")
     return value
