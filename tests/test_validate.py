@@ -212,3 +212,23 @@ def test_validate_counts_each_familys_prompt_tokens_with_its_own_processor(tmp_p
     tight = validate_paths([path], ValidateOptions(processor=model, max_prompt_tokens=length - 1, workers=1))
     too_long = [p for p in tight.problems if p.row == 0 and p.code == "prompt_too_long"]
     assert too_long and f"prompt: {length} tokens" in too_long[0].message, tight.problems
+
+
+def test_a_rows_environment_settings_are_checked_as_train_reads_them(tmp_path, cli):
+    """A maze's extra_info.max_steps "3" (text, not a number) is what train and eval refuse when they size the
+    engine; validate names it at its row, with the environment's own words."""
+    from vlrl_cli.data.prepare import PrepareOptions, prepare
+
+    prepare(PrepareOptions(source="maze2d", out=tmp_path / "mz", workers=1,
+                           source_opts={"rows": 4, "val_rows": 2, "maze_size": 3}))
+    rows = list(iter_rows(tmp_path / "mz" / "train.parquet"))
+    rows[1]["extra_info"]["max_steps"] = "3"
+    rows[2]["extra_info"]["max_steps"] = 0
+    bad = tmp_path / "bad.jsonl"
+    write_rows(bad, rows)
+    report = validate_paths([bad], ValidateOptions(workers=1))
+    found = sorted((p.row, p.code, p.message) for p in report.problems)
+    assert [(r, c) for r, c, _ in found] == [(1, "bad_env_setting"), (2, "bad_env_setting")], found
+    assert "extra_info.max_steps must be an integer in 1..1000, got '3'" in found[0][2]
+    assert cli("validate", bad).exit_code == 1
+    assert cli("validate", tmp_path / "mz" / "train.parquet").exit_code == 0
