@@ -465,6 +465,60 @@ def test_an_environment_that_raises_stops_the_run_with_one_line_naming_it_and_th
     assert "internal error" not in r.stderr and "Traceback" not in r.stderr
 
 
+
+def test_one_records_failing_environment_drops_its_group_and_the_run_goes_on(tmp_path, tiny_model, colors_data):
+    """One record whose environment cannot start and one whose step raises: each step trains the other record's
+    group, counts the failed episodes (env_errors) and names both records in env_errors.jsonl; the run ends well."""
+    import json
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from vlrl_cli.data.records import write_rows
+
+    rows = pq.read_table(colors_data / "train.parquet").to_pylist()[:3]
+    write_rows(tmp_path / "three.parquet", rows)
+    bad_reset, bad_step, good = (r["id"] for r in rows)
+    (tmp_path / "flaky_envs.py").write_text(
+        "from vlrl_cli.rollout.envs.colors import ColorsEnv\n\n"
+        "class Flaky(ColorsEnv):\n"
+        "    def reset(self, record):\n"
+        f"        if record['id'] == {bad_reset!r}:\n"
+        "            raise RuntimeError('cannot start this one')\n"
+        "        return super().reset(record)\n\n"
+        "    def step(self, text):\n"
+        f"        if self.record['id'] == {bad_step!r}:\n"
+        "            raise ValueError('blew up on this one')\n"
+        "        return super().step(text)\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_model)}, "data": {"train": str(tmp_path / "three.parquet")},
+        "rollout": {"n": 2, "prompts_per_step": 3, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
+        "trainer": {"steps": 2, "save_final": False}, "run": {"dir": str(tmp_path / "runs"), "name": "flaky"},
+        "envs": {"colors": "flaky_envs:Flaky"}}))
+    r = _cli("train", recipe)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning: step 1: 4 of 6 episodes failed in their environment" in r.stderr, r.stderr[-2000:]
+    run = tmp_path / "runs" / "flaky"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["env_errors"], m["trained_sequences"]) for m in metrics] == [(4, 2), (4, 2)], metrics
+    errors = [json.loads(x) for x in (run / "env_errors.jsonl").read_text().splitlines()]
+    assert sorted((e["step"], e["record_id"], e["episodes"]) for e in errors) == \
+        [(1, bad_reset, 2), (1, bad_step, 2), (2, bad_reset, 2), (2, bad_step, 2)], errors
+    by_id = {e["record_id"]: e["error"] for e in errors}
+    assert "flaky_envs:Flaky.reset raised RuntimeError: cannot start this one" in by_id[bad_reset]
+    assert "flaky_envs:Flaky.step raised ValueError: blew up on this one" in by_id[bad_step]
+    assert good not in by_id
+    # eval: the failed samples are scored as failed, each with its reason, and the others are evaluated
+    write_rows(tmp_path / "three_flaky.jsonl", [dict(r, env_class="flaky_envs:Flaky") for r in rows])
+    r = _cli("eval", tiny_model, tmp_path / "three_flaky.jsonl", "--out", tmp_path / "ev", "--max-new-tokens", 2,
+             cwd=tmp_path)
+    assert r.returncode == 0 and "2 of 3 samples ended in an error of their environment" in r.stderr, r.stderr[-2000:]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["env_errors"] == 2
+    rollouts = {x["record_id"]: x for x in map(json.loads, (tmp_path / "ev" / "rollouts.jsonl").read_text().splitlines())}
+    assert "cannot start this one" in rollouts[bad_reset]["env_error"] and "env_error" not in rollouts[good]
+
+
 BAD_ENVS = """
 from vlrl_cli.rollout.envs.base import Env, StepResult
 
@@ -542,10 +596,9 @@ class Shouts(Env):  # an exception quoting model text: newlines and a terminal c
 def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_trained_on(tmp_path, tiny_model,
                                                                                       colors_data, monkeypatch, cls, message):
     """A NaN reward trained silently (NaN in every weight by the next step) and a wrong type was an internal error:
-    each is one line naming the environment, what it returned and the record."""
+    each is one line naming the environment, what it returned and the record, kept with the episode it ended."""
     import pyarrow.parquet as pq
 
-    from vlrl_cli.errors import UserError
     from vlrl_cli.model.loading import load_processor
     from vlrl_cli.rollout.engines import Sampling
     from vlrl_cli.rollout.engines.hf import HFEngine
@@ -560,10 +613,13 @@ def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_tra
         [t] = collect(engine, [record], processor, 1, Sampling(1.0, 1.0, 2, 0), None, 4096)
         assert type(t.reward) is float and t.reward == 0.5
         return
-    with pytest.raises(UserError) as e:
-        collect(engine, [record], processor, 1, Sampling(1.0, 1.0, 2, 0), None, 4096)
-    assert message in str(e.value) and f"nonsense_envs:{cls}" in str(e.value) and repr(record["id"]) in str(e.value)
-    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)  # one printable line, whatever the env quoted
+    # the record's episode ends there, with the reason and no reward; the run goes on without it (train drops
+    # its group: test_one_records_failing_environment_drops_its_group_and_the_run_goes_on)
+    [t] = collect(engine, [record], processor, 1, Sampling(1.0, 1.0, 2, 0), None, 4096)
+    why = t.info["env_error"]
+    assert t.done_reason == "env_error" and t.reward == 0.0
+    assert message in why and f"nonsense_envs:{cls}" in why and repr(record["id"]) in why, why
+    assert "\n" not in why and "\x1b" not in why  # one printable line, whatever the env quoted
 
 
 def test_a_rows_bad_maze_settings_and_a_gymnasium_record_without_a_prompt(tmp_path, monkeypatch):

@@ -637,6 +637,9 @@ def eval_(
     table.add_row(str(metrics["records"]), str(metrics["samples"]), f"{metrics['accuracy']:.3f}",
                   f"{metrics['reward_mean']:.3f}", f"{metrics['format_rate']:.3f}", f"{metrics['pass_at_k'][str(n)]:.3f}")
     err.print(table)
+    if metrics["env_errors"]:
+        err.print(f"[yellow]{metrics['env_errors']} of {metrics['samples']} samples ended in an error of their "
+                  "environment and are scored as failed; each says why in rollouts.jsonl (env_error)[/]", highlight=False)
     err.print(f"wrote {out / 'metrics.json'}, {out / 'rollouts.jsonl'} and {out / 'report.html'}")
     if json_out:
         write_json(json_out, metrics)

@@ -26,6 +26,12 @@ from ..model.render import RenderedPrompt, concat_image_inputs, render_prompt, r
 from ..errors import UserError
 
 
+class EnvError(UserError):
+    """An environment failed on one record: it raised, or returned what cannot be used. That record's episodes
+    end with done_reason "env_error" and this message, and the run goes on without them (train does not train
+    their group, eval scores them as failed); only where every episode of a step fails does the run stop."""
+
+
 @dataclass
 class Sequence:
     """One token sequence to score or train on, with its images: what every batch is built from (a rollout's
@@ -124,16 +130,18 @@ def env_call(env, method: str, record: dict, *args):
     name, where = _env_name(env, method, record)
     try:
         result = env(*args) if method == "__init__" else getattr(env, method)(*args)
-    except UserError:
+    except EnvError:
         raise
+    except UserError as e:  # the environment's own words (a record setting it refuses): still this record's failure
+        raise EnvError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - named and re-raised
         # where in the environment's own code it failed: the one line a user needs to start debugging
         frames = traceback.extract_tb(e.__traceback__)
         at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-        raise UserError(f"{name} raised {type(e).__name__}: {one_line(str(e))}{at} {where}") from e
+        raise EnvError(f"{name} raised {type(e).__name__}: {one_line(str(e))}{at} {where}") from e
     problem = (_bad_messages(result) if method == "reset" else _bad_step(result) if method == "step" else None)
     if problem:
-        raise UserError(f"{name} returned {problem} {where}")
+        raise EnvError(f"{name} returned {problem} {where}")
     return result
 
 
@@ -191,7 +199,7 @@ def env_images(env, method: str, record: dict):
         yield
     except ImageError as e:
         name, where = _env_name(env, method, record)
-        raise UserError(f"{name} returned an image that cannot be used: {e} {where}") from None
+        raise EnvError(f"{name} returned an image that cannot be used: {e} {where}") from None
 
 
 class Episode:
@@ -210,7 +218,7 @@ class Episode:
         turns = getattr(self.env, "max_turns", None)  # an instance may set its own (per record)
         if not is_count(turns, 1):
             name, where = _env_name(self.env, "__init__", record)
-            raise UserError(f"{name} left max_turns = {str(turns)[:40]!r}; a whole number >= 1 belongs {where}")
+            raise EnvError(f"{name} left max_turns = {str(turns)[:40]!r}; a whole number >= 1 belongs {where}")
         self.record, self.processor, self.max_context, self.max_images = record, processor, max_context, max_images
         # the reset sets the env's episode state
         messages = keep_last_images(env_call(self.env, "reset", record, record), max_images)
@@ -224,6 +232,22 @@ class Episode:
                                images=_image_urls(self.messages))
         self.done = False
         self.eos_text = processor.tokenizer.eos_token
+
+    @classmethod
+    def failed(cls, record: dict, group: int, error: EnvError) -> "Episode":
+        """An episode of a record whose environment failed before the first turn: done, nothing to generate from."""
+        ep = cls.__new__(cls)
+        ep.record, ep.env, ep.messages = record, None, []
+        ep.traj = Trajectory(token_ids=[], loss_mask=[], engine_logp=[], tensors={}, record_id=str(record.get("id", "")),
+                             group=group, env_class=str(record.get("env_class", "")),
+                             data_source=str(record.get("data_source", "")), prompt_len=0)
+        ep.fail(error)
+        return ep
+
+    def fail(self, error: EnvError) -> None:
+        """End the episode on its environment's failure: no reward, the message kept with the trajectory."""
+        self.done = True
+        self.traj.done_reason, self.traj.reward, self.traj.info = "env_error", 0.0, {"env_error": str(error)}
 
     def request(self, n: int = 1) -> GenRequest:
         """The next turn's request: its answer may fill the context, never pass it (the trainer scores the
@@ -312,15 +336,20 @@ def start_episodes(records: list[dict], processor, n: int, max_context: int, env
     engine, so the GRPO loop builds the next step's episodes on another thread while the trainer runs.
 
     A prompt longer than `max_prompt` tokens is not generated from: its episodes end at once with
-    done_reason "prompt_too_long" and no response (the trainer skips them; metrics count them).
+    done_reason "prompt_too_long" and no response (the trainer skips them; metrics count them). A record whose
+    environment fails to start gets n episodes that end at once with done_reason "env_error" (EnvError).
     max_images: the image history's bound (Episode); None keeps every frame.
     """
     groups = []
     for g, record in enumerate(records):
-        first = Episode(record, g, processor, env_registry, max_context, max_images=max_images)
-        shared = (list(first.messages), RenderedPrompt(first.traj.token_ids, [], first.traj.tensors, 0, 0))
-        eps = [first] + [Episode(record, g, processor, env_registry, max_context, shared, max_images)
-                         for _ in range(n - 1)]
+        try:
+            first = Episode(record, g, processor, env_registry, max_context, max_images=max_images)
+            shared = (list(first.messages), RenderedPrompt(first.traj.token_ids, [], first.traj.tensors, 0, 0))
+            eps = [first] + [Episode(record, g, processor, env_registry, max_context, shared, max_images)
+                             for _ in range(n - 1)]
+        except EnvError as e:  # this record's environment cannot start: its episodes say why, the others go on
+            groups.append([Episode.failed(record, g, e) for _ in range(n)])
+            continue
         if max_prompt is not None and eps[0].traj.prompt_len > max_prompt:
             for ep in eps:
                 ep.done, ep.traj.done_reason = True, "prompt_too_long"
@@ -345,10 +374,16 @@ def run_episodes(engine: RolloutEngine, groups: list[list[Episode]], sampling: S
         engine_s += time.perf_counter() - t
         return out
 
+    def observe(ep: Episode, gen: Generation) -> None:
+        try:
+            ep.observe(gen)
+        except EnvError as e:  # this episode's environment failed: it ends here, the others go on
+            ep.fail(e)
+
     firsts = generate([eps[0].request(len(eps)) for eps in live], sampling) if live else []
     for eps, gens in zip(live, firsts):
         for ep, gen in zip(eps, gens):
-            ep.observe(gen)
+            observe(ep, gen)
     # later turns: episodes have diverged; one request each, until every episode is done
     for turn in itertools.count(1) if max_turns is None else range(1, max_turns):
         active = [ep for eps in groups for ep in eps if not ep.done and ep.env.max_turns > turn]
@@ -356,7 +391,7 @@ def run_episodes(engine: RolloutEngine, groups: list[list[Episode]], sampling: S
             break
         s = dataclasses.replace(sampling, seed=sampling.seed + 7919 * turn)
         for ep, gens in zip(active, generate([ep.request(1) for ep in active], s)):
-            ep.observe(gens[0])
+            observe(ep, gens[0])
     out = []
     for eps in groups:
         for ep in eps:

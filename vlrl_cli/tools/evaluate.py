@@ -50,6 +50,7 @@ def summarize(trajs, n: int) -> dict:
         "reward_mean": sum(t.reward for t in trajs) / len(trajs),
         "format_rate": sum(bool(t.info.get("format_ok")) for t in trajs) / len(trajs),
         "turns_mean": sum(t.turns for t in trajs) / len(trajs),
+        "env_errors": sum(t.done_reason == "env_error" for t in trajs),  # scored as failed; why: rollouts.jsonl
         "pass_at_k": {},
     }
     for k in range(1, n + 1):
@@ -116,7 +117,9 @@ def write_eval_files(out: Path, metrics: dict, trajs, records) -> None:
                 f.write(json.dumps({"record_id": t.record_id, "sample": t.group, "env_class": t.env_class,
                                     "data_source": t.data_source, "reward": t.reward, "correct": bool(t.info.get("correct")),
                                     "turns": t.turns, "done_reason": t.done_reason, "prompt_tokens": t.prompt_len,
-                                    "response_tokens": t.response_len, "steps": t.texts}) + "\n")
+                                    "response_tokens": t.response_len, "steps": t.texts,
+                                    **({"env_error": t.info["env_error"]} if t.done_reason == "env_error" else {})})
+                        + "\n")
         write_report(out / "report.html.partial", metrics, trajs, {r.get("id", ""): r for r in records})
         for name in names:
             (out / f"{name}.partial").replace(out / name)

@@ -55,7 +55,7 @@ def validation_metrics(engine: RolloutEngine, records: list[dict], processor, re
 def filler_trajectory(trajs: list[Trajectory]) -> Trajectory:
     """The rank's shortest sequence as a zero-weight filler (distributed.equal_micro_batches). It may have no response
     (a prompt over the limit), so its last token counts as trained: the forward must reach every layer."""
-    t = min(trajs, key=lambda t: len(t.token_ids))
+    t = min((t for t in trajs if t.token_ids), key=lambda t: len(t.token_ids))  # (env_failures: one exists)
     return dataclasses.replace(t, loss_mask=[0] * (len(t.token_ids) - 1) + [1])
 
 
@@ -167,11 +167,14 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
         clock = stats.phase("generate", stats.t0)
         stats.training_starts()
 
-        # 2. advantages per group; dynamic sampling drops groups that teach nothing
+        # 2. advantages per group; dynamic sampling drops groups that teach nothing, and a group where an
+        # environment failed is not trained at all (its failed episode has no reward to compare with)
+        failed_groups = env_failures(run, recipe, step + 1, trajs)
         rewards = torch.tensor([t.reward for t in trajs])
         group_ids = torch.tensor([t.group for t in trajs])
         adv = group_advantages(rewards, group_ids, a.adv_std_norm)
         keep = keep_informative_groups(rewards, group_ids) if a.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
+        keep &= torch.tensor([t.group not in failed_groups for t in trajs], dtype=torch.bool)
         # each sequence the engine generated from (one an episode, or one a segment of a cut image history)
         batch = [(seq, float(adv[i])) for i, t in enumerate(trajs) if keep[i] for seq in t.sequences()
                  if sum(seq.loss_mask) > 0]
@@ -249,11 +252,41 @@ def train_grpo(recipe: Recipe, resume: bool = False, on_step: Callable[[dict], N
     return recipe.run_dir
 
 
+def env_failures(run, recipe: Recipe, step: int, trajs: list[Trajectory]) -> set[int]:
+    """The groups of this rank where an environment failed (EnvError), recorded in the run's env_errors.jsonl.
+    The same decision on every rank: stop when every episode of the step failed (a broken environment, not a
+    bad record), or when some rank is left without a single sequence to train or pad with."""
+    from ..errors import UserError
+    from .distributed import all_ranks
+
+    import sys
+
+    failed = [t for t in trajs if t.done_reason == "env_error"]
+    if failed:
+        run.record_env_errors(recipe, step, failed)
+    usable = any(t.token_ids for t in trajs)
+    total = all_ranks({"failed": len(failed), "episodes": len(trajs), "ranks_without": float(not usable)})
+    if not total["failed"]:
+        return set()
+    if total["failed"] == total["episodes"] or total["ranks_without"]:
+        first = failed[0].info["env_error"] if failed else "(on another rank)"
+        where = "" if total["failed"] == total["episodes"] else " on one rank"
+        raise UserError(f"step {step}: every episode{where} failed in its environment (a broken environment, not "
+                        f"one bad record); the first: {first}")
+    if run.rank == 0:
+        print(f"warning: step {step}: {int(total['failed'])} of {int(total['episodes'])} episodes failed in their "
+              f"environment; their groups are not trained (reasons in {recipe.run_dir / 'env_errors.jsonl'})",
+              file=sys.stderr, flush=True)
+    return {t.group for t in failed}
+
+
 def why_nothing_trained(trajs, keep, recipe: Recipe) -> str:
     too_long = sum(t.done_reason == "prompt_too_long" for t in trajs)
     if too_long:
         return (f"{too_long} of {len(trajs)} samples had prompts over data.max_prompt_tokens "
                 f"({recipe.data.max_prompt_tokens})")
+    if any(t.done_reason == "env_error" for t in trajs):
+        return "every group held an episode whose environment failed (the run's env_errors.jsonl says why)"
     if recipe.algorithm.dynamic_sampling and not keep.any():
         return "every group's rewards were equal (dynamic sampling dropped them)"
     return "no sample generated a token"

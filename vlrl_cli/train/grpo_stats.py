@@ -67,6 +67,7 @@ class StepStats:
             "format": sum(bool(t.info.get("format_ok")) for t in trajs), "gen_tokens": sum(t.response_len for t in trajs),
             "prompt_tokens": sum(t.prompt_len for t in trajs), "groups_kept": int(keep.sum()) // n_groups_per,
             "too_long": sum(t.done_reason == "prompt_too_long" for t in trajs) // n_groups_per,
+            "env_errors": sum(t.done_reason == "env_error" for t in trajs),
             "pad": sum(b.positions[1] - b.positions[0] for b in mbs), "computed": sum(b.positions[1] for b in mbs)})
         drift_max = all_ranks({"m": self.drift_max}, op="max")["m"]
         tok, epoch_tok, seqs = max(g["tok"], 1.0), max(g["epoch_tok"], 1.0), g["seqs"]
@@ -86,6 +87,7 @@ class StepStats:
             "groups_kept": int(g["groups_kept"]),
             "trained_sequences": n_trained,
             "prompts_too_long": int(g["too_long"]),
+            "env_errors": int(g["env_errors"]),  # episodes whose environment failed (env_errors.jsonl)
             "time_generate_s": round(self.times["generate"], 4),
             # its parts: the engine's generate calls, waking it and putting it to sleep; the rest is environments,
             # rewards, observations and any wait for the render thread (the prompts are rendered during training)

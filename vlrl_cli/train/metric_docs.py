@@ -20,6 +20,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "groups_kept": ("grpo", "groups left after dynamic sampling"),
     "trained_sequences": ("grpo", "sequences the step trained on, all ranks"),
     "prompts_too_long": ("grpo, sft", "prompts over data.max_prompt_tokens, not rolled out or trained"),
+    "env_errors": ("grpo", "episodes whose environment failed (raised, or returned what cannot be used); their groups "
+                   "are not trained, and env_errors.jsonl in the run directory says why, per record"),
     "padding_frac": ("grpo, sft", "share of the positions the trainer's forwards computed that were padding"),
     "micro_batches": ("grpo, sft", "forwards per pass over the step's batch (this rank)"),
     "time_generate_s": ("grpo", "seconds of the generate phase: the engine, environments, rewards, observations "

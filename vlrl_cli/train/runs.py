@@ -560,6 +560,25 @@ class RunSetup:
         if self.rank == 0:
             print(f"warning: step {step} trained on nothing: {why}", file=sys.stderr, flush=True)
 
+    def record_env_errors(self, recipe, step: int, failed: list) -> Path:
+        """This rank's episodes whose environment failed at step `step`, one line per record and message, to
+        env_errors.jsonl in the run directory (every rank appends its own: one short line per write)."""
+        import json
+
+        path = recipe.run_dir / "env_errors.jsonl"
+        seen = set()
+        with writing(recipe.run_dir, "env_errors.jsonl"), open(path, "a", encoding="utf-8") as f:
+            for t in failed:
+                key = (t.record_id, t.info["env_error"])
+                if key not in seen:
+                    seen.add(key)
+                    f.write(json.dumps({"step": step, "rank": self.rank, "record_id": t.record_id,
+                                        "env_class": t.env_class, "episodes": sum(
+                                            (u.record_id, u.info["env_error"]) == key for u in failed),
+                                        "error": t.info["env_error"]}, ensure_ascii=False) + "\n")
+                    f.flush()
+        return path
+
     def reached_target(self, recipe, step: int, accuracy: float) -> bool:
         """Whether validation at step `step` (1-based) reached trainer.stop_at_val_accuracy, the same answer on
         every rank (rank 0's: ranks that stopped apart would wait on each other forever)."""
