@@ -250,6 +250,31 @@ def test_a_typo_in_a_recipes_envs_is_named_before_any_model_loads_and_a_retry_is
     assert saved["envs"] == {"parity": "myenvs:Parity"}  # the run records where its environment came from
 
 
+def test_eval_and_check_drift_of_a_run_play_the_environments_its_recipe_registered(tmp_path, tiny_model, colors_data):
+    """`vlrl eval runs/x DATA` without --env: the run's saved recipe says where its environments live. From a
+    folder where that module cannot be imported, one line says so and what to do."""
+    import yaml
+
+    (tmp_path / "myenvs.py").write_text(PARITY)
+    data = _parity_records(colors_data, tmp_path / "parity.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_model)}, "data": {"train": str(data)},
+        "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
+        "trainer": {"steps": 1, "lr": 1e-4, "save_final": True}, "run": {"dir": str(tmp_path / "runs")},
+        "envs": {"parity": "myenvs:Parity"}}))
+    assert _cli("train", recipe, cwd=tmp_path.parent).returncode == 0
+    run = tmp_path / "runs" / "run"
+    r = _cli("eval", run, data, "--out", tmp_path / "ev", "--limit", 2, "--max-new-tokens", 2, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("check-drift", run, data, "--samples", 2, "--max-new-tokens", 2, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "elsewhere").mkdir()
+    r = _cli("eval", run, data, "--out", tmp_path / "ev2", "--limit", 2, cwd=tmp_path / "elsewhere")
+    assert r.returncode == 2 and "registers an environment that cannot be imported from here" in r.stderr, r.stderr[-2000:]
+    assert "--env NAME=module:Class" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_prepare_and_validate_take_your_environment_by_name_from_env_flags(tmp_path, colors_data):
     """--env NAME=module:Class on prepare and validate, as train, eval and check-drift take it: the name becomes a
     valid env_class, the module is imported at once, and a bad one is exit 2 naming it before any row is read."""

@@ -593,7 +593,8 @@ def eval_(
     limit: Annotated[Optional[int], typer.Option(help="Only the first N records.", min=1)] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable), "
-                                                     "as a recipe's envs: say; installed ones are found by themselves.")] = None,
+                                                     "as a recipe's envs: say; installed ones are found by themselves, and a run "
+                                                     "directory's own from its recipe.yaml.")] = None,
     history_images: Annotated[Optional[int], typer.Option(help="Keep the last K images of a multi-turn episode in the "
                                                           "context (rollout.history.max_images) [default: all].", min=1)] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics here (- for stdout).")] = None,
@@ -610,7 +611,7 @@ def eval_(
     if n > 1 and temperature == 0:
         fail(f"--n {n} with greedy decoding (--temperature 0) would give {n} identical answers per record: pass "
              "--temperature 1.0 to sample them (pass@k), or --n 1")
-    envs = user_envs(env)
+    envs = run_envs(model, env)
     opts = EvalOptions(engine=engine, n=n, sampling=Sampling(temperature, top_p, max_new_tokens, seed),
                        max_turns=max_turns, limit=limit, max_images=history_images)
     total = count_rows(data)
@@ -701,6 +702,36 @@ def user_envs(flags: list[str] | None) -> dict[str, str]:
     return envs
 
 
+def run_envs(model: str, flags: list[str] | None) -> dict[str, str]:
+    """user_envs(flags) over the environments a run's recipe registered (`envs:` of its saved recipe.yaml), when
+    MODEL is a run directory or one of its checkpoints: `vlrl eval runs/x DATA` plays the run's own
+    environments without naming them again. A flag of the same name wins."""
+    import yaml
+
+    from .errors import UserError
+    from .train.runs import resolve_checkpoint
+
+    saved = {}
+    ckpt = resolve_checkpoint(model)
+    recipe = ckpt.parent.parent / "recipe.yaml" if ckpt is not None else None
+    if recipe is not None and recipe.is_file():
+        try:
+            envs = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("envs") or {}
+        except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
+            fail(f"{recipe}: cannot read the run's environments ({type(e).__name__}); name them with --env")
+        saved = {str(k): str(v) for k, v in envs.items()} if isinstance(envs, dict) else {}
+    if saved:
+        from .rollout.envs import check_envs, importable_from
+
+        importable_from(Path.cwd())
+        try:
+            check_envs(saved)
+        except UserError as e:
+            fail(f"{recipe} registers an environment that cannot be imported from here: {e} (run from the folder "
+                 "the run was started in, or name it with --env NAME=module:Class)")
+    return {**saved, **user_envs(flags)}
+
+
 def check_model_argument(model: str) -> str:
     """MODEL of eval / check-drift: a run or checkpoint folder, a model folder, or a hub id that can be had.
     Returns the folder that holds the model (a run directory's latest checkpoint), which outputs must not touch."""
@@ -783,7 +814,7 @@ def check_drift_cmd(
     opts = DriftOptions(engine=engine, train_dtype=dtypes[0], engine_dtype=dtypes[1], zero_stage=zero_stage, lora_rank=lora_rank,
                         compile="auto" if compile is None else compile, samples=samples, sampling=Sampling(temperature, top_p, max_new_tokens, seed, top_k),
                         max_turns=max_turns, after_update=after_update, update_from=update_from, perturb=perturb,
-                        max_mean=max_mean, max_abs=max_abs, pack_tokens=pack_tokens, envs=user_envs(env),
+                        max_mean=max_mean, max_abs=max_abs, pack_tokens=pack_tokens, envs=run_envs(model, env),
                         max_images=history_images)
     from .tools.validate import check_run_data
 
