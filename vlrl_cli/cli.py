@@ -789,7 +789,8 @@ def check_drift_cmd(
     max_mean: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when mean |delta logprob| exceeds this.", min=0)] = None,
     max_abs: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when max |delta logprob| exceeds this.", min=0)] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
-    env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable).")] = None,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Your environment: NAME=module:Class (repeatable); "
+                                                     "a run directory's own come from its recipe.yaml.")] = None,
     history_images: Annotated[Optional[int], typer.Option(help="Keep the last K images of a multi-turn episode in the "
                                                           "context, as rollout.history.max_images [default: all].", min=1)] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the whole report here (- for stdout).")] = None,
