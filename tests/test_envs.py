@@ -273,6 +273,24 @@ def test_eval_and_check_drift_of_a_run_play_the_environments_its_recipe_register
     r = _cli("eval", run, data, "--out", tmp_path / "ev2", "--limit", 2, cwd=tmp_path / "elsewhere")
     assert r.returncode == 2 and "registers an environment that cannot be imported from here" in r.stderr, r.stderr[-2000:]
     assert "--env NAME=module:Class" in r.stderr and "Traceback" not in r.stderr
+    # ... and --env of the same name wins over the run's, as the message says
+    (tmp_path / "elsewhere" / "otherenvs.py").write_text(PARITY)
+    r = _cli("eval", run, data, "--out", tmp_path / "ev3", "--limit", 2, "--max-new-tokens", 2,
+             "--env", "parity=otherenvs:Parity", cwd=tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a checkpoint's hf/ folder is of the run too
+    hf = next((run / "checkpoints").glob("step_*")) / "hf"
+    r = _cli("eval", hf, data, "--out", tmp_path / "ev4", "--limit", 2, "--max-new-tokens", 2, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # an environment that fails on every record: check-drift says so, not "no tokens"
+    (tmp_path / "broken_envs.py").write_text(
+        "from vlrl_cli.rollout.envs.base import Env\n\nclass Broken(Env):\n"
+        "    def reset(self, record):\n        raise RuntimeError('no board today')\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(data.read_text().replace('"env_class": "parity"', '"env_class": "broken_envs:Broken"'))
+    r = _cli("check-drift", run, broken, "--samples", 2, "--max-new-tokens", 2, cwd=tmp_path)
+    assert r.returncode == 2 and "every episode failed in its environment" in r.stderr, r.stderr[-2000:]
+    assert "Broken.reset raised RuntimeError: no board today" in r.stderr
 
 
 def test_prepare_and_validate_take_your_environment_by_name_from_env_flags(tmp_path, colors_data):
@@ -509,7 +527,7 @@ def test_one_records_failing_environment_drops_its_group_and_the_run_goes_on(tmp
         "class Flaky(ColorsEnv):\n"
         "    def reset(self, record):\n"
         f"        if record['id'] == {bad_reset!r}:\n"
-        "            raise RuntimeError('cannot start this one')\n"
+        "            raise SystemExit(0)  # sys.exit() in a user's code: this record's failure, never a silent exit 0\n"
         "        return super().reset(record)\n\n"
         "    def step(self, text):\n"
         f"        if self.record['id'] == {bad_step!r}:\n"
@@ -531,7 +549,7 @@ def test_one_records_failing_environment_drops_its_group_and_the_run_goes_on(tmp
     assert sorted((e["step"], e["record_id"], e["episodes"]) for e in errors) == \
         [(1, bad_reset, 2), (1, bad_step, 2), (2, bad_reset, 2), (2, bad_step, 2)], errors
     by_id = {e["record_id"]: e["error"] for e in errors}
-    assert "flaky_envs:Flaky.reset raised RuntimeError: cannot start this one" in by_id[bad_reset]
+    assert "flaky_envs:Flaky.reset raised SystemExit: 0" in by_id[bad_reset]
     assert "flaky_envs:Flaky.step raised ValueError: blew up on this one" in by_id[bad_step]
     assert good not in by_id
     # eval: the failed samples are scored as failed, each with its reason, and the others are evaluated
@@ -541,7 +559,7 @@ def test_one_records_failing_environment_drops_its_group_and_the_run_goes_on(tmp
     assert r.returncode == 0 and "2 of 3 samples ended in an error of their environment" in r.stderr, r.stderr[-2000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["env_errors"] == 2
     rollouts = {x["record_id"]: x for x in map(json.loads, (tmp_path / "ev" / "rollouts.jsonl").read_text().splitlines())}
-    assert "cannot start this one" in rollouts[bad_reset]["env_error"] and "env_error" not in rollouts[good]
+    assert "raised SystemExit" in rollouts[bad_reset]["env_error"] and "env_error" not in rollouts[good]
 
 
 BAD_ENVS = """
@@ -712,3 +730,22 @@ def test_what_vlrl_reads_from_an_environment_class_before_any_episode_is_checked
         turn_limit([record], None, None)
     assert message in str(e.value), e.value
     assert cls != "TurnsNeedAKey" or "(record 'r7'" in str(e.value)
+
+
+def test_sys_exit_in_a_users_module_or_deep_in_a_command_is_never_a_silent_success(tmp_path, cli, monkeypatch):
+    """A module that calls sys.exit(0) at import is the row's error at validate; a SystemExit anywhere else in a
+    command is an internal error (exit 1, traceback logged), not exit 0 with nothing done."""
+    import json
+
+    (tmp_path / "exits_envs.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "a", "env_class": "exits_envs:Env", "prompt": [{"role": "user", "content": "x"}],
+                                "reward_spec": {"method": "env"}}) + "\n")
+    r = cli("validate", rows, "--workers", 1)
+    assert r.exit_code == 1 and "importing 'exits_envs' failed: SystemExit: 0" in r.output, r.output
+    import vlrl_cli.tools.validate as validate
+
+    monkeypatch.setattr(validate, "validate_paths", lambda *a, **k: __import__("sys").exit(0))
+    r = cli("validate", rows, "--workers", 1)
+    assert r.exit_code == 1 and "internal error: SystemExit" in r.output, r.output

@@ -89,7 +89,7 @@ def guarded(command):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # sys.exit() deep in a library or a user's code is no clean end either
             why = environment_problem(e)
             if why is not None:
                 fail(why)  # the user's machine (a full disk, no permission), not a bug: no error log to write
@@ -711,15 +711,19 @@ def run_envs(model: str, flags: list[str] | None) -> dict[str, str]:
     from .errors import UserError
     from .train.runs import resolve_checkpoint
 
+    given = user_envs(flags)
     saved = {}
-    ckpt = resolve_checkpoint(model)
+    path = Path(model)
+    # a run directory, one of its checkpoints, or a checkpoint's hf/ folder (runs/x/checkpoints/step_N/hf)
+    ckpt = resolve_checkpoint(str(path.parent) if path.name == "hf" and path.parent.parent.name == "checkpoints"
+                              else model)
     recipe = ckpt.parent.parent / "recipe.yaml" if ckpt is not None else None
     if recipe is not None and recipe.is_file():
         try:
             envs = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("envs") or {}
         except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
             fail(f"{recipe}: cannot read the run's environments ({type(e).__name__}); name them with --env")
-        saved = {str(k): str(v) for k, v in envs.items()} if isinstance(envs, dict) else {}
+        saved = {str(k): str(v) for k, v in envs.items() if str(k) not in given} if isinstance(envs, dict) else {}
     if saved:
         from .rollout.envs import check_envs, importable_from
 
@@ -729,7 +733,7 @@ def run_envs(model: str, flags: list[str] | None) -> dict[str, str]:
         except UserError as e:
             fail(f"{recipe} registers an environment that cannot be imported from here: {e} (run from the folder "
                  "the run was started in, or name it with --env NAME=module:Class)")
-    return {**saved, **user_envs(flags)}
+    return {**saved, **given}
 
 
 def check_model_argument(model: str) -> str:

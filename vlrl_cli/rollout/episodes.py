@@ -134,7 +134,7 @@ def env_call(env, method: str, record: dict, *args):
         raise
     except UserError as e:  # the environment's own words (a record setting it refuses): still this record's failure
         raise EnvError(str(e)) from e
-    except Exception as e:  # noqa: BLE001 - named and re-raised
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - named and re-raised (sys.exit in an env ends its record only)
         # where in the environment's own code it failed: the one line a user needs to start debugging
         frames = traceback.extract_tb(e.__traceback__)
         at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""

@@ -412,7 +412,12 @@ def _rollouts(engine, records, processor, o: DriftOptions, seed: int):
     rec = RecordingEngine(engine)
     trajs = collect(rec, records, processor, 1, dataclasses.replace(o.sampling, seed=seed), o.max_turns, o.max_context_tokens,
                     o.envs, max_images=o.max_images)
-    return [t for t in trajs if t.response_len > 0], rec.prompts
+    usable = [t for t in trajs if t.response_len > 0]
+    failed = [t for t in trajs if t.done_reason == "env_error"]
+    if not usable and failed:  # nothing to compare because the environment failed: say that, not "no tokens"
+        raise UserError(f"every episode failed in its environment ({len(failed)} of {len(trajs)}); the first: "
+                        f"{failed[0].info['env_error']}")
+    return usable, rec.prompts
 
 
 def check_drift(model: str, data: str, o: DriftOptions = DriftOptions(), engine_processor=None, engine=None,

@@ -116,7 +116,7 @@ def _turn_limit_problem(env: str, row: dict) -> str | None:
         turns = load_env_class(env, path).turn_limit(row)
     except UserError as e:
         return str(e)
-    except Exception as e:  # noqa: BLE001 - the user's environment code: its failure is this row's finding
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's environment code: its failure is this row's
         return f"{env}: turn_limit(record) raised {type(e).__name__}: {stable_message(e)[:200]}"
     return None if is_count(turns, 1) else f"{env}: turn_limit(record) gave {str(turns)[:40]!r}, not a whole number >= 1"
 

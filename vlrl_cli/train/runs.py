@@ -476,7 +476,8 @@ def claim_run_dir(recipe, resume: bool, overwrite: bool = False, allow_changes: 
     start; returns a message when there is nothing to do (a finished run resumed), else None.
 
     New directory: fine. Old metrics or checkpoints without --resume: refused unless --overwrite (which
-    removes them: metrics.jsonl, checkpoints/, tensorboard/), so two runs never mix in one directory.
+    removes them: metrics.jsonl, checkpoints/, tensorboard/, env_errors.jsonl), so two runs never mix in one
+    directory.
     --resume: the recipe must equal the run's saved recipe.yaml unless --allow-changes.
     """
     import yaml
@@ -521,6 +522,7 @@ def claim_run_dir(recipe, resume: bool, overwrite: bool = False, allow_changes: 
         shutil.rmtree(d / "checkpoints", ignore_errors=True)
         shutil.rmtree(d / "tensorboard", ignore_errors=True)
         (d / "metrics.jsonl").unlink(missing_ok=True)
+    (d / "env_errors.jsonl").unlink(missing_ok=True)  # a new run's log starts empty (--resume appends to its own)
     return None
 
 

@@ -78,7 +78,7 @@ def load_env_class(name: str, target: str):
     except ModuleNotFoundError as e:
         raise UserError(f"environment {name!r}: cannot import {module!r} ({e}); install its package, or run from the "
                         "folder that holds it (or put that folder on PYTHONPATH)") from None
-    except Exception as e:  # noqa: BLE001 - the user's module failed while importing: name it
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed (or exited) while importing
         raise UserError(f"environment {name!r}: importing {module!r} failed: {type(e).__name__}: {e}") from None
     cls = getattr(mod, attr, None)
     if cls is None:

@@ -111,7 +111,7 @@ def _check_gym_id(gym_id: str) -> None:
         except ModuleNotFoundError as e:
             raise UserError(f"env_class gymnasium:{gym_id}: cannot import {module!r} ({e}); install its package, or "
                             "run from the folder that holds it (or put that folder on PYTHONPATH)") from None
-        except Exception as e:  # noqa: BLE001 - the user's module failed while importing: name it
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed while importing: name it
             raise UserError(f"env_class gymnasium:{gym_id}: importing {module!r} failed: {type(e).__name__}: {e}") from None
     try:
         gymnasium.spec(name)
