@@ -401,3 +401,24 @@ def test_write_clean_writes_the_format_its_extension_names_and_json_stdout_is_on
             assert len(rows_of(dest)) == n
     r = run_vlrl("validate", src, "--write-clean", tmp_path / "clean.csv", timeout=120)
     assert r.returncode == 2 and ".parquet, .jsonl, .json" in r.stderr
+
+
+def test_a_folder_that_datasets_cannot_read_and_rows_that_cannot_share_a_parquet_table_are_named(tmp_path, cli):
+    """A malformed line in a folder's JSONL was an internal DatasetGenerationError; --write-clean to parquet of
+    rows whose field is text in one and a number in another was an internal ArrowInvalid. Each is exit 2 naming
+    the path, and no partial file stays."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    rows = _qa_rows(folder, ["a", "b"])
+    (folder / "data.jsonl").write_text(json.dumps(rows[0]) + "\nnot json\n" + json.dumps(rows[1]) + "\n")
+    r = cli("prepare", folder, "--out", tmp_path / "o", "--workers", 1, "--image-column", "img", "--question-column",
+            "q", "--answer-column", "a", "--env-class", "geometry3k")
+    assert r.exit_code == 2 and "cannot be read as a dataset" in r.output and "src" in r.output, r.output
+    good = {"env_class": "colors", "prompt": [{"role": "user", "content": "x"}],
+            "reward_spec": {"method": "rule", "ground_truth": "1"}}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"id": "a", **good, "extra_info": {"seed": "7"}}) + "\n"
+                     + json.dumps({"id": "b", **good, "extra_info": {"seed": 7}}) + "\n")
+    r = cli("validate", mixed, "--write-clean", tmp_path / "clean.parquet")
+    assert r.exit_code == 2 and "cannot share one parquet table" in r.output and "write .jsonl" in r.output, r.output
+    assert not list(tmp_path.glob("clean*"))

@@ -249,6 +249,13 @@ class RecordWriter:
     def _flush(self) -> None:
         if not self.pending:
             return
+        try:
+            self._write_pending()
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # one row's text where the others hold numbers, etc.
+            raise UserError(f"{self.path}: the rows cannot share one parquet table ({e}); make the field one type in "
+                            "every row, or write .jsonl") from None
+
+    def _write_pending(self) -> None:
         if self.schema is None:
             extra = pa.array([r.get("extra_info") or {} for r in self.pending]).type
             fields = BASE_FIELDS + ([("extra_info", extra)] if pa.types.is_struct(extra) and extra.num_fields else [])
@@ -297,9 +304,13 @@ def write_rows(path: str | Path, rows) -> int:
         tmp.replace(path)
         return n
     w = RecordWriter(path)
-    for row in rows:
-        w.write(row)
-    w.close()
+    try:
+        for row in rows:
+            w.write(row)
+        w.close()
+    except BaseException:  # no half-written file stays behind
+        w.abort()
+        raise
     return w.rows
 
 

@@ -16,6 +16,22 @@ from ...errors import UserError
 
 
 def load_dataset_dict(path: str):
+    """A local dataset file or folder (or a hub id) as a DatasetDict; a local one `datasets` cannot read is a
+    UserError naming it and the cause (a malformed line in a folder's JSONL, a corrupt parquet)."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        return _load(path)
+    try:
+        return _load(path)
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise UserError(f"{path}: cannot be read as a dataset ({type(cause).__name__}: {str(cause)[:200]}); a .jsonl "
+                        "file given by itself has its malformed lines rejected one by one") from None
+
+
+def _load(path: str):
     import datasets
 
     p = Path(path)
