@@ -272,6 +272,16 @@ def test_a_source_that_yields_no_dataset_is_an_error_not_an_empty_success(tmp_pa
     r = cli("prepare", blank, "--out", out, *flags, "--overwrite")
     assert r.exit_code == 2 and "the source gave no rows" in r.output, r.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # every row rejected with --overwrite: the previous dataset stays whole, the reasons go beside it
+    r = cli("prepare", src, "--out", out, *flags, "--overwrite")
+    assert r.exit_code == 2 and "keeps its previous dataset" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert len((tmp_path / "prev.rejects.jsonl").read_text().splitlines()) == 3
+    # and a good one replaces it, leaving none of the previous files behind
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in _qa_rows(tmp_path, ["x", "y", "z"])))
+    assert cli("prepare", good, "--out", out, *flags, "--split", "train=1", "--overwrite").exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rejects.jsonl", "train.parquet"]
 
 
 def test_duplicate_or_empty_ids_are_rejected_with_a_reason(tmp_path):

@@ -160,18 +160,19 @@ class _ImageStats:
         }
 
 
-def _clear_previous(out: Path, overwrite: bool) -> None:
+def _previous_files(out: Path, overwrite: bool) -> list[str]:
+    """The files of a dataset already in `out` (its manifest's, and the manifest), which --overwrite replaces only
+    once the new dataset is whole: a failed or interrupted prepare leaves the previous one as it was."""
     old = out / "manifest.json"
     if not old.exists():
-        return
+        return []
     if not overwrite:
         raise UserError(f"{out} already holds a prepared dataset (manifest.json); pass --overwrite to replace it")
     try:
         names = list(json.loads(old.read_text()).get("files", {}))
     except (json.JSONDecodeError, OSError):
         names = []
-    for name in names + ["manifest.json"]:
-        (out / Path(name).name).unlink(missing_ok=True)
+    return [Path(name).name for name in names] + ["manifest.json"]
 
 
 def check_options(opts: PrepareOptions) -> None:
@@ -223,7 +224,7 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
     items = _limited(itertools.chain([first] if first is not None else [], items), opts.limit)
 
     out = Path(opts.out)
-    _clear_previous(out, opts.overwrite)
+    previous = _previous_files(out, opts.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     writers: dict[str, RecordWriter] = {}
     stats = _ImageStats()
@@ -265,9 +266,21 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
     # train and val by default, exactly the named ones with --split ratios
     for name in split if isinstance(split, dict) else ("train", "val"):
         writers.setdefault(name, RecordWriter(out / f"{name}.parquet"))
+    if rows_in and rejected == rows_in and previous:
+        # nothing to replace the previous dataset with: it stays whole, and the reasons go beside it
+        for w in writers.values():
+            w.abort()
+        kept = out.parent / f"{out.name}.rejects.jsonl"
+        rejects_tmp.replace(kept)
+        raise UserError(f"{path or source.name}: every row was rejected ({rows_in} of {rows_in}: "
+                        f"{_commonest_codes(kept)}); {out} keeps its previous dataset, the reasons are in {kept}")
     for w in writers.values():
         w.close()
     rejects_tmp.replace(out / "rejects.jsonl")
+    new_names = {w.path.name for w in writers.values()} | {"rejects.jsonl", "manifest.json"}
+    for name in previous:  # the previous dataset's files this one does not replace (a split it lacks)
+        if name not in new_names:
+            (out / name).unlink(missing_ok=True)
 
     rows_out = {name: w.rows for name, w in sorted(writers.items())}
     if rows_in != sum(rows_out.values()) + rejected:  # the promise: no row disappears
@@ -289,8 +302,11 @@ def prepare(opts: PrepareOptions, progress: Callable[[int], None] | None = None)
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(out / "manifest.json")
     if rows_in and not sum(rows_out.values()):  # an empty dataset is not a result: say why, keep the reasons
-        codes = Counter(json.loads(line)["code"] for line in (out / "rejects.jsonl").open(encoding="utf-8"))
-        common = ", ".join(f"{code} x{n}" for code, n in codes.most_common(3))
-        raise UserError(f"{path or source.name}: every row was rejected ({rows_in} of {rows_in}: {common}); "
-                        f"the reasons are in {out / 'rejects.jsonl'}")
+        raise UserError(f"{path or source.name}: every row was rejected ({rows_in} of {rows_in}: "
+                        f"{_commonest_codes(out / 'rejects.jsonl')}); the reasons are in {out / 'rejects.jsonl'}")
     return PrepareResult(out, rows_in, rows_out, rejected, manifest)
+
+
+def _commonest_codes(rejects: Path) -> str:
+    codes = Counter(json.loads(line)["code"] for line in rejects.open(encoding="utf-8"))
+    return ", ".join(f"{code} x{n}" for code, n in codes.most_common(3))
