@@ -136,8 +136,10 @@ def test_the_progress_reward_is_the_share_of_the_route_covered():
 
 
 def test_a_bad_reward_mode_in_a_row_is_named():
+    from vlrl_cli.errors import UserError
+
     env = Maze2dEnv()
-    with pytest.raises(ValueError, match="extra_info.reward"):
+    with pytest.raises(UserError, match="extra_info.reward must be one of goal, progress, got 'distance'"):
         env.reset({"prompt": [], "env_class": "maze2d", "extra_info": {"seed": 1, "reward": "distance"}})
 
 

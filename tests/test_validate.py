@@ -222,13 +222,18 @@ def test_a_rows_environment_settings_are_checked_as_train_reads_them(tmp_path, c
     prepare(PrepareOptions(source="maze2d", out=tmp_path / "mz", workers=1,
                            source_opts={"rows": 4, "val_rows": 2, "maze_size": 3}))
     rows = list(iter_rows(tmp_path / "mz" / "train.parquet"))
-    rows[1]["extra_info"]["max_steps"] = "3"
-    rows[2]["extra_info"]["max_steps"] = 0
+    # what the maze's reset would refuse, found without starting an episode
+    settings = [{"max_steps": "3"}, {"max_steps": 0}, {"seed": "7"}, {"maze_size": 0}, {"reward": "bogus"},
+                {"variant": "x"}, {"cell_px": 0}, {"maze_size": 64, "cell_px": 512}]
+    rows = [rows[0]] + [dict(rows[0], id=f"bad{i}", extra_info={**rows[0]["extra_info"], **change})
+                        for i, change in enumerate(settings)]
     bad = tmp_path / "bad.jsonl"
     write_rows(bad, rows)
     report = validate_paths([bad], ValidateOptions(workers=1))
     found = sorted((p.row, p.code, p.message) for p in report.problems)
-    assert [(r, c) for r, c, _ in found] == [(1, "bad_env_setting"), (2, "bad_env_setting")], found
+    assert [(r, c) for r, c, _ in found] == [(i, "bad_env_setting") for i in range(1, len(rows))], found
     assert "extra_info.max_steps must be an integer in 1..1000, got '3'" in found[0][2]
+    assert "extra_info.reward must be one of goal, progress, got 'bogus'" in found[4][2]
+    assert "draws frames 32768 px a side" in found[7][2]
     assert cli("validate", bad).exit_code == 1
     assert cli("validate", tmp_path / "mz" / "train.parquet").exit_code == 0

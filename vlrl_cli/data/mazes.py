@@ -26,6 +26,7 @@ INSTRUCTION = ("You are the red dot in the maze; reach the green square. Black l
 
 
 VARIANTS = ("hard", "easy")
+MAX_FRAME_PX = 4096  # a frame is maze_size x cell_px pixels a side: 64 cells of 512 px would be 32,768
 OPPOSITE = {"up": "down", "down": "up", "left": "right", "right": "left"}
 
 

@@ -101,9 +101,10 @@ def _import_problem(path: str) -> str | None:
     return _IMPORTS[path]
 
 
-def _turn_limit_problem(env: str, row: dict) -> str | None:
-    """What the row's environment says of the row before any episode (its turn limit, read from extra_info: a
-    maze's max_steps "3"), as train and eval find when they size the engine. None when fine or not resolvable
+def _env_record_problem(env: str, row: dict) -> str | None:
+    """What the row's environment says of the row before any episode: its turn limit, read from extra_info (a
+    maze's max_steps "3"), as train and eval find when they size the engine, and its check_record (a maze's
+    size, seed, cell size, reward, variant), as its reset would find. None when fine or not resolvable
     here (a name registered only by --env: its class is checked when that command starts)."""
     path = env if ":" in env else env_registry().get(env, "")
     if not path or _import_problem(path):
@@ -113,7 +114,10 @@ def _turn_limit_problem(env: str, row: dict) -> str | None:
     from ..rollout.envs.base import is_count
 
     try:
-        turns = load_env_class(env, path).turn_limit(row)
+        cls = load_env_class(env, path)
+        turns = cls.turn_limit(row)
+        if callable(getattr(cls, "check_record", None)):  # an environment's other settings (a maze's size, seed)
+            cls.check_record(row)
     except UserError as e:
         return str(e)
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's environment code: its failure is this row's
@@ -153,7 +157,7 @@ def check_row(row, opts: ValidateOptions) -> list[tuple[str, str, str]]:
         # a name an installed package registers (entry point) whose module is gone or broken: found now, as for
         # an import path (a recipe's own envs: were imported when it loaded)
         found.append(("error", "unknown_env_class", f"env_class: {env!r} is registered as {env_registry()[env]}: {why}"))
-    elif isinstance(env, str) and env and (why := _turn_limit_problem(env, row)):
+    elif isinstance(env, str) and env and (why := _env_record_problem(env, row)):
         found.append(("error", "bad_env_setting", why))
     spec = row.get("reward_spec")
     if isinstance(spec, dict) and spec.get("method") == "rule" and not any(a.strip() for a in ground_truths(row)):

@@ -49,6 +49,12 @@ class Env:
         """The most turns an episode of this record can take (before the episode starts)."""
         return cls.max_turns
 
+    @classmethod
+    def check_record(cls, record: dict) -> None:
+        """Refuse a record this environment cannot play (a UserError naming the record and the key), without
+        starting an episode: validate asks it of every row. An environment with settings of its own checks them."""
+        cls.turn_limit(record)
+
     def reset(self, record: dict) -> list[dict]:
         self.record = record
         self.turn = 0

@@ -11,7 +11,8 @@ before any reaches the goal. Success (`correct`) is reaching the goal either way
 
 from __future__ import annotations
 
-from ...data.mazes import MOVE_RE, frame_part, first_prompt, goal_distances, make_maze, step
+from ...data.mazes import MAX_FRAME_PX, MOVE_RE, VARIANTS, frame_part, first_prompt, goal_distances, make_maze, step
+from ...errors import UserError
 from .base import Env, StepResult, extra_int
 
 REWARDS = ("goal", "progress")
@@ -22,16 +23,34 @@ class Maze2dEnv(Env):
     def turn_limit(cls, record: dict) -> int:
         return extra_int(record, "max_steps", 20, 1, 1000)
 
+    @classmethod
+    def settings(cls, record: dict) -> dict:
+        """A record's maze settings from its extra_info, each checked (UserError naming the record and the key)."""
+        extra = record.get("extra_info") or {}
+        where = f"record {record.get('id', '?')!r}: extra_info"
+        out = {"seed": extra_int(record, "seed", 0, 0, 2**63 - 1), "size": extra_int(record, "maze_size", 5, 2, 64),
+               "max_turns": cls.turn_limit(record), "cell": extra_int(record, "cell_px", 28, 4, 512),
+               "reward": extra.get("reward", "goal"), "variant": extra.get("variant", "hard")}
+        if out["reward"] not in REWARDS:
+            raise UserError(f"{where}.reward must be one of {', '.join(REWARDS)}, got {str(out['reward'])[:40]!r}")
+        if out["variant"] not in VARIANTS:
+            raise UserError(f"{where}.variant must be one of {', '.join(VARIANTS)}, got {str(out['variant'])[:40]!r}")
+        if out["size"] * out["cell"] > MAX_FRAME_PX:
+            raise UserError(f"{where}: a maze of {out['size']} cells of {out['cell']} px draws frames "
+                            f"{out['size'] * out['cell']} px a side; at most {MAX_FRAME_PX}")
+        return out
+
+    @classmethod
+    def check_record(cls, record: dict) -> None:
+        cls.settings(record)
+
     def reset(self, record: dict) -> list[dict]:
         self.record = record
         extra = record.get("extra_info") or {}
-        self.seed, self.size = extra_int(record, "seed", 0, 0, 2**63 - 1), extra_int(record, "maze_size", 5, 2, 64)
-        self.max_turns = self.turn_limit(record)
-        self.cell = extra_int(record, "cell_px", 28, 4, 512)
-        self.reward_mode = extra.get("reward", "goal")
-        if self.reward_mode not in REWARDS:
-            raise ValueError(f"extra_info.reward must be one of {', '.join(REWARDS)}, got {self.reward_mode!r}")
-        self.maze = make_maze(self.seed, self.size, extra.get("variant", "hard"))
+        s = self.settings(record)
+        self.seed, self.size, self.max_turns, self.cell = s["seed"], s["size"], s["max_turns"], s["cell"]
+        self.reward_mode = s["reward"]
+        self.maze = make_maze(self.seed, self.size, s["variant"])
         self.distance = goal_distances(self.maze, self.size)
         self.agent, self.turn = (0, 0), 0
         return first_prompt(extra)
