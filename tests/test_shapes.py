@@ -326,7 +326,9 @@ def test_lora_checkpoints_hold_the_adapters_and_export_on_request(tmp_path, tiny
 
     merged = AutoModelForImageTextToText.from_pretrained(out)
     assert sum(p.numel() for p in merged.parameters()) > 0
-    r = run_vlrl("eval", one, colors_data / "val.parquet", "--out", tmp_path / "ev", "--limit", "2", "--max-new-tokens", "2")
+    # eval plays the run's own environment (its recipe's envs:), importable here as it was for train
+    r = run_vlrl("eval", one, colors_data / "val.parquet", "--out", tmp_path / "ev", "--limit", "2", "--max-new-tokens", "2",
+                 env_extra=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (one / "hf" / "config.json").exists()  # eval exported the adapter checkpoint once, in place
 
