@@ -487,20 +487,26 @@ def test_the_example_environment_package_registers_itself_and_runs_everywhere(tm
         sys.path.remove(str(root))
 
 
-def test_an_environment_that_raises_stops_the_run_with_one_line_naming_it_and_the_record(tmp_path, tiny_model, colors_data):
+def _grpo_recipe(tmp_path, tiny_model, train, envs: dict, steps: int = 1, prompts: int = 2, **run) -> Path:
+    """A tiny GRPO recipe (hf engine, 2 samples of 2 tokens) whose `envs:` registers the given environments."""
     import yaml
 
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_model)}, "data": {"train": str(train)},
+        "rollout": {"n": 2, "prompts_per_step": prompts, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
+        "trainer": {"steps": steps, "save_final": False}, "run": {"dir": str(tmp_path / "runs"), **run},
+        "envs": envs}))
+    return recipe
+
+
+def test_an_environment_that_raises_stops_the_run_with_one_line_naming_it_and_the_record(tmp_path, tiny_model, colors_data):
     (tmp_path / "badenvs.py").write_text(
         "from vlrl_cli.rollout.envs.base import Env\n\n"
         "class Bad(Env):\n"
         "    def score(self, text):\n"
         "        raise ValueError('my reward blew up')\n")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_model)}, "data": {"train": str(colors_data / "train.parquet")},
-        "rollout": {"n": 2, "prompts_per_step": 2, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
-        "trainer": {"steps": 1, "save_final": False}, "run": {"dir": str(tmp_path / "runs")},
-        "envs": {"colors": "badenvs:Bad"}}))
+    recipe = _grpo_recipe(tmp_path, tiny_model, colors_data / "train.parquet", {"colors": "badenvs:Bad"})
     r = _cli("train", recipe)
     assert r.returncode == 2, r.stderr[-2000:]
     # the line also says where in the user's file it failed (line 5: the raise)
@@ -515,7 +521,6 @@ def test_one_records_failing_environment_drops_its_group_and_the_run_goes_on(tmp
     import json
 
     import pyarrow.parquet as pq
-    import yaml
 
     from vlrl_cli.data.records import write_rows
 
@@ -533,12 +538,8 @@ def test_one_records_failing_environment_drops_its_group_and_the_run_goes_on(tmp
         f"        if self.record['id'] == {bad_step!r}:\n"
         "            raise ValueError('blew up on this one')\n"
         "        return super().step(text)\n")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_model)}, "data": {"train": str(tmp_path / "three.parquet")},
-        "rollout": {"n": 2, "prompts_per_step": 3, "max_new_tokens": 2}, "algorithm": {"name": "grpo"},
-        "trainer": {"steps": 2, "save_final": False}, "run": {"dir": str(tmp_path / "runs"), "name": "flaky"},
-        "envs": {"colors": "flaky_envs:Flaky"}}))
+    recipe = _grpo_recipe(tmp_path, tiny_model, tmp_path / "three.parquet", {"colors": "flaky_envs:Flaky"}, steps=2,
+                          prompts=3, name="flaky")
     r = _cli("train", recipe)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warning: step 1: 4 of 6 episodes failed in their environment" in r.stderr, r.stderr[-2000:]

@@ -567,18 +567,15 @@ class RunSetup:
         env_errors.jsonl in the run directory (every rank appends its own: one short line per write)."""
         import json
 
+        from collections import Counter
+
         path = recipe.run_dir / "env_errors.jsonl"
-        seen = set()
+        episodes = Counter((t.record_id, t.env_class, t.info["env_error"]) for t in failed)  # a group's n share one
         with writing(recipe.run_dir, "env_errors.jsonl"), open(path, "a", encoding="utf-8") as f:
-            for t in failed:
-                key = (t.record_id, t.info["env_error"])
-                if key not in seen:
-                    seen.add(key)
-                    f.write(json.dumps({"step": step, "rank": self.rank, "record_id": t.record_id,
-                                        "env_class": t.env_class, "episodes": sum(
-                                            (u.record_id, u.info["env_error"]) == key for u in failed),
-                                        "error": t.info["env_error"]}, ensure_ascii=False) + "\n")
-                    f.flush()
+            for (record_id, env_class, error), n in episodes.items():
+                f.write(json.dumps({"step": step, "rank": self.rank, "record_id": record_id, "env_class": env_class,
+                                    "episodes": n, "error": error}, ensure_ascii=False) + "\n")
+                f.flush()
         return path
 
     def reached_target(self, recipe, step: int, accuracy: float) -> bool:
