@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -613,6 +617,25 @@ class Duck:  # reset and step, no Env: nothing vlrl reads before an episode
     def step(self, text):
         return None
 
+class HangsInStep(Env):  # a deadlocked simulator: the step never returns
+    time_limit_s = 0.5
+
+    def reset(self, record):
+        return record["prompt"]
+
+    def step(self, text):
+        import threading
+        threading.Event().wait()
+
+class HangsInReset(HangsInStep):
+    def reset(self, record):
+        import time
+        while True:
+            time.sleep(0.05)
+
+class TextLimit(Env):
+    time_limit_s = "60"
+
 class Shouts(Env):  # an exception quoting model text: newlines and a terminal colour code
     def reset(self, record):
         return record["prompt"]
@@ -635,6 +658,9 @@ class Shouts(Env):  # an exception quoting model text: newlines and a terminal c
     ("TextTurns", "TextTurns.__init__ left max_turns = '3'; a whole number >= 1"),
     ("ListDoneReason", "returned info['done_reason'] = \"['a', <object object"),
     ("Shouts", "Shouts.step raised ValueError: line1\\nline2 \\x1b[31mRED "),
+    ("HangsInStep", "HangsInStep.step did not return within 0.5 s (its time_limit_s)"),
+    ("HangsInReset", "HangsInReset.reset did not return within 0.5 s (its time_limit_s)"),
+    ("TextLimit", "TextLimit.__init__: time_limit_s = '60'; a number of seconds > 0 or None belongs"),
     ("NumpyReward", ""),
 ])
 def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_trained_on(tmp_path, tiny_model,
@@ -750,3 +776,43 @@ def test_sys_exit_in_a_users_module_or_deep_in_a_command_is_never_a_silent_succe
     monkeypatch.setattr(validate, "validate_paths", lambda *a, **k: __import__("sys").exit(0))
     r = cli("validate", rows, "--workers", 1)
     assert r.exit_code == 1 and "internal error: SystemExit" in r.output, r.output
+
+
+def test_an_environment_call_past_its_time_limit_is_abandoned_and_never_holds_up_the_process(tmp_path):
+    """A step that never returned hung the whole run (and Ctrl-C was the only way out): the call is given up
+    after the environment's time_limit_s, later calls (the same environment or another) still run, and the
+    stuck call does not keep the process from exiting."""
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent('''
+        import threading, time
+        from vlrl_cli.rollout.envs.base import Env, StepResult
+        from vlrl_cli.rollout.episodes import EnvError, env_call
+
+        class Sometimes(Env):
+            time_limit_s = 0.3
+            def reset(self, record):
+                return record["prompt"]
+            def step(self, text):
+                if text == "hang":
+                    threading.Event().wait()
+                return StepResult([], 1.0, True, {})
+
+        record = {"id": "r1", "env_class": "stuck:Sometimes", "prompt": [{"role": "user", "content": "hi"}]}
+        env = env_call(Sometimes, "__init__", record)
+        env_call(env, "reset", record, record)
+        t = time.perf_counter()
+        try:
+            env_call(env, "step", record, "hang")
+        except EnvError as e:
+            print("ERR", round(time.perf_counter() - t, 1), e)
+        print("NEXT", env_call(env, "step", record, "go").reward)
+        print("THREADS", sum(th.name == "vlrl-env" for th in threading.enumerate()))
+    '''))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    err, nxt, threads = r.stdout.splitlines()
+    assert err.startswith("ERR 0.3 environment __main__:Sometimes.step did not return within 0.3 s"), err
+    assert "record 'r1'" in err
+    assert nxt == "NEXT 1.0"
+    assert threads == "THREADS 2"  # the stuck one, left behind, and the fresh one that served the next call

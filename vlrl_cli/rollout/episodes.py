@@ -13,6 +13,8 @@ import dataclasses
 import contextlib
 import itertools
 import math
+import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -123,13 +125,75 @@ def _env_name(env_or_cls, method: str, record: dict) -> tuple[str, str]:
             f"(record {record.get('id', '?')!r}, env_class {record.get('env_class')!r})")
 
 
-def env_call(env, method: str, record: dict, *args):
-    """env.reset / env.step (or the class itself: "__init__"), where an exception or a malformed result (an
-    environment's own bug, often a user's) stops the run with one line naming the class, the method and the
-    record, not as an internal error of vlrl, and never as a NaN reward trained on."""
-    name, where = _env_name(env, method, record)
+DEFAULT_TIME_LIMIT_S = 60.0  # an environment class that is not an Env subclass and sets no time_limit_s
+
+
+class _NoReturn(Exception):
+    """An environment call ran past its time limit."""
+
+
+class _EnvThread:
+    """A daemon thread that runs one caller's environment calls in turn, so a call that never returns (a
+    deadlocked simulator, a user's infinite loop) can be abandoned: the run goes on with a fresh thread, and
+    the abandoned one, a daemon, never holds up the process's exit. One per calling thread, so a call's time
+    is its own, never spent queued behind another thread's calls (GRPO resets the next step's episodes on
+    its render thread while the main thread steps this step's)."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, name="vlrl-env", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, box, done = self.jobs.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, who names it
+                box.append((False, e))
+            done.set()
+
+    def run(self, fn, limit: float):
+        box, done = [], threading.Event()
+        self.jobs.put((fn, box, done))
+        if not done.wait(limit):
+            raise _NoReturn
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+
+_env_threads = threading.local()
+
+
+def _bounded(fn, limit):
+    """fn() on this thread's environment thread, given at most `limit` seconds (None: no limit, run here). An
+    environment thread left behind by a call past its limit is replaced for the next call."""
+    if limit is None:
+        return fn()
+    worker = getattr(_env_threads, "worker", None) or _EnvThread()
+    _env_threads.worker = worker
     try:
-        result = env(*args) if method == "__init__" else getattr(env, method)(*args)
+        return worker.run(fn, float(limit))
+    except _NoReturn:
+        _env_threads.worker = None
+        raise
+
+
+def env_call(env, method: str, record: dict, *args):
+    """env.reset / env.step (or the class itself: "__init__"), where an exception, a malformed result or a call
+    that does not return within the environment's `time_limit_s` (an environment's own bug, often a user's) is
+    an EnvError naming the class, the method and the record, not an internal error of vlrl, never a hang and
+    never a NaN reward trained on."""
+    name, where = _env_name(env, method, record)
+    limit = getattr(env, "time_limit_s", DEFAULT_TIME_LIMIT_S)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise EnvError(f"{name}: time_limit_s = {str(limit)[:40]!r}; a number of seconds > 0 or None belongs {where}")
+    try:
+        call = (lambda: env(*args)) if method == "__init__" else (lambda: getattr(env, method)(*args))
+        result = _bounded(call, limit)
+    except _NoReturn:
+        raise EnvError(f"{name} did not return within {limit:g} s (its time_limit_s) {where}") from None
     except EnvError:
         raise
     except UserError as e:  # the environment's own words (a record setting it refuses): still this record's failure

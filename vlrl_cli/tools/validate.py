@@ -109,19 +109,18 @@ def _env_record_problem(env: str, row: dict) -> str | None:
     path = env if ":" in env else env_registry().get(env, "")
     if not path or _import_problem(path):
         return None
-    from ..errors import UserError, stable_message
+    from ..errors import UserError
     from ..rollout.envs import load_env_class
     from ..rollout.envs.base import is_count
+    from ..rollout.episodes import env_call
 
-    try:
+    try:  # through env_call: the user's code, so its exceptions, exits and hangs are this row's problem
         cls = load_env_class(env, path)
-        turns = cls.turn_limit(row)
+        turns = env_call(cls, "turn_limit", row, row)
         if callable(getattr(cls, "check_record", None)):  # an environment's other settings (a maze's size, seed)
-            cls.check_record(row)
+            env_call(cls, "check_record", row, row)
     except UserError as e:
         return str(e)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's environment code: its failure is this row's
-        return f"{env}: turn_limit(record) raised {type(e).__name__}: {stable_message(e)[:200]}"
     return None if is_count(turns, 1) else f"{env}: turn_limit(record) gave {str(turns)[:40]!r}, not a whole number >= 1"
 
 

@@ -43,6 +43,9 @@ class Env:
 
     max_turns = 1
     observation_images = 1  # the most images one observation adds to the context (sizes the engine's image limit)
+    # the longest one call (start, reset, step) may take before its record's episode fails as "did not return";
+    # an environment that waits on something slow (a browser, a simulator) sets its own; None: no limit
+    time_limit_s: float | None = 60.0
 
     @classmethod
     def turn_limit(cls, record: dict) -> int:
