@@ -270,3 +270,21 @@ def test_resume_of_a_finished_run_still_writes_the_json_it_promises(tmp_path, ti
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["finished"] is True and out["step"] == 1 and Path(out["run_dir"]).name == "001"
+
+
+@pytest.mark.parametrize("args", [
+    ("prepare", "colors", "--out", "", "--rows", "4"),
+    ("tiny-model", ""),
+    ("validate", ""),
+    ("eval", "some-model", "", "--out", "ev"),
+    ("eval", "some-model", "val.jsonl", "--out", ""),
+    ("check-drift", "some-model", "val.jsonl", "--plot", ""),
+    ("export", "runs/x", "--out", ""),
+])
+def test_an_empty_path_is_refused_never_read_as_the_working_folder(tmp_path, cli, monkeypatch, args):
+    """`--out "$DIR"` with DIR unset was read as ".": prepare and eval wrote into the working folder, export
+    merged a model into it. Every path flag and argument refuses an empty value, exit 2, before any work."""
+    monkeypatch.chdir(tmp_path)
+    r = cli(*args)
+    assert r.exit_code == 2 and "an empty path" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []

@@ -36,6 +36,14 @@ if not err.is_terminal:  # logs and pipes: rich would assume 80 columns and trun
     err.width = 150
 
 
+def _a_path(text: str) -> Path:
+    """Every path flag and argument: an empty value (an unset shell variable, `--out "$DIR"`) would otherwise be
+    read as "." and write into, or read from, the working folder."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path (an unset shell variable?); name a file or folder")
+    return Path(text)
+
+
 def fail(message: str, code: int = 2) -> None:
     err.print("[bold red]error:[/] " + _escape(message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -176,7 +184,7 @@ PREPARE_EPILOG = """[bold]Examples[/]
 @guarded
 def prepare(
     source: Annotated[str, typer.Argument(help="geometry3k, colors, maze2d, or a dataset (folder, file, hub id).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_a_path, help="Output folder.")],
     path: Annotated[Optional[str], typer.Option(help="Where a named source reads from (geometry3k).")] = None,
     split: Annotated[str, typer.Option(help="auto, source, or ratios like train=0.9,val=0.1.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="At most N rows per source split.", min=1)] = None,
@@ -301,7 +309,7 @@ Exit status: 0 no errors, 1 errors found, 2 a file cannot be read at all.
 @app.command(epilog=VALIDATE_EPILOG)
 @guarded
 def validate(
-    paths: Annotated[list[Path], typer.Argument(help="Record files: .parquet, .jsonl or .json.")],
+    paths: Annotated[list[Path], typer.Argument(parser=_a_path, help="Record files: .parquet, .jsonl or .json.")],
     processor: Annotated[Optional[str], typer.Option(help="Model dir or hub id: count prompt tokens exactly.")] = None,
     max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Error above this many prompt tokens (needs --processor).")] = None,
     max_images: Annotated[Optional[int], typer.Option(help="Error above this many images in a prompt.")] = None,
@@ -311,7 +319,7 @@ def validate(
                                                      "imported now; rows may name it.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes (0: cores, at most 4).", min=0)] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report here (- for stdout).")] = None,
-    write_clean: Annotated[Optional[Path], typer.Option(help="Write the rows without errors here (folder for several inputs).")] = None,
+    write_clean: Annotated[Optional[Path], typer.Option(parser=_a_path, help="Write the rows without errors here (folder for several inputs).")] = None,
     show: Annotated[int, typer.Option(help="Problems listed one by one (the table groups them all).")] = 20,
 ) -> None:
     """Check records against the schema, decode every image, count prompt tokens exactly."""
@@ -364,7 +372,7 @@ def validate(
                                    "  vlrl tiny-model models/tiny-gemma --family gemma4")
 @guarded
 def tiny_model(
-    out: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
+    out: Annotated[Path, typer.Argument(parser=_a_path, help="Folder to write the model to.")],
     family: Annotated[str, typer.Option(help=f"A supported family: {', '.join(FAMILIES)}.")] = "qwen2_5_vl",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace what OUT holds.")] = False,
@@ -408,7 +416,7 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="VLRL_SERVE_API_KEY",
                        help="Key clients must send (Tinker's SDK wants it to start with tml-); default: a new random one, printed.")] = None,
-    state: Annotated[Path, typer.Option(help="Folder for checkpoints and the SQLite state (kept across restarts).")] = Path("serve-state"),
+    state: Annotated[Path, typer.Option(parser=_a_path, help="Folder for checkpoints and the SQLite state (kept across restarts).")] = Path("serve-state"),
     name: Annotated[Optional[list[str]], typer.Option("--name", help="Another base_model name that means MODEL (repeatable).")] = None,
     gpu_memory_utilization: Annotated[float, typer.Option(help="vllm engine: its share of the GPU.", min=0.05, max=0.95)] = 0.3,
     dtype: Annotated[Optional[str], typer.Option(help="Trainer and engine precision: bf16 or fp32 (default: bf16 on a GPU, fp32 on the CPU).")] = None,
@@ -468,14 +476,14 @@ Writes runs/<run.name>/: recipe.yaml, metrics.jsonl, checkpoints/step_N/{hf,ds}.
 @app.command(epilog=TRAIN_EPILOG)
 @guarded
 def train(
-    recipe: Annotated[Path, typer.Argument(help="A recipe YAML (see recipes/).")],
+    recipe: Annotated[Path, typer.Argument(parser=_a_path, help="A recipe YAML (see recipes/).")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint, same data order and RNG.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in the same run directory (its metrics and checkpoints).")] = False,
     allow_changes: Annotated[bool, typer.Option(help="With --resume: accept a recipe that differs from the run's.")] = False,
     gpus: Annotated[int, typer.Option(help="GPUs on this machine; > 1 relaunches through the DeepSpeed launcher.")] = 1,
     nprocs: Annotated[int, typer.Option(help="Ranks on the CPU (gloo), through the DeepSpeed launcher; for tests.")] = 1,
-    hostfile: Annotated[Optional[Path], typer.Option(help="DeepSpeed hostfile for several machines.")] = None,
+    hostfile: Annotated[Optional[Path], typer.Option(parser=_a_path, help="DeepSpeed hostfile for several machines.")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the final metrics here (- for stdout).")] = None,
     plan: Annotated[bool, typer.Option("--plan", help="Print the GPU memory this recipe needs per phase and what fits; train nothing.")] = False,
     gpu: Annotated[Optional[str], typer.Option(help="With --plan: plan for this GPU (H100-80GB, 8xH200-141GB, ...) instead of this machine's or the recipe's trainer.sized_for.")] = None,
@@ -581,8 +589,8 @@ def check_fits(rec, gpus: int) -> None:
 @guarded
 def eval_(
     model: Annotated[str, typer.Argument(help="Hub id, model dir, checkpoint (runs/x/checkpoints/step_N) or run dir (its latest).")],
-    data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    data: Annotated[Path, typer.Argument(parser=_a_path, help="Records (.parquet / .jsonl).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_a_path, help="Output folder.")],
     engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
     n: Annotated[int, typer.Option(help="Samples per record (pass@k for every k <= n); n > 1 needs --temperature > 0.", min=1)] = 1,
     temperature: Annotated[float, typer.Option(help="0 = greedy (one answer per record); pass@k: 1.0.", min=0)] = 0.0,
@@ -769,7 +777,7 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "bfloat16": 
 @guarded
 def check_drift_cmd(
     model: Annotated[str, typer.Argument(help="Hub id, model dir, checkpoint (runs/x/checkpoints/step_N) or run dir (its latest).")],
-    data: Annotated[Path, typer.Argument(help="Records (.parquet / .jsonl).")],
+    data: Annotated[Path, typer.Argument(parser=_a_path, help="Records (.parquet / .jsonl).")],
     engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
     train_dtype: Annotated[str, typer.Option(help="Trainer precision: bf16 or fp32.")] = "fp32",
     engine_dtype: Annotated[Optional[str], typer.Option(help="Engine precision (default: the trainer's).")] = None,
@@ -798,7 +806,7 @@ def check_drift_cmd(
     history_images: Annotated[Optional[int], typer.Option(help="Keep the last K images of a multi-turn episode in the "
                                                           "context, as rollout.history.max_images [default: all].", min=1)] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the whole report here (- for stdout).")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: histogram of deltas, delta vs token position.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(parser=_a_path, help="Write a PNG: histogram of deltas, delta vs token position.")] = None,
 ) -> None:
     """Diff the inference engine's log-probs against the training forward, and say why they differ."""
     from .tools.drift import DriftOptions, check_drift, finite, write_plot
@@ -891,7 +899,7 @@ checkpoint's adapter into the base model it was trained on (transformers' format
 @guarded
 def export(
     checkpoint: Annotated[str, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the model here instead of the checkpoint's hf/ (a new or empty folder).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=_a_path, help="Write the model here instead of the checkpoint's hf/ (a new or empty folder).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at --out (never another kind of folder).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write {\"model\": path} here (- for stdout).")] = None,
 ) -> None:
