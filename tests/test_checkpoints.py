@@ -181,6 +181,10 @@ def test_a_full_disk_is_named_whichever_library_was_writing(tmp_path, raised):
 def test_the_free_space_check_states_what_it_needs(tmp_path, monkeypatch):
     from collections import namedtuple
 
+    # /proc, /sys: no disk at all, where "0.00 GB free; free some space" sent users to clean a disk
+    with pytest.raises(UserError) as e:
+        runs.check_free_space(Path("/proc/vlrl-export"), 10, "export")
+    assert str(e.value) == "export: /proc/vlrl-export is on a virtual file system (/proc), not a disk; write it elsewhere"
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 20 * 10**6, 20 * 10**6))
     with pytest.raises(UserError) as e:

@@ -112,7 +112,10 @@ def check_free_space(folder: Path, need: int, what: str, after: str = "") -> Non
     probe = folder
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    usage = shutil.disk_usage(probe)
+    if usage.total == 0:  # /proc, /sys: no disk behind them, so "0 GB free" would send the user to free space
+        raise UserError(f"{what}: {folder} is on a virtual file system ({probe}), not a disk; write it elsewhere")
+    free = usage.free
     room = need * 1.05 + (64 << 20)  # 5% for what the estimate leaves out, and 64 MB that a full disk needs
     if free < room:
         raise UserError(f"{what} needs ~{room / 1e9:.2f} GB (with a 64 MB margin), {free / 1e9:.2f} GB free in "
