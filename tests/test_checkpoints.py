@@ -72,6 +72,9 @@ def test_export_writes_only_new_folders_or_earlier_exports(tmp_path, tiny_model,
     assert r.exit_code == 0, r.output
     assert not (out / "stale.txt").exists() and (out / "config.json").exists()  # replaced whole, not merged into
     assert leftovers(out.parent) == []
+    r = cli("export", ckpt, "--out", out / "again")  # nested in the earlier export: refused, it stays whole
+    assert r.exit_code == 2 and f"inside the model folder {out}" in r.output, r.output
+    assert not (out / "again").exists()
 
 
 def test_an_export_that_fails_leaves_nothing_that_looks_like_a_model(tmp_path, tiny_model, cli, monkeypatch):

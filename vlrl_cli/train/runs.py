@@ -275,6 +275,9 @@ def _export_target(out: Path, ckpt: Path, overwrite: bool) -> Path:
                         "a folder of its own")
     if target.exists() and not target.is_dir():
         raise UserError(f"--out {out}: a file; export to a folder")
+    inside = next((p for p in target.parents if (p / "config.json").is_file()), None)
+    if inside is not None:  # a model folder with a model inside it: loaders read the outer one, --overwrite refuses it
+        raise UserError(f"--out {out}: inside the model folder {inside}; export to a folder of its own")
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise UserError(f"--out {out}: not empty; export to a new folder, or pass --overwrite to replace an "
