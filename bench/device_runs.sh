@@ -31,7 +31,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-M=/tmp/q3b D=/tmp/bd/train.parquet STEPS=${STEPS:-4} TRL_STEPS=${TRL_STEPS:-3}
+# GRPO_STEPS: the bench steps of the 3B step runs; recipe and families read STEPS themselves (default 2)
+M=/tmp/q3b D=/tmp/bd/train.parquet GRPO_STEPS=${STEPS:-4} TRL_STEPS=${TRL_STEPS:-3}
 P="python3 bench/gpu_perf.py"
 
 case "$1" in
@@ -95,7 +96,7 @@ steps)
    $P train-profile --model $M --data $D --micro-batches 4 --json $OUT/tp_default_m8.json --profile $OUT/tp_default_m8.txt
    for z in 3 2; do
      name=step1; [ $z = 2 ] && name=step1_z2
-     $P recipe --model $M --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps $STEPS --name $name \
+     $P recipe --model $M --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps $GRPO_STEPS --name $name \
        --run-dir /tmp/runs --zero-stage $z
      python3 -m vlrl_cli train /tmp/$name.yaml > $OUT/$name.log 2>&1
      mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
@@ -118,7 +119,7 @@ trl)
   ;;
 zero3)
   # vlrl's side of the TRL comparison alone: the same GRPO steps under ZeRO-3, as TRL runs
-  $P recipe --model $M --data $D --out /tmp/step1.yaml --prompts 32 --tokens 256 --steps $STEPS --name step1 \
+  $P recipe --model $M --data $D --out /tmp/step1.yaml --prompts 32 --tokens 256 --steps $GRPO_STEPS --name step1 \
     --run-dir /tmp/runs --zero-stage 3 ${COMPILE:+--compile}
   python3 -m vlrl_cli train /tmp/step1.yaml --overwrite > $OUT/step1.log 2>&1
   mkdir -p $OUT/step1 && cp /tmp/runs/step1/metrics.jsonl $OUT/step1/
@@ -127,7 +128,7 @@ zero3)
 two)
   for z in 3 2; do
     name=step2; [ $z = 2 ] && name=step2_z2
-    $P recipe --model $M --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps $STEPS --name $name \
+    $P recipe --model $M --data $D --out /tmp/$name.yaml --prompts 32 --tokens 256 --steps $GRPO_STEPS --name $name \
       --run-dir /tmp/runs --zero-stage $z
     python3 -m vlrl_cli train /tmp/$name.yaml --gpus 2 > $OUT/$name.log 2>&1
     mkdir -p $OUT/$name && cp /tmp/runs/$name/metrics.jsonl $OUT/$name/
