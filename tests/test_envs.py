@@ -289,7 +289,8 @@ def test_eval_and_check_drift_of_a_run_play_the_environments_its_recipe_register
     # an environment that fails on every record: check-drift says so, not "no tokens"
     (tmp_path / "broken_envs.py").write_text(
         "from vlrl_cli.rollout.envs.base import Env\n\nclass Broken(Env):\n"
-        "    def reset(self, record):\n        raise RuntimeError('no board today')\n")
+        "    def reset(self, record):\n        raise RuntimeError('no board today')\n\n"
+        "    def score(self, text):\n        return 0.0, {}\n")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(data.read_text().replace('"env_class": "parity"', '"env_class": "broken_envs:Broken"'))
     r = _cli("check-drift", run, broken, "--samples", 2, "--max-new-tokens", 2, cwd=tmp_path)
@@ -605,10 +606,16 @@ class TextTurns(Env):
     def reset(self, record):
         return record["prompt"]
 
+    def score(self, text):
+        return 1.0, {}
+
 class TurnsNeedAKey(Env):
     @classmethod
     def turn_limit(cls, record):
         return int(record["extra_info"]["max_steps"])
+
+    def score(self, text):
+        return 1.0, {}
 
 class Duck:  # reset and step, no Env: nothing vlrl reads before an episode
     def reset(self, record):
@@ -636,6 +643,12 @@ class HangsInReset(HangsInStep):
 class TextLimit(Env):
     time_limit_s = "60"
 
+    def score(self, text):
+        return 1.0, {}
+
+class Lazy(Env):  # neither step nor score: every episode would raise NotImplementedError
+    pass
+
 class Shouts(Env):  # an exception quoting model text: newlines and a terminal colour code
     def reset(self, record):
         return record["prompt"]
@@ -654,13 +667,11 @@ class Shouts(Env):  # an exception quoting model text: newlines and a terminal c
     ("StringObservation", "returned str where a list of messages belongs"),
     ("TextCorrect", "returned info['correct'] = 'False': true, false or absent"),
     ("BadImage", "returned an image that cannot be used"),
-    ("NeedsArgs", "NeedsArgs.__init__ raised TypeError"),
     ("TextTurns", "TextTurns.__init__ left max_turns = '3'; a whole number >= 1"),
     ("ListDoneReason", "returned info['done_reason'] = \"['a', <object object"),
     ("Shouts", "Shouts.step raised ValueError: line1\\nline2 \\x1b[31mRED "),
     ("HangsInStep", "HangsInStep.step did not return within 0.5 s (its time_limit_s)"),
     ("HangsInReset", "HangsInReset.reset did not return within 0.5 s (its time_limit_s)"),
-    ("TextLimit", "TextLimit.__init__: time_limit_s = '60'; a number of seconds > 0 or None belongs"),
     ("NumpyReward", ""),
 ])
 def test_an_environment_that_returns_nonsense_is_named_with_the_record_never_trained_on(tmp_path, tiny_model,
@@ -742,6 +753,10 @@ def test_a_users_file_named_like_a_module_vlrl_uses_does_not_replace_it(tmp_path
     ("NoTurns", "nonsense_envs:NoTurns.max_turns = 'None'; a whole number >= 1"),
     ("Duck", "nonsense_envs:Duck has no turn_limit(record); subclass vlrl_cli.rollout.envs.base.Env"),
     ("TurnsNeedAKey", "nonsense_envs:TurnsNeedAKey.turn_limit raised KeyError: 'max_steps'"),
+    # what would fail every episode of the class: named once, at import, before any model loads
+    ("NeedsArgs", "nonsense_envs:NeedsArgs needs constructor arguments (size); vlrl makes one environment per episode"),
+    ("TextLimit", "nonsense_envs:TextLimit time_limit_s = '60'; a number of seconds > 0 or None"),
+    ("Lazy", "nonsense_envs:Lazy implements neither step(text) nor score(text)"),
 ])
 def test_what_vlrl_reads_from_an_environment_class_before_any_episode_is_checked(tmp_path, monkeypatch, cls, message):
     """The turn limit sizes the engine before any episode: a class without one, a max_turns that is no count,

@@ -36,9 +36,11 @@ if not err.is_terminal:  # logs and pipes: rich would assume 80 columns and trun
     err.width = 150
 
 
-def _a_path(text: str) -> Path:
+def _a_path(text: str | Path) -> Path:
     """Every path flag and argument: an empty value (an unset shell variable, `--out "$DIR"`) would otherwise be
     read as "." and write into, or read from, the working folder."""
+    if isinstance(text, Path):  # a default value, already a path
+        return text
     if not text.strip():
         raise typer.BadParameter("an empty path (an unset shell variable?); name a file or folder")
     return Path(text)

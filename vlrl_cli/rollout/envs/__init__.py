@@ -94,7 +94,33 @@ def load_env_class(name: str, target: str):
         value = getattr(cls, attr, least)
         if not is_count(value, least):
             raise UserError(f"environment {name!r}: {target}.{attr} = {str(value)[:40]!r}; a whole number >= {least}")
+    problem = _class_problem(cls)
+    if problem:
+        raise UserError(f"environment {name!r}: {target} {problem}")
     return cls
+
+
+def _class_problem(cls) -> str | None:
+    """What would fail every episode of this class (None: nothing seen): found at import, one line before any
+    model loads, not as the same env_error on every record after it."""
+    import inspect
+
+    from .base import Env
+
+    try:
+        needed = [p.name for p in list(inspect.signature(cls).parameters.values())
+                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):  # a signature Python cannot read (a C type): left to the first episode
+        needed = []
+    if needed:
+        return (f"needs constructor arguments ({', '.join(needed)}); vlrl makes one environment per episode with "
+                "none (read settings from the record in reset)")
+    if issubclass(cls, Env) and cls.step is Env.step and cls.score is Env.score:
+        return "implements neither step(text) nor score(text); a single-turn environment implements score"
+    limit = getattr(cls, "time_limit_s", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        return f"time_limit_s = {str(limit)[:40]!r}; a number of seconds > 0 or None"
+    return None
 
 
 def check_envs(registry: dict[str, str]) -> None:
