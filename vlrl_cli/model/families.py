@@ -56,9 +56,9 @@ class Family:
     # text positions: "mrope" (Qwen's 3-D rotary positions from get_rope_index, which packing computes per
     # sequence) or "1d" (one position per token)
     positions: str = "mrope"
-    # image tokens attend to each other both ways on the sliding-window layers (Gemma 4): a packed row then
-    # needs its masks built here per layer type (batches.packed_masks), and the varlen kernel (plain causal)
-    # is not used for it
+    # sliding-window layers, where image tokens may attend to each other both ways (Gemma 4, when its config's
+    # use_bidirectional_attention is "vision"): a packed row then needs its masks built per layer type
+    # (batches.packed_masks), and the varlen kernel (plain causal, no window) is not used for it
     bidirectional_images: bool = False
     # the tower takes vlrl's grouped segment attention (model.attention): towers that attend over padded
     # per-image rows instead of packed segments (Gemma 4) keep their own

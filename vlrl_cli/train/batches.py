@@ -139,10 +139,11 @@ def packed_positions(model, processor, seqs) -> torch.Tensor:
 
 
 def packed_masks(config, token_types: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
-    """[1, 1, T, T] boolean masks (True: may attend) of a packed row, per layer type, for a model whose image
-    tokens attend to each other both ways on its sliding-window layers (Gemma 4): full-attention layers are
-    causal within each sequence; sliding layers causal within the window, or within one image's block (a run
-    of image tokens, token_types 1), and never across sequences. What transformers builds for one sequence;
+    """[1, 1, T, T] boolean masks (True: may attend) of a packed row, per layer type, for a model with sliding-
+    window layers whose image tokens may attend to each other both ways (Gemma 4): full-attention layers are
+    causal within each sequence; sliding layers causal within the window, or, where the config asks for it
+    (use_bidirectional_attention "vision"), within one image's block (a run of image tokens, token_types 1),
+    and never across sequences. What transformers builds for one sequence;
     built here because its packed-row inference does not handle the image blocks."""
     text = getattr(config, "text_config", config)
     types = token_types.reshape(-1).cpu()
@@ -155,6 +156,8 @@ def packed_masks(config, token_types: torch.Tensor, lengths: list[int]) -> dict[
     same = seq[:, None] == seq[None, :]
     causal = (k <= q) & same
     both_ways = (block[:, None] == block[None, :]) & (block[:, None] > 0)
+    if getattr(text, "use_bidirectional_attention", None) != "vision":  # E2B/E4B: causal images, as transformers
+        both_ways = torch.zeros_like(both_ways)                          # and vLLM run them
     window = causal & (q - k < text.sliding_window)
     masks = {"full_attention": causal, "sliding_attention": window | both_ways}
     return {name: masks[name][None, None].to(token_types.device) for name in set(text.layer_types)}
