@@ -110,3 +110,24 @@ def test_tiny_model_family_names_are_forgiving_about_case_and_dashes_but_not_typ
     r = cli("tiny-model", tmp_path / "q", "--family", "Qwen9")
     assert r.exit_code == 2 and "not 'Qwen9'" in r.output and "qwen2_5_vl" in r.output, r.output
     assert not (tmp_path / "q").exists()
+
+
+def test_random_real_size_weights_give_unscaled_attention_the_spread_trained_weights_have(family_models):
+    """Gemma 4 does not divide attention scores by sqrt(head size) (its trained q/k norms carry the scale): with
+    random norm weights of one, two bf16 kernels parted by 0.6 nats a token at E2B's size, measuring the random
+    weights instead of the code. The real-size builder sets the q/k norms to d^-1/4; models that scale their
+    scores themselves (Qwen-VL) are left as built."""
+    import torch
+
+    from vlrl_cli.model.loading import load_vlm
+    from vlrl_cli.model.tiny import temper_unscaled_attention
+
+    gemma = load_vlm(str(family_models["gemma4"]), torch.float32)
+    assert temper_unscaled_attention(gemma) > 0
+    attention = [m for m in gemma.modules() if getattr(m, "scaling", None) == 1.0 and hasattr(m, "q_norm")]
+    assert attention and all(torch.allclose(m.q_norm.weight, torch.full_like(m.q_norm.weight, m.head_dim ** -0.25))
+                             for m in attention)
+    qwen = load_vlm(str(family_models["qwen2_5_vl"]), torch.float32)
+    before = {k: v.clone() for k, v in qwen.state_dict().items()}
+    assert temper_unscaled_attention(qwen) == 0
+    assert all(torch.equal(before[k], v) for k, v in qwen.state_dict().items())

@@ -181,12 +181,35 @@ def build_real_size_model(out: str | Path, size: str = "qwen2_5_vl_3b", seed: in
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     model.generation_config = _generation_config(config)
+    temper_unscaled_attention(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
     budget = getattr(config.vision_config, "default_output_length", None) or 70
     _processor(family, tokenizer, None, None, soft_tokens=budget).save_pretrained(out)
     return out
+
+
+def temper_unscaled_attention(model) -> int:
+    """Random weights for attention that does not divide its scores by sqrt(head size) (Gemma 4: scaling 1.0,
+    its trained q/k norm weights carry the scale). With norm weights of one the scores spread by ~sqrt(d) (16
+    and 23 at E2B's 256 and 512), attention is all or nothing, and two bf16 kernels (vLLM's, the trainer's)
+    part by ~0.6 nats a token, where the same model scaled by 1/sqrt(d) parts by 0.03: a benchmark's drift
+    would measure the random weights, not the code. Norm weights of d^-1/4 on queries and keys give the usual
+    spread. Returns how many norms it set."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "scaling", None) != 1.0:
+                continue
+            for norm in (getattr(module, "q_norm", None), getattr(module, "k_norm", None)):
+                weight = getattr(norm, "weight", None)
+                if weight is not None:
+                    weight.fill_(weight.numel() ** -0.25)
+                    n += 1
+    return n
 
 
 def _generation_config(config):
