@@ -822,11 +822,19 @@ def test_an_environment_call_past_its_time_limit_is_abandoned_and_never_holds_up
             print("ERR", round(time.perf_counter() - t, 1), e)
         print("NEXT", env_call(env, "step", record, "go").reward)
         print("THREADS", sum(th.name == "vlrl-env" for th in threading.enumerate()))
+        import os
+        pid = os.fork()  # a child forked after environment calls (a user's pool): its calls run, not time out
+        if pid == 0:
+            t = time.perf_counter()
+            print("CHILD", env_call(env, "step", record, "go").reward, time.perf_counter() - t < 0.25, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
     '''))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert r.returncode == 0, r.stderr[-2000:]
-    err, nxt, threads = r.stdout.splitlines()
+    err, nxt, threads, child = r.stdout.splitlines()
+    assert child == "CHILD 1.0 True"
     assert err.startswith("ERR 0.3 environment __main__:Sometimes.step did not return within 0.3 s"), err
     assert "record 'r1'" in err
     assert nxt == "NEXT 1.0"

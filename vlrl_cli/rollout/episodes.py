@@ -141,7 +141,8 @@ class _EnvThread:
 
     def __init__(self):
         self.jobs: queue.Queue = queue.Queue()
-        threading.Thread(target=self._serve, name="vlrl-env", daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, name="vlrl-env", daemon=True)
+        self.thread.start()
 
     def _serve(self) -> None:
         while True:
@@ -171,8 +172,9 @@ def _bounded(fn, limit):
     environment thread left behind by a call past its limit is replaced for the next call."""
     if limit is None:
         return fn()
-    worker = getattr(_env_threads, "worker", None) or _EnvThread()
-    _env_threads.worker = worker
+    worker = getattr(_env_threads, "worker", None)
+    if worker is None or not worker.thread.is_alive():  # none yet, or the parent's, which fork() did not copy
+        worker = _env_threads.worker = _EnvThread()
     try:
         return worker.run(fn, float(limit))
     except _NoReturn:
