@@ -45,8 +45,8 @@ test: test-newest test-floor
 # worker's torch keeps to one thread so they never oversubscribe. A third worker (tried) let the short tests
 # finish sooner but took a third of a core from the longest demo, which sets the end (the maze demo took
 # 1,075 s beside two other workers, 640-700 s beside one).
-# loadgroup: tests go out one at a time, in order, so the long demos (first in the collection) start at
-# once on different workers and the short tests fill in around them.
+# loadgroup: tests go out one at a time, in order, so the longest tests (first in the collection:
+# tests/conftest.py puts them there) start at once on different workers and the short tests fill in around them.
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-newest: install browser

@@ -13,6 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 GEOMETRY_SAMPLE = ROOT.parent / "shared" / "data" / "geometry3k-sample"
 
 
+# The longest tests, longest first. Two workers take tests in collection order: a long test collected late
+# (alphabetically) runs alone at the end while the other worker idles, which set the suite's wall time.
+LONGEST_FIRST = ("test_demo.py::test_demo_maze", "test_demo.py::test_demo_learns", "test_serve_rl_example.py::",
+                 "test_rollout_ranks.py::test_split_ranks")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((i for i, key in enumerate(LONGEST_FIRST) if key in item.nodeid), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: every other test keeps its place
+
+
 @pytest.fixture(scope="session")
 def geometry_sample() -> Path:
     # The sample ships in ../shared beside every checkout and CI clone; its absence is a broken setup.
