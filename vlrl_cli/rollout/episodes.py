@@ -23,7 +23,7 @@ from typing import Any
 
 from .engines import EngineLimits, GenRequest, Generation, RolloutEngine, Sampling
 from .envs import resolve_env
-from .envs.base import is_count
+from .envs.base import is_count, is_time_limit
 from ..model.render import RenderedPrompt, concat_image_inputs, render_prompt, render_text, split_messages
 from ..errors import UserError
 
@@ -189,7 +189,7 @@ def env_call(env, method: str, record: dict, *args):
     never a NaN reward trained on."""
     name, where = _env_name(env, method, record)
     limit = getattr(env, "time_limit_s", DEFAULT_TIME_LIMIT_S)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+    if not is_time_limit(limit):
         raise EnvError(f"{name}: time_limit_s = {str(limit)[:40]!r}; a number of seconds > 0 or None belongs {where}")
     try:
         call = (lambda: env(*args)) if method == "__init__" else (lambda: getattr(env, method)(*args))

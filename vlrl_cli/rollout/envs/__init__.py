@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ...errors import UserError
-from .base import is_count
+from .base import is_count, is_time_limit
 
 BUILTIN_ENVS = {
     "colors": "vlrl_cli.rollout.envs.colors:ColorsEnv",
@@ -118,7 +118,7 @@ def _class_problem(cls) -> str | None:
     if issubclass(cls, Env) and cls.step is Env.step and cls.score is Env.score:
         return "implements neither step(text) nor score(text); a single-turn environment implements score"
     limit = getattr(cls, "time_limit_s", None)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+    if not is_time_limit(limit):
         return f"time_limit_s = {str(limit)[:40]!r}; a number of seconds > 0 or None"
     return None
 

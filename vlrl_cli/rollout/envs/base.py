@@ -16,6 +16,11 @@ def is_count(value, least: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def is_time_limit(value) -> bool:
+    """An environment's time_limit_s: a number of seconds > 0, or None (no limit)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+
+
 def extra_int(record: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
     """An integer setting of a record's extra_info (a maze's size, a turn limit), or a UserError naming the
     record and the key: a row's "four" or 10**6 is its own mistake, not an internal error or an endless maze."""
